@@ -1,1 +1,31 @@
+"""dagster_runway: turn folders and buckets of still images into videos with Runway Gen-4 Turbo on RunComfy.
 
+Only light modules are imported here; the emulator (``dagster_runway.emulator``) and the media layer
+(``dagster_runway.media``) load on first use.
+"""
+
+from dagster_runway.client import AsyncRunComfyClient as AsyncRunComfyClient
+from dagster_runway.client import RetryPolicy as RetryPolicy
+from dagster_runway.client import RunComfyClient as RunComfyClient
+from dagster_runway.errors import AmbiguousSubmitError as AmbiguousSubmitError
+from dagster_runway.errors import AuthenticationError as AuthenticationError
+from dagster_runway.errors import GenerationFailedError as GenerationFailedError
+from dagster_runway.errors import InputValidationError as InputValidationError
+from dagster_runway.errors import InsufficientCreditsError as InsufficientCreditsError
+from dagster_runway.errors import ModelNotFoundError as ModelNotFoundError
+from dagster_runway.errors import PermissionDeniedError as PermissionDeniedError
+from dagster_runway.errors import RateLimitedError as RateLimitedError
+from dagster_runway.errors import RequestCancelledError as RequestCancelledError
+from dagster_runway.errors import RequestNotFoundError as RequestNotFoundError
+from dagster_runway.errors import RunComfyError as RunComfyError
+from dagster_runway.errors import ServerError as ServerError
+from dagster_runway.errors import TransportError as TransportError
+from dagster_runway.errors import WaitTimeoutError as WaitTimeoutError
+from dagster_runway.resource import RunComfyResource as RunComfyResource
+from dagster_runway.schema import CancelResult as CancelResult
+from dagster_runway.schema import ImageToVideoInput as ImageToVideoInput
+from dagster_runway.schema import RequestResult as RequestResult
+from dagster_runway.schema import RequestState as RequestState
+from dagster_runway.schema import RequestStatus as RequestStatus
+from dagster_runway.schema import Submission as Submission
+from dagster_runway.version import __version__ as __version__

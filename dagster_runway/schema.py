@@ -107,7 +107,7 @@ class ImageToVideoInput(BaseModel):
         return self.model_dump(by_alias=True, mode="json")
 
 
-class RequestState(str, enum.Enum):
+class RequestState(enum.StrEnum):
     """A request's state as ``/status`` or ``/result`` reports it.
 
     ``/status`` says ``completed`` for a finished request; only ``/result`` tells ``succeeded`` from

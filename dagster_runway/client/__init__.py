@@ -1,0 +1,283 @@
+"""Layer 2: the RunComfy Model API clients. Nothing here knows of Dagster.
+
+``RunComfyClient`` and ``AsyncRunComfyClient`` have the same surface and share one request core
+(``_core.RequestCore``), which holds the retry and error rules; they differ only in how they send
+and sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Self, TypeVar
+
+import httpx
+
+from dagster_runway.client._core import (
+    DEFAULT_BASE_URL,
+    USER_AGENT,
+    Call,
+    RequestCore,
+    RetryPolicy,
+    Sleep,
+    failure_error,
+    input_fingerprint,
+    run_sync,
+    wait_call,
+)
+from dagster_runway.errors import RunComfyError
+from dagster_runway.schema import (
+    MODEL_ID,
+    CancelResult,
+    ImageToVideoInput,
+    RequestResult,
+    RequestStatus,
+    Submission,
+)
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "USER_AGENT",
+    "AsyncRunComfyClient",
+    "RetryPolicy",
+    "RunComfyClient",
+    "failure_error",
+    "input_fingerprint",
+]
+
+T = TypeVar("T")
+InputLike = ImageToVideoInput | Mapping[str, Any]
+
+
+def _timeout(request_timeout: float, connect_timeout: float) -> httpx.Timeout:
+    return httpx.Timeout(request_timeout, connect=connect_timeout)
+
+
+class RunComfyClient:
+    """Blocking client for one model on RunComfy's Model API.
+
+    >>> with RunComfyClient(api_token=token) as client:
+    ...     sub = client.submit({"promptImage": "https://example.com/cat.png", "duration": 5})
+    ...     result = client.wait(sub.request_id, timeout=600)
+    ...     result.video_url
+    """
+
+    def __init__(
+        self,
+        api_token: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        model_id: str = MODEL_ID,
+        request_timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        poll_interval: float = 5.0,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        self._core = RequestCore(api_token=api_token, base_url=base_url, model_id=model_id, retry=retry)
+        self.poll_interval = poll_interval
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client(
+            timeout=_timeout(request_timeout, connect_timeout), follow_redirects=False
+        )
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:
+        return f"RunComfyClient(base_url={self._core.base_url!r}, model_id={self._core.model_id!r})"
+
+    @property
+    def base_url(self) -> str:
+        return self._core.base_url
+
+    @property
+    def model_id(self) -> str:
+        return self._core.model_id
+
+    def _run(self, call: Call[T]) -> T:
+        return run_sync(call, lambda request: self._http.send(request))
+
+    def submit(self, input: InputLike) -> Submission:
+        """Submit one generation; billed. Never resubmitted after the body was sent (see ``AmbiguousSubmitError``)."""
+        return self._run(self._core.submit(input))
+
+    def status(self, request_id: str) -> RequestStatus:
+        return self._run(self._core.status(request_id))
+
+    def result(self, request_id: str, *, include_cost: bool = True) -> RequestResult:
+        return self._run(self._core.result(request_id, include_cost=include_cost))
+
+    def cancel(self, request_id: str) -> CancelResult:
+        """Cancel a queued request. Best effort: a running or finished one answers ``not_cancellable``."""
+        return self._run(self._core.cancel(request_id))
+
+    def wait(
+        self,
+        request_id: str,
+        *,
+        timeout: float = 900.0,
+        poll_interval: float | None = None,
+        on_update: Callable[[RequestStatus], None] | None = None,
+        cancel_on_timeout: bool = False,
+    ) -> RequestResult:
+        """Poll until the request finishes. Returns the result on success; raises
+        ``GenerationFailedError``, ``RequestCancelledError`` or ``WaitTimeoutError`` otherwise."""
+        call = wait_call(
+            self._core,
+            request_id,
+            timeout=timeout,
+            poll_interval=self.poll_interval if poll_interval is None else poll_interval,
+            on_update=on_update,
+            cancel_on_timeout=cancel_on_timeout,
+            rng=self._rng,
+        )
+        return self._run(call)
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncRunComfyClient:
+    """Asyncio client with the same surface as ``RunComfyClient``.
+
+    ``max_concurrency`` bounds the calls in flight at once (and the connection pool), so that
+    ``asyncio.gather`` over thousands of requests stays polite to the service.
+    """
+
+    def __init__(
+        self,
+        api_token: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        model_id: str = MODEL_ID,
+        request_timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        poll_interval: float = 5.0,
+        max_concurrency: int = 16,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self._core = RequestCore(api_token=api_token, base_url=base_url, model_id=model_id, retry=retry)
+        self.poll_interval = poll_interval
+        self.max_concurrency = max_concurrency
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(
+            timeout=_timeout(request_timeout, connect_timeout),
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        )
+        self._slots: asyncio.Semaphore | None = None
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:
+        return f"AsyncRunComfyClient(base_url={self._core.base_url!r}, model_id={self._core.model_id!r})"
+
+    @property
+    def base_url(self) -> str:
+        return self._core.base_url
+
+    @property
+    def model_id(self) -> str:
+        return self._core.model_id
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrency)
+        async with self._slots:
+            response = await self._http.send(request)
+            await response.aread()
+            return response
+
+    async def _run(self, call: Call[T]) -> T:
+        outcome: Any = None
+        try:
+            while True:
+                action = call.send(outcome)
+                if isinstance(action, Sleep):
+                    await asyncio.sleep(action.seconds)
+                    outcome = None
+                    continue
+                try:
+                    outcome = await self._send(action.request)
+                except httpx.TransportError as exc:
+                    outcome = exc
+        except StopIteration as done:
+            return done.value
+
+    async def submit(self, input: InputLike) -> Submission:
+        return await self._run(self._core.submit(input))
+
+    async def status(self, request_id: str) -> RequestStatus:
+        return await self._run(self._core.status(request_id))
+
+    async def result(self, request_id: str, *, include_cost: bool = True) -> RequestResult:
+        return await self._run(self._core.result(request_id, include_cost=include_cost))
+
+    async def cancel(self, request_id: str) -> CancelResult:
+        return await self._run(self._core.cancel(request_id))
+
+    async def wait(
+        self,
+        request_id: str,
+        *,
+        timeout: float = 900.0,
+        poll_interval: float | None = None,
+        on_update: Callable[[RequestStatus], None] | None = None,
+        cancel_on_timeout: bool = False,
+    ) -> RequestResult:
+        call = wait_call(
+            self._core,
+            request_id,
+            timeout=timeout,
+            poll_interval=self.poll_interval if poll_interval is None else poll_interval,
+            on_update=on_update,
+            cancel_on_timeout=cancel_on_timeout,
+            rng=self._rng,
+        )
+        return await self._run(call)
+
+    async def status_many(
+        self, request_ids: Iterable[str], *, deadline: float | None = None
+    ) -> dict[str, RequestStatus | RunComfyError]:
+        """Poll many requests concurrently (bounded by ``max_concurrency``).
+
+        Returns each id's status, or the error its poll ended with. With ``deadline`` (seconds), polls
+        still unfinished then are left out of the answer, so a caller with a time budget can go on.
+        """
+        ids = list(dict.fromkeys(request_ids))
+
+        async def one(request_id: str) -> RequestStatus | RunComfyError:
+            try:
+                return await self.status(request_id)
+            except RunComfyError as exc:
+                return exc
+
+        tasks = {asyncio.ensure_future(one(rid)): rid for rid in ids}
+        if not tasks:
+            return {}
+        done, pending = await asyncio.wait(tasks, timeout=deadline)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        answers = {tasks[task]: task.result() for task in done}
+        return {rid: answers[rid] for rid in ids if rid in answers}
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()

@@ -1,0 +1,478 @@
+"""The request core shared by the sync and async clients.
+
+Each API call is a generator that yields actions (``Send`` a request, ``Sleep`` a while) and is sent
+back their outcomes. It holds every rule: what to send, when to retry, how long to wait, and which
+error an answer maps to. The two clients only carry the actions out, with ``httpx.Client`` or
+``httpx.AsyncClient``, ``time.sleep`` or ``asyncio.sleep``. So both behave the same by construction.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from dagster_runway._redact import redact_text
+from dagster_runway.errors import (
+    AmbiguousSubmitError,
+    AuthenticationError,
+    GenerationFailedError,
+    InputValidationError,
+    InsufficientCreditsError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    RateLimitedError,
+    RequestCancelledError,
+    RequestNotFoundError,
+    RunComfyError,
+    ServerError,
+    TransportError,
+    WaitTimeoutError,
+)
+from dagster_runway.schema import (
+    MODEL_ID,
+    CancelResult,
+    ImageToVideoInput,
+    RequestResult,
+    RequestState,
+    RequestStatus,
+    Submission,
+)
+from dagster_runway.version import __version__
+
+logger = logging.getLogger("dagster_runway.client")
+
+DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
+USER_AGENT = f"dagster-runway/{__version__}"
+RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How the client retries calls that are safe to repeat.
+
+    Backoff is capped exponential with full jitter: before retry ``n`` it sleeps a random time in
+    ``[0, min(backoff_max, backoff_initial * 2**(n-1))]``, or the server's ``Retry-After`` when that
+    is longer. No call goes on past ``deadline`` seconds from its first attempt.
+    """
+
+    max_attempts: int = 5
+    backoff_initial: float = 0.5
+    backoff_max: float = 20.0
+    deadline: float = 120.0
+    retry_after_max: float = 60.0
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0.0, min(self.backoff_max, self.backoff_initial * 2 ** (attempt - 1)))
+
+
+@dataclass(frozen=True)
+class Send:
+    request: httpx.Request
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+Action = Send | Sleep
+Outcome = httpx.Response | httpx.TransportError | None
+Call = Generator[Action, Outcome, T]
+
+
+def input_fingerprint(model_id: str, body: Mapping[str, Any]) -> str:
+    """sha256 over the model id and the canonical JSON of the input body."""
+    canonical = json.dumps({"model_id": model_id, "input": body}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def parse_retry_after(response: httpx.Response, body: Any) -> float | None:
+    """Seconds to wait, from the ``Retry-After`` header (seconds or HTTP date) or a body field."""
+    header = response.headers.get("retry-after")
+    if header:
+        try:
+            return max(0.0, float(header))
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(header) if header else None
+            if parsed is not None:
+                return max(0.0, parsed.timestamp() - time.time())
+    if isinstance(body, dict):
+        for key in ("retry_after", "retryAfter"):
+            value = body.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return max(0.0, float(value))
+    return None
+
+
+class RequestCore:
+    """Builds requests and turns answers into models or typed errors. Holds no connection."""
+
+    def __init__(
+        self,
+        *,
+        api_token: str,
+        base_url: str = DEFAULT_BASE_URL,
+        model_id: str = MODEL_ID,
+        retry: RetryPolicy | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not api_token:
+            raise AuthenticationError(
+                "No RunComfy API token was given; set RUNCOMFY_API_TOKEN or pass api_token "
+                "(get a key from your RunComfy profile)."
+            )
+        self._token = api_token
+        self.base_url = base_url.rstrip("/")
+        self.model_id = model_id.strip("/")
+        self.retry = retry or RetryPolicy()
+        self._rng = rng or random.Random()
+
+    def __repr__(self) -> str:
+        return f"RequestCore(base_url={self.base_url!r}, model_id={self.model_id!r})"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self._token}",
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+        }
+
+    def redact(self, text: str) -> str:
+        return redact_text(text, [self._token])
+
+    # -- the four calls ------------------------------------------------------------------------
+
+    def submit(self, input: ImageToVideoInput | Mapping[str, Any]) -> Call[Submission]:
+        model = input if isinstance(input, ImageToVideoInput) else ImageToVideoInput.model_validate(input)
+        body = model.to_request()
+        path = "/v1/models/" + "/".join(quote(part, safe="") for part in self.model_id.split("/"))
+        request = httpx.Request("POST", self.base_url + path, json=body)
+        fingerprint = input_fingerprint(self.model_id, body)
+        return self._call(request, Submission, idempotent=False, what="submit", fingerprint=fingerprint)
+
+    def status(self, request_id: str) -> Call[RequestStatus]:
+        request = httpx.Request("GET", self._request_url(request_id, "status"))
+        return self._call(request, RequestStatus, idempotent=True, what="status", request_id=request_id)
+
+    def result(self, request_id: str, *, include_cost: bool = True) -> Call[RequestResult]:
+        url = self._request_url(request_id, "result")
+        request = httpx.Request("GET", url, params={"include_cost": "true"} if include_cost else None)
+        return self._call(request, RequestResult, idempotent=True, what="result", request_id=request_id)
+
+    def cancel(self, request_id: str) -> Call[CancelResult]:
+        # Cancel is safe to repeat: a second cancel of the same request is a no-op.
+        request = httpx.Request("POST", self._request_url(request_id, "cancel"))
+        return self._call(request, CancelResult, idempotent=True, what="cancel", request_id=request_id)
+
+    def _request_url(self, request_id: str, action: str) -> str:
+        if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
+            raise InputValidationError(
+                f"request_id {str(request_id)[:40]!r} is not 1-128 characters of letters, digits, '_' or '-'; "
+                "pass the request_id that submit returned.",
+                field="request_id",
+            )
+        return f"{self.base_url}/v1/requests/{request_id}/{action}"
+
+    # -- the retry loop ------------------------------------------------------------------------
+
+    def _call(
+        self,
+        request: httpx.Request,
+        model: type[BaseModel],
+        *,
+        idempotent: bool,
+        what: str,
+        request_id: str | None = None,
+        fingerprint: str | None = None,
+    ) -> Call[Any]:
+        request.headers.update(self.headers)
+        policy = self.retry
+        started = time.monotonic()
+        target = f"request {request_id}" if request_id else f"model {self.model_id}"
+        attempt = 0
+        while True:
+            attempt += 1
+            outcome = yield Send(request)
+            assert outcome is not None
+            retry_after: float | None = None
+            if isinstance(outcome, httpx.TransportError):
+                never_connected = isinstance(outcome, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+                cause = f"{type(outcome).__name__}: {self.redact(str(outcome)) or 'no detail'}"
+                if not idempotent and not never_connected:
+                    raise AmbiguousSubmitError(
+                        f"The submit to {self.model_id} may have been accepted and billed: the connection failed "
+                        f"after the request was sent ({cause}). It was not resubmitted. Look for a request with "
+                        f"input fingerprint {fingerprint} before submitting again.",
+                        fingerprint=fingerprint,
+                        cause=cause,
+                    )
+                error: RunComfyError = TransportError(
+                    f"Could not complete {what} for {target} at {self.base_url}: {cause}. Check the network "
+                    "and base_url; the call is safe to repeat.",
+                    request_id=request_id,
+                )
+            else:
+                try:
+                    return self._parse(outcome, model, what=what, target=target, request_id=request_id)
+                except RateLimitedError as exc:
+                    error, retry_after = exc, exc.retry_after
+                except ServerError as exc:
+                    if not idempotent:
+                        raise AmbiguousSubmitError(
+                            f"The submit to {self.model_id} may have been accepted and billed: {exc.message} "
+                            f"It was not resubmitted. Look for a request with input fingerprint {fingerprint} "
+                            "before submitting again.",
+                            fingerprint=fingerprint,
+                            cause=exc.message,
+                            status_code=exc.status_code,
+                            error_code=exc.error_code,
+                        ) from None
+                    if outcome.status_code not in RETRYABLE_STATUS:
+                        raise
+                    error = exc
+
+            elapsed = time.monotonic() - started
+            remaining = policy.deadline - elapsed
+            delay = policy.backoff(attempt, self._rng)
+            if retry_after is not None:
+                if retry_after > policy.retry_after_max or retry_after > remaining:
+                    raise error
+                delay = max(delay, retry_after)
+            if attempt >= policy.max_attempts or delay > remaining:
+                raise error
+            logger.info(
+                "RunComfy %s for %s failed (%s); retry %d of %d in %.2fs",
+                what,
+                target,
+                type(error).__name__,
+                attempt,
+                policy.max_attempts - 1,
+                delay,
+            )
+            yield Sleep(delay)
+
+    def _parse(
+        self, response: httpx.Response, model: type[BaseModel], *, what: str, target: str, request_id: str | None
+    ) -> Any:
+        status = response.status_code
+        try:
+            body: Any = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if 200 <= status < 300 and isinstance(body, dict) and body.get("error_code") is None:
+            try:
+                return model.model_validate(body)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+                raise ServerError(
+                    f"RunComfy answered {what} for {target} with an unexpected body ({problems}).",
+                    status_code=status,
+                    request_id=request_id,
+                ) from None
+        raise self._error(response, body, what=what, target=target, request_id=request_id)
+
+    def _error(self, response: httpx.Response, body: Any, *, what: str, target: str, request_id: str | None):
+        status = response.status_code
+        code = body.get("error_code") if isinstance(body, dict) else None
+        code = code if isinstance(code, int) else _int_or_none(code)
+        detail = body.get("detail") if isinstance(body, dict) else None
+        text = self.redact(_error_text(body, response))
+        common = {"status_code": status, "error_code": code, "request_id": request_id, "detail": detail}
+        where = f"RunComfy {what} for {target}"
+
+        if status == 429:
+            retry_after = parse_retry_after(response, body)
+            hint = f" The server asks to wait {retry_after:.0f}s." if retry_after is not None else ""
+            return RateLimitedError(
+                f"{where} was rate limited (429): {text}.{hint} Lower max_concurrency or retry later.",
+                retry_after=retry_after,
+                **common,
+            )
+        if code == 400004 or status == 401:
+            return AuthenticationError(
+                f"{where} was refused: the API token is missing, wrong or revoked ({text}). Check "
+                "RUNCOMFY_API_TOKEN against the key in your RunComfy profile.",
+                **common,
+            )
+        if code == 403001 or status == 403:
+            return PermissionDeniedError(
+                f"{where} was refused: it belongs to another account ({text}). Use the token that submitted it.",
+                **common,
+            )
+        if code == 400002 or status == 402:
+            return InsufficientCreditsError(
+                f"{where} was refused: the account has no credits left ({text}). Nothing was billed; top up "
+                "your RunComfy balance and run again.",
+                **common,
+            )
+        if code == 404001 or (status == 404 and request_id is not None):
+            return RequestNotFoundError(
+                f"{where} failed: the request is unknown or has expired ({text}). Requests and their outputs "
+                "are kept for a limited time; submit again if you need the video.",
+                **common,
+            )
+        if code == 400001 or status == 404:
+            return ModelNotFoundError(
+                f"{where} failed: the model id {self.model_id!r} is unknown or malformed ({text}). Check model_id.",
+                **common,
+            )
+        if status in (400, 422) or code == 422001:
+            field = _field_from_detail(detail)
+            named = f"field {field!r}" if field else "the input"
+            return InputValidationError(
+                f"{where} was rejected: {named} is invalid ({text}). Fix the input; it was not accepted, "
+                "and nothing was billed.",
+                field=field,
+                **common,
+            )
+        if status >= 500 or (200 <= status < 300):
+            kind = "an error in a 2xx answer" if status < 300 else f"HTTP {status}"
+            return ServerError(f"{where} failed with {kind}: {text}.", **common)
+        return RunComfyError(f"{where} failed with HTTP {status}: {text}.", **common)
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _error_text(body: Any, response: httpx.Response) -> str:
+    if isinstance(body, dict):
+        for key in ("error_message", "message", "error"):
+            if isinstance(body.get(key), str) and body[key]:
+                return body[key]
+        if isinstance(body.get("detail"), str):
+            return body["detail"]
+        if body.get("detail") is not None:
+            return json.dumps(body["detail"])[:400]
+    text = response.text[:400].strip() if response.content else ""
+    return text or f"HTTP {response.status_code} with no body"
+
+
+def _field_from_detail(detail: Any) -> str | None:
+    items = detail if isinstance(detail, list) else [detail]
+    for item in items:
+        if isinstance(item, dict):
+            loc = item.get("loc") or item.get("field")
+            if isinstance(loc, list | tuple):
+                names = [str(part) for part in loc if part not in ("body", "query", "path")]
+                if names:
+                    return ".".join(names)
+            elif isinstance(loc, str):
+                return loc
+    return None
+
+
+def run_sync(call: Call[T], send: Callable[[httpx.Request], httpx.Response]) -> T:
+    """Drive a call with a blocking transport."""
+    outcome: Outcome = None
+    try:
+        while True:
+            action = call.send(outcome)
+            if isinstance(action, Sleep):
+                time.sleep(action.seconds)
+                outcome = None
+                continue
+            try:
+                outcome = send(action.request)
+                outcome.read()
+            except httpx.TransportError as exc:
+                outcome = exc
+    except StopIteration as done:
+        return done.value
+
+
+def failure_error(result: RequestResult) -> RunComfyError | None:
+    """The error a finished, unsuccessful result stands for; ``None`` when it succeeded or is pending."""
+    rid = result.request_id
+    if result.status is RequestState.FAILED:
+        code, text = result.failure_code, result.failure_message or "no message"
+        advice = (
+            "This is a content-safety rejection: change the image or prompt; do not retry it as is."
+            if code and "SAFETY" in code.upper()
+            else "The input was accepted but the generation failed; check the message, then submit again "
+            "if it looks transient."
+        )
+        return GenerationFailedError(
+            f"Request {rid} failed ({code or 'no failure code'}): {text}. {advice}",
+            failure_code=code,
+            failure_message=text,
+            request_id=rid,
+        )
+    if result.status is RequestState.CANCELLED:
+        return RequestCancelledError(f"Request {rid} was cancelled before it ran; submit again to retry.", request_id=rid)
+    if result.status in (RequestState.SUCCEEDED, RequestState.COMPLETED) and not result.video_urls:
+        return ServerError(f"Request {rid} succeeded but its result has no video URL in 'output'.", request_id=rid)
+    return None
+
+
+def wait_call(
+    core: RequestCore,
+    request_id: str,
+    *,
+    timeout: float,
+    poll_interval: float,
+    on_update: Callable[[RequestStatus], None] | None = None,
+    cancel_on_timeout: bool = False,
+    rng: random.Random | None = None,
+) -> Call[RequestResult]:
+    """Poll until the request finishes; return its result if it succeeded, else raise its error.
+
+    The deadline is on the monotonic clock. Each pause is ``poll_interval`` with +/-20% jitter, so
+    many waiters do not poll in lock step. Passing errors (connection, 429, 5xx) after their own
+    retries do not end the wait while time remains.
+    """
+    rng = rng or random.Random()
+    started = time.monotonic()
+    deadline = started + timeout
+    last_state: str | None = None
+    while True:
+        try:
+            status = yield from core.status(request_id)
+            last_state = status.status.value
+            if on_update is not None:
+                on_update(status)
+            if status.status.is_terminal:
+                result = yield from core.result(request_id)
+                last_state = result.status.value
+                if not result.status.is_pending:
+                    error = failure_error(result)
+                    if error is not None:
+                        raise error
+                    return result
+        except RunComfyError as exc:
+            if not exc.retryable or time.monotonic() >= deadline:
+                raise
+            logger.warning("Polling request %s failed for now (%s); polling on", request_id, type(exc).__name__)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if cancel_on_timeout and last_state == RequestState.IN_QUEUE.value:
+                cancelled = yield from core.cancel(request_id)
+                last_state = "cancelled" if cancelled.cancelled else last_state
+            waited = time.monotonic() - started
+            raise WaitTimeoutError(
+                f"Request {request_id} did not finish within {timeout:.0f}s (last state: {last_state}). It may "
+                "still finish: wait on it again with the same request_id rather than submitting again.",
+                request_id=request_id,
+                last_state=last_state,
+                waited_s=waited,
+            )
+        yield Sleep(min(remaining, poll_interval * rng.uniform(0.8, 1.2)))

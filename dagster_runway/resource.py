@@ -1,0 +1,106 @@
+"""``RunComfyResource``: configuration for the RunComfy clients, as a Dagster resource."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
+
+from dagster_runway.client import DEFAULT_BASE_URL, AsyncRunComfyClient, RetryPolicy, RunComfyClient
+from dagster_runway.schema import MODEL_ID
+
+
+class RunComfyResource(ConfigurableResource):
+    """Holds RunComfy configuration and hands out clients; it makes no call itself.
+
+    .. code-block:: python
+
+        import dagster as dg
+        from dagster_runway import RunComfyResource
+
+        runcomfy = RunComfyResource(api_token=dg.EnvVar("RUNCOMFY_API_TOKEN"))
+    """
+
+    api_token: str = Field(
+        repr=False,
+        description="RunComfy API token (a Bearer key from your RunComfy profile). Pass it as "
+        'dg.EnvVar("RUNCOMFY_API_TOKEN") so that it never lands in code or in the UI.',
+    )
+    base_url: str = Field(
+        default=DEFAULT_BASE_URL,
+        description="Base URL of the Model API. Point it at a local emulator "
+        "(dagster-runway emulator) to run without the real service.",
+    )
+    model_id: str = Field(default=MODEL_ID, description="The model to run.")
+    request_timeout: float = Field(default=60.0, description="Seconds to wait for one HTTP answer.")
+    connect_timeout: float = Field(default=10.0, description="Seconds to wait for a connection.")
+    max_attempts: int = Field(
+        default=5,
+        description="Attempts per call that is safe to repeat (status, result, cancel; a submit only when "
+        "the connection was never made or the answer was 429).",
+    )
+    backoff_initial: float = Field(default=0.5, description="First backoff ceiling in seconds (full jitter).")
+    backoff_max: float = Field(default=20.0, description="Largest backoff between two attempts, in seconds.")
+    retry_deadline: float = Field(default=120.0, description="No call retries past this many seconds in all.")
+    retry_after_max: float = Field(
+        default=60.0,
+        description="Longest Retry-After the client will sleep through; a longer one raises RateLimitedError.",
+    )
+    poll_interval: float = Field(
+        default=5.0, description="Seconds between status polls in blocking waits (with +/-20% jitter)."
+    )
+    wait_timeout: float = Field(default=1800.0, description="Seconds a blocking wait goes on before giving up.")
+    max_concurrency: int = Field(
+        default=8, description="Most API calls in flight at once from one async client (submits and polls)."
+    )
+
+    _client: RunComfyClient | None = PrivateAttr(default=None)
+
+    def __repr__(self) -> str:
+        return f"RunComfyResource(base_url={self.base_url!r}, model_id={self.model_id!r})"
+
+    __str__ = __repr__
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
+            deadline=self.retry_deadline,
+            retry_after_max=self.retry_after_max,
+        )
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        return {
+            "api_token": self.api_token,
+            "base_url": self.base_url,
+            "model_id": self.model_id,
+            "request_timeout": self.request_timeout,
+            "connect_timeout": self.connect_timeout,
+            "retry": self.retry_policy,
+            "poll_interval": self.poll_interval,
+        }
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self._client = RunComfyClient(**self._client_kwargs())
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def get_client(self) -> RunComfyClient:
+        """The blocking client, opened for this execution and closed after it."""
+        if self._client is None:
+            self._client = RunComfyClient(**self._client_kwargs())
+        return self._client
+
+    def get_async_client(self) -> AsyncRunComfyClient:
+        """A new async client for one event loop; use it as ``async with resource.get_async_client() as c``.
+
+        An httpx async connection pool belongs to the loop it first ran in, so each ``asyncio.run``
+        gets its own client, closed when its ``async with`` block ends.
+        """
+        return AsyncRunComfyClient(**self._client_kwargs(), max_concurrency=self.max_concurrency)

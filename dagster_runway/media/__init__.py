@@ -1,0 +1,66 @@
+"""Layer 3, media: image sources, header-only validation, service URLs, atomic video storage, probing.
+
+Free of Dagster: it imports only fsspec (and s3fs through it), Pillow, PyAV, httpx, pydantic and the
+package's ``schema`` and ``_redact`` modules.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    DownloadError,
+    ImageValidationError,
+    MediaError,
+    ServiceUrlError,
+    SettingsError,
+    SourceError,
+    VideoProbeError,
+)
+from .keys import KEY_MAX_LEN, partition_key_for
+from .probe import VideoProbe, extract_poster, poster_uri_for, probe_video
+from .service_url import DATA_URI_MAX_BYTES, data_uri_length, service_image_url
+from .settings import (
+    AUTO_RATIO,
+    GenerationSettings,
+    ResolvedSettings,
+    derive_seed,
+    resolve_auto_ratio,
+)
+from .sources import DEFAULT_PATTERNS, ImageEntry, ImageSource, change_token_of
+from .storage import StoredVideo, guess_content_type, sha256_of, store_video, write_bytes_atomic
+from .validation import ImageInfo, content_sha256, validate_image
+
+__all__ = [
+    "AUTO_RATIO",
+    "DATA_URI_MAX_BYTES",
+    "DEFAULT_PATTERNS",
+    "KEY_MAX_LEN",
+    "DownloadError",
+    "GenerationSettings",
+    "ImageEntry",
+    "ImageInfo",
+    "ImageSource",
+    "ImageValidationError",
+    "MediaError",
+    "ResolvedSettings",
+    "ServiceUrlError",
+    "SettingsError",
+    "SourceError",
+    "StoredVideo",
+    "VideoProbe",
+    "VideoProbeError",
+    "change_token_of",
+    "content_sha256",
+    "data_uri_length",
+    "derive_seed",
+    "extract_poster",
+    "guess_content_type",
+    "partition_key_for",
+    "poster_uri_for",
+    "probe_video",
+    "resolve_auto_ratio",
+    "service_image_url",
+    "sha256_of",
+    "store_video",
+    "validate_image",
+    "write_bytes_atomic",
+]

@@ -1,0 +1,223 @@
+"""Per-image generation settings: defaults, sidecar and manifest values, ``auto`` ratio, derived seeds.
+
+Precedence, lowest first: the user's defaults (``GenerationSettings``), the source's manifest row,
+then the image's sidecar files. Every layer may set any of ``promptText``, ``ratio``, ``duration``
+and ``seed``; unknown keys are errors (a typo must not be silently ignored).
+
+Seed derivation: when no layer gives a seed, :func:`derive_seed` derives one from the sha256 of the
+image's bytes. The seed therefore depends on the picture only: a re-run, a backfill, a copy of the
+bucket or a renamed file all reproduce the same seed, while replacing the picture gives a new one.
+The derived seed is always returned (and so recorded); ``seed_derived`` says where it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dagster_runway.schema import (
+    DEFAULT_DURATION,
+    DEFAULT_RATIO,
+    DURATIONS,
+    PROMPT_TEXT_MAX,
+    RATIOS,
+    SEED_MAX,
+    ImageToVideoInput,
+    ratio_size,
+)
+
+from .errors import SettingsError
+
+AUTO_RATIO = "auto"
+
+_SEED_DOMAIN = b"dagster-runway/seed/v1\x00"
+
+# Accepted spellings of each field in sidecars and manifests, mapped to the model's field names.
+FIELD_ALIASES: dict[str, str] = {
+    "promptText": "prompt_text",
+    "prompt_text": "prompt_text",
+    "prompt": "prompt_text",
+    "ratio": "ratio",
+    "duration": "duration",
+    "seed": "seed",
+}
+
+
+def _coerce_int(value: Any, field: str) -> Any:
+    """Accept an int, a whole float, or a string of digits (CSV cells are strings); refuse booleans."""
+    if isinstance(value, bool):
+        raise ValueError(f"{field} must be an integer, got a boolean")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{field} must be a whole number, got {value}")
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.lstrip("+").isdigit():
+            raise ValueError(f"{field} must be an integer, got {value!r}")
+        return int(text)
+    return value
+
+
+class GenerationSettings(BaseModel):
+    """Generation settings for one image, or the defaults for a whole source.
+
+    ``prompt_text=None`` leaves the prompt to the service's default. ``ratio="auto"`` picks the
+    supported ratio closest to the image's own aspect. ``seed=None`` derives a seed from the image.
+    """
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
+
+    prompt_text: str | None = Field(
+        default=None,
+        alias="promptText",
+        max_length=PROMPT_TEXT_MAX,
+        description="What should happen in the video, at most 1000 characters. None keeps the service default.",
+    )
+    ratio: str = Field(
+        default=DEFAULT_RATIO,
+        description=f"Output size as width:height, one of {', '.join(RATIOS)}, or 'auto' for the supported "
+        "ratio closest to the image's aspect.",
+    )
+    duration: int = Field(default=DEFAULT_DURATION, description="Video length in seconds: 5 or 10.")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=SEED_MAX,
+        description="Random seed 0..4294967295. None derives a stable seed from the image's content.",
+    )
+
+    @field_validator("prompt_text", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"promptText must be a string, got {type(value).__name__}")
+        return value
+
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _ratio(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError(f"ratio must be a string, got {type(value).__name__}")
+        text = value.strip()
+        if text.lower() == AUTO_RATIO:
+            return AUTO_RATIO
+        if text not in RATIOS:
+            raise ValueError(f"ratio {value!r} is not one of {', '.join(RATIOS)} or 'auto'")
+        return text
+
+    @field_validator("duration", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        value = _coerce_int(value, "duration")
+        if value not in DURATIONS:
+            raise ValueError(f"duration {value!r} is not one of {', '.join(map(str, DURATIONS))} (seconds)")
+        return value
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        return _coerce_int(value, "seed")
+
+
+class ResolvedSettings(BaseModel):
+    """The settings that will be submitted for one image: concrete ratio, always a seed.
+
+    ``sources`` lists where the values came from, lowest precedence first (``defaults``, a manifest
+    row, sidecar files), for the UI's lineage metadata.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt_text: str | None
+    ratio: str
+    duration: int
+    seed: int
+    ratio_auto: bool = False
+    seed_derived: bool = False
+    sources: tuple[str, ...] = ("defaults",)
+
+    def request_fields(self) -> dict[str, Any]:
+        """The input fields under the API's names (``promptText`` only when set)."""
+        fields: dict[str, Any] = {"ratio": self.ratio, "duration": self.duration, "seed": self.seed}
+        if self.prompt_text is not None:
+            fields["promptText"] = self.prompt_text
+        return fields
+
+    def to_input(self, prompt_image: str) -> ImageToVideoInput:
+        """The validated model input for ``prompt_image`` (a service URL or data URI)."""
+        return ImageToVideoInput.model_validate({"promptImage": prompt_image, **self.request_fields()})
+
+
+def resolve_auto_ratio(width: int, height: int) -> str:
+    """The supported ratio closest to ``width:height``, compared on a log scale (so 2:1 and 1:2 are
+    symmetric). ``resolve_auto_ratio(4000, 3000) == "1104:832"``."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    aspect = math.log(width / height)
+
+    def distance(ratio: str) -> float:
+        w, h = ratio_size(ratio)
+        return abs(math.log(w / h) - aspect)
+
+    return min(RATIOS, key=distance)
+
+
+def derive_seed(content_sha256: str) -> int:
+    """A seed in ``0..SEED_MAX`` derived from the sha256 (hex) of the image's bytes.
+
+    The first four bytes of ``sha256("dagster-runway/seed/v1\\0" + digest)``, big-endian: uniform over
+    the whole seed range, stable across runs, machines and renames, and different for different
+    pictures.
+    """
+    digest = content_sha256.strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError("derive_seed expects the 64-character hex sha256 of the image's bytes")
+    return int.from_bytes(hashlib.sha256(_SEED_DOMAIN + digest.encode()).digest()[:4], "big") & SEED_MAX
+
+
+def normalise_fields(raw: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+    """Map sidecar/manifest keys to model field names, refusing unknown keys. Empty values are dropped
+    (an empty CSV cell means "not set")."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = FIELD_ALIASES.get(str(key).strip())
+        if name is None:
+            allowed = "promptText (or prompt), ratio, duration, seed"
+            raise SettingsError(source, f"unknown field {str(key)!r}; use {allowed}", field=str(key))
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if name in out:
+            raise SettingsError(source, f"field {name!r} is given twice (under different names)", field=name)
+        out[name] = value
+    return out
+
+
+def merge_settings(base: GenerationSettings, layers: list[tuple[str, dict[str, Any]]]) -> GenerationSettings:
+    """Apply each ``(source, fields)`` layer over ``base`` in order, validating each one so that an
+    error names the file and the field that broke the schema."""
+    current = base
+    for source, fields in layers:
+        if not fields:
+            continue
+        try:
+            layer = GenerationSettings.model_validate(fields)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first.get("loc", ())) or None
+            message = first.get("msg", str(exc)).removeprefix("Value error, ")
+            if first.get("type") == "string_too_long":
+                message = f"promptText is {len(str(fields.get('prompt_text', '')))} characters, at most {PROMPT_TEXT_MAX}"
+            elif field == "seed" and first.get("type") in ("greater_than_equal", "less_than_equal"):
+                message = f"seed {fields.get('seed')} is outside 0..{SEED_MAX}"
+            raise SettingsError(
+                source, f"{message}; fix the {field or ''} value there", field=field
+            ) from None
+        current = current.model_copy(update={name: getattr(layer, name) for name in fields})
+    return current

@@ -1,0 +1,35 @@
+"""``dagster-runway``: the command line (``emulator`` and ``demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dagster-runway", description="Turn folders of still images into videos with Runway Gen-4 Turbo."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from dagster_runway.emulator import cli as emulator_cli
+
+    emulator = commands.add_parser("emulator", help="Serve a local emulator of the RunComfy Model API.")
+    emulator_cli.add_arguments(emulator)
+    emulator.set_defaults(run=emulator_cli.run)
+
+    from dagster_runway import demo
+
+    demo_parser = commands.add_parser(
+        "demo", help="Run the pipeline end to end on a real Dagster instance (offline against the emulator)."
+    )
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(run=demo.run)
+
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Helpers for the pipeline tests: images on disk, a pipeline against the emulator, and its outcomes."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from dagster import AssetKey, DagsterEventType, DagsterInstance, Definitions
+from PIL import Image, ImageDraw
+
+from dagster_runway import RunComfyResource
+from dagster_runway.pipeline import LocalDaemon, build_runway_pipeline
+from dagster_runway.pipeline import records as rec
+from dagster_runway.pipeline.collect import CHECK_NAMES
+from dagster_runway.pipeline.sensors import decode_cursor
+
+VIDEOS = AssetKey(["runway", "videos"])
+REQUESTS = AssetKey(["runway", "requests"])
+PARTITIONS = "runway_images"
+
+
+def png_bytes(width: int, height: int, color: tuple[int, int, int] = (200, 120, 40), fmt: str = "PNG") -> bytes:
+    image = Image.new("RGB", (width, height), color)
+    ImageDraw.Draw(image).ellipse([width // 4, height // 4, width * 3 // 4, height * 3 // 4], fill=(20, 90, 200))
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def write_images(folder: Path, valid: int = 4, invalid: bool = True) -> dict[str, Path]:
+    """``valid`` good images (landscape, portrait, square, ...) and, optionally, two bad ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [(320, 180), (180, 320), (240, 240), (300, 200), (200, 300), (256, 192)]
+    files = {}
+    for i in range(valid):
+        w, h = sizes[i % len(sizes)]
+        path = folder / f"img{i:02d}.png"
+        path.write_bytes(png_bytes(w, h, (40 * i % 255, 100, 150)))
+        files[path.name] = path
+    if invalid:
+        (folder / "too-wide.png").write_bytes(png_bytes(600, 200))  # aspect 3.0: outside 1:2..2:1
+        (folder / "not-an-image.png").write_bytes(b"this is a text file, not a PNG\n" * 10)
+        files["too-wide.png"] = folder / "too-wide.png"
+        files["not-an-image.png"] = folder / "not-an-image.png"
+    return files
+
+
+def make_defs(emulator: Any, source: str, output: str, **options: Any) -> Definitions:
+    resource = RunComfyResource(
+        api_token=emulator.token,
+        base_url=emulator.base_url,
+        poll_interval=0.05,
+        backoff_initial=0.01,
+        max_attempts=3,
+    )
+    return build_runway_pipeline(source, output, resource=resource, **options)
+
+
+def run_until_idle(daemon: LocalDaemon, max_ticks: int = 200) -> list[str]:
+    """Tick the status sensor until nothing is in flight and nothing launches; return failed run ids."""
+    failed: list[str] = []
+    for _ in range(max_ticks):
+        outcome = daemon.tick("runway_status_sensor")
+        failed += outcome.failed_run_ids
+        inflight = len((decode_cursor(daemon.cursors.get("runway_status_sensor"), None) or {}).get("inflight", {}))
+        if inflight == 0 and not outcome.run_ids and not outcome.failed_run_ids:
+            return failed
+    raise AssertionError("the pipeline did not settle")
+
+
+def video_metadata(instance: DagsterInstance, key: str) -> dict[str, Any] | None:
+    return rec.latest_materialization_metadata(instance, VIDEOS, key)
+
+
+def check_statuses(instance: DagsterInstance, key: str) -> dict[str, str]:
+    return rec.check_statuses(instance, VIDEOS, list(CHECK_NAMES), key)
+
+
+def failure_reasons(instance: DagsterInstance, run_id: str) -> dict[str, str]:
+    """Per-partition reasons in a failed run's step failure."""
+    reasons: dict[str, str] = {}
+    for record in instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records:
+        data = record.event_log_entry.dagster_event.step_failure_data
+        reasons.update(data.user_failure_data.metadata["failed_partitions"].value)
+    return reasons
+
+
+def video_materialization_count(instance: DagsterInstance) -> int:
+    return len(instance.fetch_materializations(VIDEOS, limit=10_000).records)

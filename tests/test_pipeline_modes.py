@@ -1,0 +1,167 @@
+"""Blocking mode, run termination, S3 sources and outputs, definitions loading, large listings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, instance_for_test, materialize
+
+from dagster_runway.pipeline import LocalDaemon
+
+from .pipeline_helpers import PARTITIONS, VIDEOS, make_defs, run_until_idle, video_metadata, write_images
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def instance() -> DagsterInstance:
+    with instance_for_test() as instance:
+        yield instance
+
+
+def _assets(defs):
+    return [a for a in defs.assets if hasattr(a, "keys")]
+
+
+def test_blocking_mode_submits_waits_and_collects_in_one_step(tmp_path: Path, emulator, instance: DagsterInstance):
+    write_images(tmp_path / "images", valid=2, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), mode="blocking")
+    instance.add_dynamic_partitions(PARTITIONS, ["img00.png", "img01.png"])
+    result = materialize(
+        _assets(defs), partition_key="img01.png", instance=instance, resources=defs.resources,
+        selection=[VIDEOS],
+    )
+    assert result.success
+    meta = video_metadata(instance, "img01.png")
+    assert meta is not None and Path(meta["runway/video_uri"]).exists()
+    assert emulator.ledger().billed_submissions == 1
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 5 and all(c.passed for c in checks)
+
+    # Materializing again re-attaches to the same request: nothing billed, nothing rewritten.
+    mtime = os.stat(meta["runway/video_uri"]).st_mtime_ns
+    again = materialize(
+        _assets(defs), partition_key="img01.png", instance=instance, resources=defs.resources, selection=[VIDEOS]
+    )
+    assert again.success
+    assert emulator.ledger().billed_submissions == 1
+    assert os.stat(meta["runway/video_uri"]).st_mtime_ns == mtime
+
+
+def test_terminating_a_blocking_run_cancels_its_queued_request(tmp_path: Path, emulator, instance: DagsterInstance):
+    write_images(tmp_path / "images", valid=1, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), mode="blocking")
+    instance.add_dynamic_partitions(PARTITIONS, ["img00.png"])
+    emulator.pause()  # the request stays queued
+
+    def interrupt_when_submitted() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and emulator.ledger().billed_submissions == 0:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)  # what `dagster` delivers to a step when its run is terminated
+
+    threading.Thread(target=interrupt_when_submitted, daemon=True).start()
+    result = materialize(
+        _assets(defs), partition_key="img00.png", instance=instance, resources=defs.resources,
+        selection=[VIDEOS], raise_on_error=False,
+    )
+    assert not result.success
+    ledger = emulator.ledger()
+    assert ledger.submissions == 1
+    request_id = ledger.entries[0].request_id
+    assert emulator.request_state(request_id) == "cancelled"
+    assert ledger.billed_submissions == 0  # a request cancelled while queued is refunded
+
+
+def test_cancel_on_termination_can_be_switched_off(tmp_path: Path, emulator, instance: DagsterInstance):
+    write_images(tmp_path / "images", valid=1, invalid=False)
+    defs = make_defs(
+        emulator, str(tmp_path / "images"), str(tmp_path / "videos"), mode="blocking", cancel_on_termination=False
+    )
+    instance.add_dynamic_partitions(PARTITIONS, ["img00.png"])
+    emulator.pause()
+
+    def interrupt_when_submitted() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and emulator.ledger().billed_submissions == 0:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_submitted, daemon=True).start()
+    result = materialize(
+        _assets(defs), partition_key="img00.png", instance=instance, resources=defs.resources,
+        selection=[VIDEOS], raise_on_error=False,
+    )
+    assert not result.success
+    request_id = emulator.ledger().entries[0].request_id
+    assert emulator.request_state(request_id) == "in_queue"
+
+
+def test_s3_source_and_output_through_moto(tmp_path: Path, emulator, s3, instance: DagsterInstance):
+    images = write_images(tmp_path / "images", valid=2, invalid=True)
+    for name, path in images.items():
+        s3.put(f"stills/{name}", path.read_bytes(), content_type="image/png")
+    defs = make_defs(
+        emulator,
+        s3.url("stills"),
+        s3.url("videos"),
+        source_storage_options=s3.storage_options,
+        output_storage_options=s3.storage_options,
+    )
+    daemon = LocalDaemon(defs, instance)
+    discovery = daemon.tick("runway_discovery_sensor")
+    assert discovery.new_partitions == 4
+    assert emulator.ledger().billed_submissions == 2
+    assert run_until_idle(daemon) == []
+    made = [k for k in instance.get_dynamic_partitions(PARTITIONS) if video_metadata(instance, k)]
+    assert len(made) == 2
+    for key in made:
+        uri = video_metadata(instance, key)["runway/video_uri"]
+        assert uri.startswith("s3://")
+        head = s3.client.head_object(Bucket=s3.bucket, Key=uri.split(s3.bucket + "/", 1)[1])
+        assert head["ContentType"] == "video/mp4" and head["ContentLength"] > 1000
+
+
+def test_discovery_of_20000_images_finishes_well_inside_a_tick(tmp_path: Path, emulator, instance):
+    folder = tmp_path / "many"
+    for i in range(200):
+        sub = folder / f"batch{i:03d}"
+        sub.mkdir(parents=True)
+        for j in range(100):
+            (sub / f"frame {j:03d}.png").write_bytes(b"\x89PNG")
+    defs = make_defs(emulator, str(folder), str(tmp_path / "videos"))
+    sensor = defs.resolve_sensor_def("runway_discovery_sensor")
+    from dagster import build_sensor_context
+    from dagster._core.definitions.partitions.context import partition_loading_context
+
+    started = time.monotonic()
+    with build_sensor_context(instance=instance, definitions=defs) as context, partition_loading_context(
+        dynamic_partitions_store=instance
+    ):
+        result = sensor.evaluate_tick(context)
+    elapsed = time.monotonic() - started
+    print(f"discovery tick over 20,000 images: {elapsed:.2f}s")
+    added = result.dynamic_partitions_requests[0].partition_keys
+    assert len(added) == 20_000 and len(set(added)) == 20_000
+    assert len(result.run_requests) == 20_000 // 50
+    assert len(result.cursor) < 1_000_000
+
+
+def test_definitions_py_validates_with_the_dagster_cli(tmp_path: Path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "DAGSTER_DISABLE_TELEMETRY": "1"}
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-f", str(ROOT / "definitions.py")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Validation successful" in done.stdout + done.stderr

@@ -1,8 +1,10 @@
 """dagster_runway: turn folders and buckets of still images into videos with Runway Gen-4 Turbo on RunComfy.
 
-Only light modules are imported here; the emulator (``dagster_runway.emulator``) and the media layer
-(``dagster_runway.media``) load on first use.
+Only light modules (schema, client, errors) are imported here. ``RunComfyResource`` loads dagster on
+first use, so that the client and the emulator can be used without it.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from dagster_runway.client import AsyncRunComfyClient as AsyncRunComfyClient
 from dagster_runway.client import RetryPolicy as RetryPolicy
@@ -21,7 +23,6 @@ from dagster_runway.errors import RunComfyError as RunComfyError
 from dagster_runway.errors import ServerError as ServerError
 from dagster_runway.errors import TransportError as TransportError
 from dagster_runway.errors import WaitTimeoutError as WaitTimeoutError
-from dagster_runway.resource import RunComfyResource as RunComfyResource
 from dagster_runway.schema import CancelResult as CancelResult
 from dagster_runway.schema import ImageToVideoInput as ImageToVideoInput
 from dagster_runway.schema import RequestResult as RequestResult
@@ -29,3 +30,14 @@ from dagster_runway.schema import RequestState as RequestState
 from dagster_runway.schema import RequestStatus as RequestStatus
 from dagster_runway.schema import Submission as Submission
 from dagster_runway.version import __version__ as __version__
+
+if TYPE_CHECKING:
+    from dagster_runway.resource import RunComfyResource as RunComfyResource
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RunComfyResource":
+        from dagster_runway.resource import RunComfyResource
+
+        return RunComfyResource
+    raise AttributeError(f"module 'dagster_runway' has no attribute {name!r}")

@@ -1,0 +1,394 @@
+"""The emulator's HTTP side: a Starlette app speaking RunComfy's Model API protocol.
+
+API calls under ``/v1`` need ``Authorization: Bearer <token>``. Videos under ``/files`` are
+served without auth, like a CDN. The ``/_emulator`` admin endpoints need no auth either: the
+emulator binds to loopback by default, so only local processes reach them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import struct
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.server import ServerState
+
+from dagster_runway._redact import redact_url
+from dagster_runway.emulator.config import EmulatorConfig
+from dagster_runway.emulator.faults import Call, FaultBook, FaultRule, Stage
+from dagster_runway.emulator.inputs import InputInvalid, parse_body, validate_input
+from dagster_runway.emulator.ledger import account_id
+from dagster_runway.emulator.render import Video
+from dagster_runway.emulator.state import (
+    Failure,
+    ForeignRequest,
+    InsufficientBalance,
+    RequestView,
+    State,
+    Store,
+    UnknownRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+# What /status says for each state: a finished request is "completed" whether it succeeded or not.
+_STATUS_NAMES: dict[State, str] = {
+    "in_queue": "in_queue",
+    "in_progress": "in_progress",
+    "succeeded": "completed",
+    "failed": "completed",
+    "cancelled": "cancelled",
+}
+
+_FAULT_RULES = TypeAdapter(list[FaultRule])
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, RunComfy's six-digit error code, a message and a detail."""
+
+    def __init__(self, status: int, code: int, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.detail = status, code, message, detail
+
+
+def _error(
+    status: int,
+    code: int,
+    message: str,
+    detail: Any = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body = {"error_code": code, "error_message": message, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _timestamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="microseconds")
+
+
+class EmulatorApp:
+    """Routes and handlers; ``asgi`` is the app to serve."""
+
+    def __init__(self, config: EmulatorConfig, store: Store, faults: FaultBook) -> None:
+        self._config = config
+        self._store = store
+        self._faults = faults
+        self._accounts = {token: account_id(token) for token in config.tokens}
+        # The server's connections, set once the server exists: needed to drop one on purpose.
+        self.server_state: ServerState | None = None
+        self.asgi = Starlette(
+            routes=[
+                Route("/v1/models/{model_id:path}", self._submit, methods=["POST"]),
+                Route("/v1/requests/{request_id}/status", self._status, methods=["GET"]),
+                Route("/v1/requests/{request_id}/result", self._result, methods=["GET"]),
+                Route("/v1/requests/{request_id}/cancel", self._cancel, methods=["POST"]),
+                Route("/files/{request_id}.mp4", self._file, methods=["GET", "HEAD"]),
+                Route("/_emulator/ledger", self._ledger, methods=["GET"]),
+                Route("/_emulator/reset", self._reset, methods=["POST"]),
+                Route("/_emulator/faults", self._add_faults, methods=["POST"]),
+                Route("/_emulator/faults", self._clear_faults, methods=["DELETE"]),
+                Route("/_emulator/pause", self._pause, methods=["POST"]),
+                Route("/_emulator/resume", self._resume, methods=["POST"]),
+            ],
+            middleware=[Middleware(_Latency, seconds=config.latency_seconds)],
+            exception_handlers={
+                ApiError: self._api_error,
+                InputInvalid: self._input_invalid,
+                HTTPException: self._http_error,
+                Exception: self._internal_error,
+            },
+        )
+
+    # The API
+
+    async def _submit(self, request: Request) -> Response:
+        account = self._account(request)
+        model_id = request.path_params["model_id"]
+        if model_id != self._config.model_id:
+            raise ApiError(
+                404, 400001, f"Unknown model {model_id!r}; this emulator serves {self._config.model_id}"
+            )
+        # Faults come before validation, as a gateway's would; an unparsable body is reported after them.
+        body: Any = None
+        invalid: InputInvalid | None = None
+        try:
+            body = parse_body(await request.body())
+        except InputInvalid as exc:
+            invalid = exc
+        hint = body if isinstance(body, dict) else None
+        if (response := await self._fault("submit", "call", hint, request)) is not None:
+            return response
+        if invalid is not None:
+            raise invalid
+        model_input = validate_input(body, allow_any_http=self._config.allow_any_http)
+        rule = self._faults.pick("submit", "generation", model_input.fields)
+        injected = Failure(rule.failure_code, rule.message) if rule is not None else None
+        try:
+            request_id = self._store.submit(account, model_input, model_id, injected)
+        except InsufficientBalance as exc:
+            raise ApiError(
+                self._config.insufficient_balance_status, 400002, f"Insufficient balance: {exc}"
+            ) from exc
+        logger.info(
+            "emulator: accepted request %s of account %s, image %s",
+            request_id,
+            account,
+            redact_url(model_input.prompt_image),
+        )
+        if (response := await self._fault("submit", "accepted", model_input.fields, request)) is not None:
+            return response
+        return JSONResponse(
+            {"request_id": request_id, **self._urls(request, request_id, "status", "result", "cancel")}
+        )
+
+    async def _status(self, request: Request) -> Response:
+        account, request_id = self._account(request), request.path_params["request_id"]
+        if (response := await self._fault("status", "call", self._fields(request_id), request)) is not None:
+            return response
+        view = self._view(account, request_id)
+        body: dict[str, Any] = {"request_id": request_id, "status": _STATUS_NAMES[view.state]}
+        if view.queue_position is not None:
+            body["queue_position"] = view.queue_position
+        return JSONResponse(body | self._urls(request, request_id, "status", "result"))
+
+    async def _result(self, request: Request) -> Response:
+        account, request_id = self._account(request), request.path_params["request_id"]
+        if (response := await self._fault("result", "call", self._fields(request_id), request)) is not None:
+            return response
+        view = self._view(account, request_id)
+        body: dict[str, Any] = {
+            "request_id": request_id,
+            "model_id": self._config.model_id,
+            "status": view.state,
+            "created_at": _timestamp(view.created),
+        }
+        if view.started is not None:
+            body["started_at"] = _timestamp(view.started)
+        if view.finished is not None:
+            body["finished_at"] = _timestamp(view.finished)
+        if view.video is not None:
+            body["output"] = {"video": f"{_base(request)}/files/{request_id}.mp4"}
+            if request.query_params.get("include_cost", "").lower() in ("true", "1"):
+                body["cost"] = view.cost
+        if view.failure is not None:
+            body["error"] = {"code": view.failure.code, "message": view.failure.message}
+        return JSONResponse(body)
+
+    async def _cancel(self, request: Request) -> Response:
+        account, request_id = self._account(request), request.path_params["request_id"]
+        if (response := await self._fault("cancel", "call", self._fields(request_id), request)) is not None:
+            return response
+        try:
+            view, cancelled = self._store.cancel(account, request_id)
+        except (UnknownRequest, ForeignRequest) as exc:
+            raise _not_yours(exc, request_id) from exc
+        outcome = "cancelled" if cancelled else "not_cancellable"
+        return JSONResponse(
+            {"request_id": request_id, "status": _STATUS_NAMES[view.state], "outcome": outcome},
+            status_code=202,
+        )
+
+    async def _file(self, request: Request) -> Response:
+        request_id = request.path_params["request_id"]
+        view = self._store.peek(request_id)
+        rule = self._faults.pick("files", "call", view.fields if view is not None else None)
+        if rule is not None and rule.kind != "truncate_video":
+            if (response := await self._fault_response(rule, "files", request)) is not None:
+                return response
+        elif rule is not None and view is not None and view.video is not None and request.method == "GET":
+            return _TruncatedFile(view.video, rule.truncate_fraction, self._transport(request))
+        if view is None or view.video is None:
+            raise ApiError(404, 404001, f"No video for request {request_id} (unknown, unfinished or expired)")
+        return FileResponse(view.video.path, media_type="video/mp4")
+
+    # Admin
+
+    async def _ledger(self, request: Request) -> Response:
+        return JSONResponse(self._store.ledger().model_dump(mode="json"))
+
+    async def _reset(self, request: Request) -> Response:
+        self.reset()
+        return JSONResponse({"reset": True})
+
+    async def _add_faults(self, request: Request) -> Response:
+        try:
+            payload = json.loads(await request.body())
+            rules = _FAULT_RULES.validate_python(payload if isinstance(payload, list) else [payload])
+        except ValueError as exc:
+            detail = json.loads(exc.json(include_url=False)) if isinstance(exc, ValidationError) else str(exc)
+            raise ApiError(422, 422001, "Invalid fault rule", detail) from exc
+        for rule in rules:
+            self._faults.add(rule)
+        return JSONResponse({"faults": self._faults.listing()})
+
+    async def _clear_faults(self, request: Request) -> Response:
+        self._faults.clear()
+        return JSONResponse({"faults": []})
+
+    async def _pause(self, request: Request) -> Response:
+        self._store.pause()
+        return JSONResponse({"paused": True})
+
+    async def _resume(self, request: Request) -> Response:
+        self._store.resume()
+        return JSONResponse({"paused": False})
+
+    def reset(self) -> None:
+        """Wipe requests, ledger and faults."""
+        self._store.reset()
+        self._faults.reset()
+
+    # Helpers
+
+    def _account(self, request: Request) -> str:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not token.strip():
+            raise ApiError(
+                self._config.auth_error_status, 400004, "No API token: send 'Authorization: Bearer <token>'"
+            )
+        account = self._accounts.get(token.strip()) if scheme.lower() == "bearer" else None
+        if account is None:
+            raise ApiError(
+                self._config.auth_error_status, 400004, "The API token is invalid, expired or revoked"
+            )
+        return account
+
+    def _fields(self, request_id: str) -> dict[str, Any] | None:
+        view = self._store.peek(request_id)
+        return view.fields if view is not None else None
+
+    def _view(self, account: str, request_id: str) -> RequestView:
+        try:
+            return self._store.view(account, request_id)
+        except (UnknownRequest, ForeignRequest) as exc:
+            raise _not_yours(exc, request_id) from exc
+
+    def _urls(self, request: Request, request_id: str, *names: str) -> dict[str, str]:
+        prefix = f"{_base(request)}/v1/requests/{request_id}"
+        return {f"{name}_url": f"{prefix}/{name}" for name in names}
+
+    async def _fault(
+        self, call: Call, stage: Stage, fields: dict[str, Any] | None, request: Request
+    ) -> Response | None:
+        rule = self._faults.pick(call, stage, fields)
+        return await self._fault_response(rule, call, request) if rule is not None else None
+
+    async def _fault_response(self, rule: FaultRule, call: Call, request: Request) -> Response | None:
+        """The answer a fault gives instead of the normal one; None (after a delay) for ``slow``."""
+        logger.info("emulator: injecting %s on %s", rule.kind, call)
+        if rule.kind == "rate_limit":
+            return _error(
+                429,
+                429001,
+                f"Rate limit reached; retry after {rule.retry_after} s",
+                headers={"Retry-After": str(rule.retry_after)},
+                retry_after=rule.retry_after,
+            )
+        if rule.kind == "server_error":
+            return _error(
+                rule.status, rule.status * 1000 + 1, f"Internal error (HTTP {rule.status}, injected)"
+            )
+        if rule.kind == "error_code_200":
+            return _error(200, 500001, "Internal error reported with HTTP 200 (injected)")
+        if rule.kind == "reset":
+            return _DropConnection(self._transport(request))
+        await asyncio.sleep(rule.delay_seconds)
+        return None
+
+    def _transport(self, request: Request) -> asyncio.Transport:
+        client = request.scope.get("client")
+        connections = self.server_state.connections if self.server_state is not None else ()
+        for connection in list(connections):
+            if getattr(connection, "client", None) == client:
+                return connection.transport
+        raise RuntimeError("emulator: cannot find this request's connection")
+
+    # Error answers
+
+    async def _api_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return _error(exc.status, exc.code, exc.message, exc.detail)
+
+    async def _input_invalid(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, InputInvalid)
+        return _error(422, 422001, f"Input validation failed: {exc}", exc.detail)
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, exc.status_code * 1000 + 1, exc.detail, headers=exc.headers)
+
+    async def _internal_error(self, request: Request, exc: Exception) -> Response:
+        logger.error("emulator: internal error on %s", request.url.path, exc_info=exc)
+        return _error(500, 500001, f"Internal error: {type(exc).__name__}")
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _not_yours(exc: Exception, request_id: str) -> ApiError:
+    if isinstance(exc, ForeignRequest):
+        return ApiError(403, 403001, f"Request {request_id} belongs to another account")
+    return ApiError(404, 404001, f"Request {request_id} not found (unknown, deleted or expired)")
+
+
+class _Latency:
+    """Delays every API and file answer, without blocking other requests."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self._app, self._seconds = app, seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._seconds and scope["type"] == "http" and scope["path"].startswith(("/v1/", "/files/")):
+            await asyncio.sleep(self._seconds)
+        await self._app(scope, receive, send)
+
+
+async def _until_disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _DropConnection(Response):
+    """Resets the TCP connection (RST, through SO_LINGER 0) instead of answering."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._transport.abort()
+        await _until_disconnected(receive)
+
+
+class _TruncatedFile(Response):
+    """Announces the whole video, sends a fraction of it, then closes the connection."""
+
+    def __init__(self, video: Video, fraction: float, transport: asyncio.Transport) -> None:
+        self._video, self._fraction, self._transport = video, fraction, transport
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        data = self._video.path.read_bytes()
+        headers = [(b"content-type", b"video/mp4"), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": data[: int(len(data) * self._fraction)], "more_body": True}
+        )
+        # close() sends what is buffered first, then ends the connection.
+        self._transport.close()
+        await _until_disconnected(receive)

@@ -1,0 +1,394 @@
+"""The requests' state machine on the emulator clock, per account, and the ledger beside it.
+
+A request waits ``in_queue`` for its drawn queue time and for a free slot of its account (at most
+``max_concurrency`` in progress; the oldest ready request goes first), then is ``in_progress`` for
+its drawn render time and until its work (image fetch, checks, rendering) is done, then ends
+``succeeded`` or ``failed``. Only a queued request can be ``cancelled``; it is then refunded.
+
+All state sits behind one lock and is advanced from timestamps each time it is read, so answers
+are right however often and from however many threads it is polled. The worker also advances it
+at each deadline, so that work starts on time without polling.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from dagster_runway.emulator.config import EmulatorConfig
+from dagster_runway.emulator.inputs import ModelInput
+from dagster_runway.emulator.ledger import Ledger, LedgerEntry
+from dagster_runway.emulator.render import Video
+
+State = Literal["in_queue", "in_progress", "succeeded", "failed", "cancelled"]
+TERMINAL: tuple[State, ...] = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a request failed: a code such as ``SAFETY.INPUT.IMAGE`` and a message."""
+
+    code: str
+    message: str
+
+
+class UnknownRequest(Exception):
+    """No such request id, or it expired."""
+
+
+class ForeignRequest(Exception):
+    """The request id belongs to another account."""
+
+
+class InsufficientBalance(Exception):
+    """The submit would take the account past its balance."""
+
+
+class Clock:
+    """Wall-clock seconds that stand still while paused."""
+
+    def __init__(self, paused: bool) -> None:
+        self._offset = time.time() - time.monotonic()
+        self._frozen: float | None = None
+        if paused:
+            self.pause()
+
+    @property
+    def paused(self) -> bool:
+        return self._frozen is not None
+
+    def now(self) -> float:
+        return self._frozen if self._frozen is not None else time.monotonic() + self._offset
+
+    def pause(self) -> None:
+        if self._frozen is None:
+            self._frozen = self.now()
+
+    def resume(self) -> None:
+        if self._frozen is not None:
+            self._offset = self._frozen - time.monotonic()
+            self._frozen = None
+
+
+@dataclass
+class _Record:
+    request_id: str
+    account: str
+    seq: int
+    generation: int
+    fields: dict[str, Any]
+    image: str | None
+    fingerprint: str
+    cost: float
+    created: float
+    queue_wait: float
+    render_time: float
+    injected: Failure | None
+    state: State = "in_queue"
+    started: float | None = None
+    finished: float | None = None
+    expired: bool = False
+    claimed: bool = False
+    work_done: float | None = None
+    outcome: Video | Failure | None = None
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """A consistent snapshot of one request, for an answer."""
+
+    request_id: str
+    state: State
+    queue_position: int | None
+    fields: dict[str, Any]
+    created: float
+    started: float | None
+    finished: float | None
+    cost: float
+    video: Video | None
+    failure: Failure | None
+
+
+@dataclass(frozen=True)
+class Job:
+    """The work of a request that just started: get and check its image, then render."""
+
+    request_id: str
+    generation: int
+    image: str
+    ratio: str
+    duration: int
+    seed: int
+    injected: Failure | None
+
+
+class Store:
+    """Every request and the ledger, advanced lazily on the emulator clock."""
+
+    def __init__(self, config: EmulatorConfig, on_change: Callable[[], None]) -> None:
+        self._config = config
+        self._on_change = on_change
+        self._lock = threading.RLock()
+        self._generation = 0
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._records: dict[str, _Record] = {}
+        self._seq = 0
+        self._rng = random.Random(self._config.random_seed)
+        self.clock = Clock(self._config.paused)
+
+    # Control
+
+    def reset(self) -> None:
+        """Forget every request and the ledger, delete the videos, and start afresh."""
+        with self._lock:
+            for record in self._records.values():
+                _delete_video(record)
+            self._generation += 1
+            self._reset_state()
+        self._on_change()
+
+    def pause(self) -> None:
+        with self._lock:
+            self._advance()
+            self.clock.pause()
+
+    def resume(self) -> None:
+        with self._lock:
+            self.clock.resume()
+            self._advance()
+        self._on_change()
+
+    @property
+    def paused(self) -> bool:
+        with self._lock:
+            return self.clock.paused
+
+    # Requests
+
+    def submit(self, account: str, model_input: ModelInput, model_id: str, injected: Failure | None) -> str:
+        """Record and bill a new request; its queue and render times are drawn now."""
+        config = self._config
+        duration = model_input.fields["duration"]
+        cost = round(config.price_per_second * duration, 6)
+        with self._lock:
+            self._advance()
+            if config.balance_usd is not None:
+                spent = sum(
+                    r.cost for r in self._records.values() if r.account == account and r.state != "cancelled"
+                )
+                if spent + cost > config.balance_usd + 1e-9:
+                    raise InsufficientBalance(
+                        f"balance too low: this request costs ${cost:.2f}, "
+                        f"${max(config.balance_usd - spent, 0.0):.2f} of ${config.balance_usd:.2f} is left"
+                    )
+            factor = config.long_render_factor if duration == 10 else 1.0
+            self._seq += 1
+            record = _Record(
+                request_id=uuid.uuid4().hex,
+                account=account,
+                seq=self._seq,
+                generation=self._generation,
+                fields=model_input.fields,
+                image=model_input.prompt_image,
+                fingerprint=model_input.fingerprint(model_id),
+                cost=cost,
+                created=self.clock.now(),
+                queue_wait=self._rng.uniform(*config.queue_seconds) * config.time_scale,
+                render_time=self._rng.uniform(*config.render_seconds) * factor * config.time_scale,
+                injected=injected,
+            )
+            self._records[record.request_id] = record
+            self._advance()
+        self._on_change()
+        return record.request_id
+
+    def view(self, account: str, request_id: str) -> RequestView:
+        """The request as its owner sees it now."""
+        with self._lock:
+            self._advance()
+            return self._view(self._owned(account, request_id))
+
+    def cancel(self, account: str, request_id: str) -> tuple[RequestView, bool]:
+        """Cancel the request if it is still queued (refunding it); say whether it was."""
+        with self._lock:
+            self._advance()
+            record = self._owned(account, request_id)
+            cancelled = record.state == "in_queue"
+            if cancelled:
+                record.state, record.finished = "cancelled", self.clock.now()
+                record.cost, record.image = 0.0, None  # refunded
+                self._advance()
+            view = self._view(record)
+        if cancelled:
+            self._on_change()
+        return view, cancelled
+
+    def peek(self, request_id: str) -> RequestView | None:
+        """The request whoever asks, or None if unknown or expired (for unauthenticated file downloads)."""
+        with self._lock:
+            self._advance()
+            record = self._records.get(request_id)
+            return None if record is None or record.expired else self._view(record)
+
+    def state_of(self, request_id: str) -> str:
+        """The request's internal state, or ``expired``; KeyError if unknown."""
+        with self._lock:
+            self._advance()
+            record = self._records[request_id]
+            return "expired" if record.expired else record.state
+
+    def ledger(self) -> Ledger:
+        with self._lock:
+            self._advance()
+            entries = []
+            for record in self._records.values():
+                video = record.outcome if isinstance(record.outcome, Video) else None
+                entries.append(
+                    LedgerEntry(
+                        request_id=record.request_id,
+                        account=record.account,
+                        fingerprint=record.fingerprint,
+                        duration=record.fields["duration"],
+                        cost_usd=record.cost,
+                        state=record.state,
+                        expired=record.expired,
+                        submitted_at=datetime.fromtimestamp(record.created, UTC),
+                        video_sha256=video.sha256 if video else None,
+                        video_bytes=video.size if video else None,
+                    )
+                )
+            return Ledger.of(entries)
+
+    # The worker's side
+
+    def claim_work(self) -> list[Job]:
+        """The jobs of requests that started and have no worker yet, now claimed."""
+        with self._lock:
+            self._advance()
+            jobs = []
+            for record in self._records.values():
+                if record.state == "in_progress" and not record.claimed and record.image is not None:
+                    record.claimed = True
+                    fields = record.fields
+                    jobs.append(
+                        Job(
+                            request_id=record.request_id,
+                            generation=record.generation,
+                            image=record.image,
+                            ratio=fields["ratio"],
+                            duration=fields["duration"],
+                            seed=fields["seed"],
+                            injected=record.injected,
+                        )
+                    )
+            return jobs
+
+    def finish_work(self, job: Job, outcome: Video | Failure) -> None:
+        """Store a job's outcome; the request ends once its render time is over too."""
+        with self._lock:
+            record = self._records.get(job.request_id)
+            if record is None or record.generation != job.generation or record.expired:
+                if isinstance(outcome, Video):
+                    outcome.path.unlink(missing_ok=True)
+                return
+            record.outcome, record.work_done, record.image = outcome, self.clock.now(), None
+            self._advance()
+        self._on_change()
+
+    def seconds_to_next_event(self) -> float | None:
+        """Emulator seconds until the next start, end or expiry; None while paused or idle."""
+        with self._lock:
+            self._advance()
+            if self.clock.paused:
+                return None
+            now, ttl = self.clock.now(), self._config.ttl_seconds
+            times = []
+            for record in self._records.values():
+                if record.expired:
+                    continue
+                times.append(record.created + ttl)
+                # A ready request that waits for a slot starts when a running one ends.
+                if record.state == "in_queue" and record.created + record.queue_wait > now:
+                    times.append(record.created + record.queue_wait)
+                elif record.state == "in_progress" and record.outcome is not None:
+                    assert record.started is not None
+                    times.append(record.started + record.render_time)
+            return max(0.0, min(times) - now) if times else None
+
+    # Internals, called with the lock held
+
+    def _owned(self, account: str, request_id: str) -> _Record:
+        record = self._records.get(request_id)
+        if record is None or record.expired:
+            raise UnknownRequest(request_id)
+        if record.account != account:
+            raise ForeignRequest(request_id)
+        return record
+
+    def _view(self, record: _Record) -> RequestView:
+        position = None
+        if record.state == "in_queue":
+            position = 1 + sum(
+                1
+                for other in self._records.values()
+                if other.account == record.account and other.state == "in_queue" and other.seq < record.seq
+            )
+        outcome = record.outcome if record.state in TERMINAL else None
+        return RequestView(
+            request_id=record.request_id,
+            state=record.state,
+            queue_position=position,
+            fields=record.fields,
+            created=record.created,
+            started=record.started,
+            finished=record.finished,
+            cost=record.cost,
+            video=outcome if isinstance(outcome, Video) else None,
+            failure=outcome if isinstance(outcome, Failure) else None,
+        )
+
+    def _advance(self) -> None:
+        """Bring every request up to the emulator clock: expire, finish, then start in order."""
+        if self.clock.paused:
+            return
+        now, config = self.clock.now(), self._config
+        started = False
+        running: dict[str, int] = {}
+        # The dict keeps submission order.
+        for record in self._records.values():
+            if record.expired:
+                continue
+            if now >= record.created + config.ttl_seconds:
+                record.expired, record.image = True, None
+                _delete_video(record)
+                continue
+            if record.state == "in_progress" and record.outcome is not None:
+                assert record.started is not None and record.work_done is not None
+                due = record.started + record.render_time
+                if now >= due:
+                    record.finished = max(due, record.work_done)
+                    record.state = "succeeded" if isinstance(record.outcome, Video) else "failed"
+            if record.state == "in_progress":
+                running[record.account] = running.get(record.account, 0) + 1
+        for record in self._records.values():
+            if record.state != "in_queue" or record.expired or now < record.created + record.queue_wait:
+                continue
+            if running.get(record.account, 0) < config.max_concurrency:
+                running[record.account] = running.get(record.account, 0) + 1
+                record.state, record.started = "in_progress", now
+                started = True
+        if started:
+            self._on_change()
+
+
+def _delete_video(record: _Record) -> None:
+    if isinstance(record.outcome, Video):
+        record.outcome.path.unlink(missing_ok=True)

@@ -47,9 +47,12 @@ def direct_baseline(emulator, folder: Path, out: Path) -> float:
     images = sorted(folder.glob("*.png"))
 
     async def main() -> None:
-        async with AsyncRunComfyClient(
-            emulator.token, base_url=emulator.base_url, poll_interval=0.05, max_concurrency=16
-        ) as client, httpx.AsyncClient() as http:
+        async with (
+            AsyncRunComfyClient(
+                emulator.token, base_url=emulator.base_url, poll_interval=0.05, max_concurrency=16
+            ) as client,
+            httpx.AsyncClient() as http,
+        ):
 
             async def one(path: Path) -> None:
                 uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
@@ -88,7 +91,9 @@ def pipeline_run(emulator, folder: Path, out: Path, home: Path, batch: int) -> t
         while True:
             outcome = daemon.tick("runway_status_sensor")
             runs += len(outcome.run_ids) + len(outcome.failed_run_ids)
-            inflight = (decode_cursor(daemon.cursors.get("runway_status_sensor"), None) or {}).get("inflight", {})
+            inflight = (decode_cursor(daemon.cursors.get("runway_status_sensor"), None) or {}).get(
+                "inflight", {}
+            )
             if not inflight and not outcome.run_ids and not outcome.failed_run_ids:
                 break
             time.sleep(0.05)
@@ -100,7 +105,9 @@ def pipeline_run(emulator, folder: Path, out: Path, home: Path, batch: int) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200, help="images for the batched pipeline")
-    parser.add_argument("--naive-images", type=int, default=60, help="images for the naive one-run-per-partition design")
+    parser.add_argument(
+        "--naive-images", type=int, default=60, help="images for the naive one-run-per-partition design"
+    )
     args = parser.parse_args()
     os.environ["DAGSTER_DISABLE_TELEMETRY"] = "1"
     logging.getLogger("dagster").setLevel(logging.WARNING)
@@ -111,7 +118,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for label, count, batch in (("batched (this design)", args.images, 25), ("naive: 1 run/partition", args.naive_images, 1)):
+        for label, count, batch in (
+            ("batched (this design)", args.images, 25),
+            ("naive: 1 run/partition", args.naive_images, 1),
+        ):
             folder = root / f"images-{count}"
             if not folder.exists():
                 make_images(folder, count)
@@ -125,16 +135,33 @@ def main() -> None:
             overhead = (wall - baseline) / max(videos, 1)
             rows.append((label, count, videos, billed, runs, wall, baseline, overhead))
 
-    print("\ncommand: python bench/pipeline.py " + f"--images {args.images} --naive-images {args.naive_images}")
-    header = ("design", "images", "videos", "billed", "runs", "wall_s", "emulator_alone_s", "overhead_s/video")
+    print(
+        "\ncommand: python bench/pipeline.py " + f"--images {args.images} --naive-images {args.naive_images}"
+    )
+    header = (
+        "design",
+        "images",
+        "videos",
+        "billed",
+        "runs",
+        "wall_s",
+        "emulator_alone_s",
+        "overhead_s/video",
+    )
     print("  ".join(f"{h:>22}" if i == 0 else f"{h:>16}" for i, h in enumerate(header)))
     for label, count, videos, billed, runs, wall, baseline, overhead in rows:
-        print(f"{label:>22}  {count:>16}  {videos:>16}  {billed:>16}  {runs:>16}  {wall:>16.2f}  {baseline:>16.2f}  "
-              f"{overhead:>16.3f}")
+        print(
+            f"{label:>22}  {count:>16}  {videos:>16}  {billed:>16}  {runs:>16}  {wall:>16.2f}  {baseline:>16.2f}  "
+            f"{overhead:>16.3f}"
+        )
     batched, naive = rows[0][-1], rows[1][-1]
-    print(f"\noverhead per video: batched {batched:.3f}s vs naive {naive:.3f}s -> naive/batched = "
-          f"{naive / batched if batched > 0 else float('inf'):.1f}x")
-    print(f"runs per video: batched {rows[0][4] / max(rows[0][2], 1):.3f} vs naive {rows[1][4] / max(rows[1][2], 1):.3f}")
+    print(
+        f"\noverhead per video: batched {batched:.3f}s vs naive {naive:.3f}s -> naive/batched = "
+        f"{naive / batched if batched > 0 else float('inf'):.1f}x"
+    )
+    print(
+        f"runs per video: batched {rows[0][4] / max(rows[0][2], 1):.3f} vs naive {rows[1][4] / max(rows[1][2], 1):.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,12 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "images"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", default=str(EXAMPLES), help="Image folder or s3:// prefix (default: examples/images)")
-    parser.add_argument("--output", default="out/demo/videos", help="Where videos go (default: out/demo/videos)")
+    parser.add_argument(
+        "--images", default=str(EXAMPLES), help="Image folder or s3:// prefix (default: examples/images)"
+    )
+    parser.add_argument(
+        "--output", default="out/demo/videos", help="Where videos go (default: out/demo/videos)"
+    )
     parser.add_argument(
         "--dagster-home", default="out/demo/dagster_home", help="DAGSTER_HOME to use (created if missing)"
     )
@@ -61,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     base_url = os.environ.get("RUNCOMFY_BASE_URL")
     with contextlib.ExitStack() as stack:
         if token or base_url:
-            print(f"Using RunComfy at {base_url or 'https://model-api.runcomfy.net'} (real credits may be spent).")
+            print(
+                f"Using RunComfy at {base_url or 'https://model-api.runcomfy.net'} (real credits may be spent)."
+            )
         else:
             from dagster_runway.emulator import Emulator, EmulatorConfig
 
@@ -100,8 +106,10 @@ def _drive(defs: Any, instance: Any, args: argparse.Namespace) -> list[Row]:
     failed_runs: list[str] = []
     outcome = daemon.tick(discovery)
     failed_runs += outcome.failed_run_ids
-    print(f"discovery: {outcome.new_partitions} new image(s); {len(outcome.run_ids) + len(outcome.failed_run_ids)} "
-          "submit run(s)")
+    print(
+        f"discovery: {outcome.new_partitions} new image(s); {len(outcome.run_ids) + len(outcome.failed_run_ids)} "
+        "submit run(s)"
+    )
     deadline = time.monotonic() + args.timeout
     while status is not None and time.monotonic() < deadline:
         outcome = daemon.tick(status)
@@ -163,7 +171,14 @@ def _rows(defs: Any, instance: Any, failed_runs: list[str]) -> list[Row]:
 def _print_table(rows: list[Row]) -> None:
     headers = ("partition", "outcome", "video", "duration", "checks", "cost_usd")
     table = [headers] + [
-        (r.partition, "ok" if r.outcome == "ok" else r.outcome.split(":")[0], r.video, r.duration, r.checks, r.cost)
+        (
+            r.partition,
+            "ok" if r.outcome == "ok" else r.outcome.split(":")[0],
+            r.video,
+            r.duration,
+            r.checks,
+            r.cost,
+        )
         for r in rows
     ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]

@@ -20,9 +20,13 @@ REQUESTS = AssetKey(["runway", "requests"])
 PARTITIONS = "runway_images"
 
 
-def png_bytes(width: int, height: int, color: tuple[int, int, int] = (200, 120, 40), fmt: str = "PNG") -> bytes:
+def png_bytes(
+    width: int, height: int, color: tuple[int, int, int] = (200, 120, 40), fmt: str = "PNG"
+) -> bytes:
     image = Image.new("RGB", (width, height), color)
-    ImageDraw.Draw(image).ellipse([width // 4, height // 4, width * 3 // 4, height * 3 // 4], fill=(20, 90, 200))
+    ImageDraw.Draw(image).ellipse(
+        [width // 4, height // 4, width * 3 // 4, height * 3 // 4], fill=(20, 90, 200)
+    )
     out = io.BytesIO()
     image.save(out, format=fmt)
     return out.getvalue()
@@ -63,7 +67,9 @@ def run_until_idle(daemon: LocalDaemon, max_ticks: int = 200) -> list[str]:
     for _ in range(max_ticks):
         outcome = daemon.tick("runway_status_sensor")
         failed += outcome.failed_run_ids
-        inflight = len((decode_cursor(daemon.cursors.get("runway_status_sensor"), None) or {}).get("inflight", {}))
+        inflight = len(
+            (decode_cursor(daemon.cursors.get("runway_status_sensor"), None) or {}).get("inflight", {})
+        )
         if inflight == 0 and not outcome.run_ids and not outcome.failed_run_ids:
             return failed
     raise AssertionError("the pipeline did not settle")

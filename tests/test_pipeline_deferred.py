@@ -106,7 +106,9 @@ def test_changed_image_bills_exactly_one_new_submission(tmp_path: Path, emulator
     assert emulator.ledger().billed_submissions == 4
 
 
-def test_status_sensor_cursor_is_rebuilt_from_the_event_log(tmp_path: Path, emulator, instance: DagsterInstance):
+def test_status_sensor_cursor_is_rebuilt_from_the_event_log(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
     write_images(tmp_path / "images", valid=3, invalid=False)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
     daemon = LocalDaemon(defs, instance)
@@ -130,7 +132,11 @@ def test_status_sensor_cursor_is_rebuilt_from_the_event_log(tmp_path: Path, emul
 def test_many_completions_are_batched_into_few_runs(tmp_path: Path, emulator, instance: DagsterInstance):
     write_images(tmp_path / "images", valid=12, invalid=False)
     defs = make_defs(
-        emulator, str(tmp_path / "images"), str(tmp_path / "videos"), submit_batch_size=5, collect_batch_size=5
+        emulator,
+        str(tmp_path / "images"),
+        str(tmp_path / "videos"),
+        submit_batch_size=5,
+        collect_batch_size=5,
     )
     daemon = LocalDaemon(defs, instance)
     discovery = daemon.tick("runway_discovery_sensor")
@@ -148,7 +154,9 @@ def test_failed_generation_fails_its_partition_visibly_and_others_go_on(
     from dagster_runway.emulator import FaultRule
 
     write_images(tmp_path / "images", valid=3, invalid=False)
-    emulator.add_fault(FaultRule(kind="generation_failed", endpoint="any", times=1, failure_code="SAFETY.INPUT.IMAGE"))
+    emulator.add_fault(
+        FaultRule(kind="generation_failed", endpoint="any", times=1, failure_code="SAFETY.INPUT.IMAGE")
+    )
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
     daemon = LocalDaemon(defs, instance)
     daemon.tick("runway_discovery_sensor")
@@ -156,7 +164,7 @@ def test_failed_generation_fails_its_partition_visibly_and_others_go_on(
     assert len(failed_runs) == 1
     reasons = failure_reasons(instance, failed_runs[0])
     assert len(reasons) == 1
-    (bad_key, reason), = reasons.items()
+    ((bad_key, reason),) = reasons.items()
     assert "SAFETY.INPUT.IMAGE" in reason and "do not retry" in reason
     keys = instance.get_dynamic_partitions(PARTITIONS)
     assert {k for k in keys if video_metadata(instance, k)} == set(keys) - {bad_key}
@@ -166,12 +174,20 @@ def test_failed_generation_fails_its_partition_visibly_and_others_go_on(
     )
     failed = {p for p, (run_id, _) in attempts.items() if instance.get_run_by_id(run_id).is_failure}
     assert failed == {bad_key}
+    # Running the partition again is how a user asks for a new attempt: a failed request is not reused.
+    submit = defs.resolve_job_def("runway_submit_job")
+    assert submit.execute_in_process(instance=instance, partition_key=bad_key).success
+    assert emulator.ledger().billed_submissions == 4
+    assert run_until_idle(daemon) == []
+    assert video_metadata(instance, bad_key) is not None
     # The status sensor recorded the request's progress on the requests asset.
     observed = instance.fetch_observations(REQUESTS, limit=100).records
     assert {r.asset_observation.metadata["runway/status"].value for r in observed} >= {"completed"}
 
 
-def test_a_changed_image_marks_its_video_stale_without_paying(tmp_path: Path, emulator, instance: DagsterInstance):
+def test_a_changed_image_marks_its_video_stale_without_paying(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
     from dagster._core.definitions.data_version import StaleStatus
     from dagster._utils.test.data_versions import get_stale_status_resolver
 

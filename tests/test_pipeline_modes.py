@@ -30,12 +30,17 @@ def _assets(defs):
     return [a for a in defs.assets if hasattr(a, "keys")]
 
 
-def test_blocking_mode_submits_waits_and_collects_in_one_step(tmp_path: Path, emulator, instance: DagsterInstance):
+def test_blocking_mode_submits_waits_and_collects_in_one_step(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
     write_images(tmp_path / "images", valid=2, invalid=False)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), mode="blocking")
     instance.add_dynamic_partitions(PARTITIONS, ["img00.png", "img01.png"])
     result = materialize(
-        _assets(defs), partition_key="img01.png", instance=instance, resources=defs.resources,
+        _assets(defs),
+        partition_key="img01.png",
+        instance=instance,
+        resources=defs.resources,
         selection=[VIDEOS],
     )
     assert result.success
@@ -48,14 +53,20 @@ def test_blocking_mode_submits_waits_and_collects_in_one_step(tmp_path: Path, em
     # Materializing again re-attaches to the same request: nothing billed, nothing rewritten.
     mtime = os.stat(meta["runway/video_uri"]).st_mtime_ns
     again = materialize(
-        _assets(defs), partition_key="img01.png", instance=instance, resources=defs.resources, selection=[VIDEOS]
+        _assets(defs),
+        partition_key="img01.png",
+        instance=instance,
+        resources=defs.resources,
+        selection=[VIDEOS],
     )
     assert again.success
     assert emulator.ledger().billed_submissions == 1
     assert os.stat(meta["runway/video_uri"]).st_mtime_ns == mtime
 
 
-def test_terminating_a_blocking_run_cancels_its_queued_request(tmp_path: Path, emulator, instance: DagsterInstance):
+def test_terminating_a_blocking_run_cancels_its_queued_request(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
     write_images(tmp_path / "images", valid=1, invalid=False)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), mode="blocking")
     instance.add_dynamic_partitions(PARTITIONS, ["img00.png"])
@@ -70,8 +81,12 @@ def test_terminating_a_blocking_run_cancels_its_queued_request(tmp_path: Path, e
 
     threading.Thread(target=interrupt_when_submitted, daemon=True).start()
     result = materialize(
-        _assets(defs), partition_key="img00.png", instance=instance, resources=defs.resources,
-        selection=[VIDEOS], raise_on_error=False,
+        _assets(defs),
+        partition_key="img00.png",
+        instance=instance,
+        resources=defs.resources,
+        selection=[VIDEOS],
+        raise_on_error=False,
     )
     assert not result.success
     ledger = emulator.ledger()
@@ -84,7 +99,11 @@ def test_terminating_a_blocking_run_cancels_its_queued_request(tmp_path: Path, e
 def test_cancel_on_termination_can_be_switched_off(tmp_path: Path, emulator, instance: DagsterInstance):
     write_images(tmp_path / "images", valid=1, invalid=False)
     defs = make_defs(
-        emulator, str(tmp_path / "images"), str(tmp_path / "videos"), mode="blocking", cancel_on_termination=False
+        emulator,
+        str(tmp_path / "images"),
+        str(tmp_path / "videos"),
+        mode="blocking",
+        cancel_on_termination=False,
     )
     instance.add_dynamic_partitions(PARTITIONS, ["img00.png"])
     emulator.pause()
@@ -98,8 +117,12 @@ def test_cancel_on_termination_can_be_switched_off(tmp_path: Path, emulator, ins
 
     threading.Thread(target=interrupt_when_submitted, daemon=True).start()
     result = materialize(
-        _assets(defs), partition_key="img00.png", instance=instance, resources=defs.resources,
-        selection=[VIDEOS], raise_on_error=False,
+        _assets(defs),
+        partition_key="img00.png",
+        instance=instance,
+        resources=defs.resources,
+        selection=[VIDEOS],
+        raise_on_error=False,
     )
     assert not result.success
     request_id = emulator.ledger().entries[0].request_id
@@ -144,8 +167,9 @@ def test_discovery_of_20000_images_finishes_well_inside_a_tick(tmp_path: Path, e
     from dagster._core.definitions.partitions.context import partition_loading_context
 
     started = time.monotonic()
-    with build_sensor_context(instance=instance, definitions=defs) as context, partition_loading_context(
-        dynamic_partitions_store=instance
+    with (
+        build_sensor_context(instance=instance, definitions=defs) as context,
+        partition_loading_context(dynamic_partitions_store=instance),
     ):
         result = sensor.evaluate_tick(context)
     elapsed = time.monotonic() - started
@@ -161,7 +185,11 @@ def test_definitions_py_validates_with_the_dagster_cli(tmp_path: Path):
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     done = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-f", str(ROOT / "definitions.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Validation successful" in done.stdout + done.stderr

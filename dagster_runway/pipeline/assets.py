@@ -1,8 +1,5 @@
 """The pipeline's assets: source images (external), requests (submit) and videos (collect)."""
 
-
-from typing import Any
-
 from dagster import (
     AssetExecutionContext,
     AssetSpec,
@@ -15,9 +12,9 @@ from dagster import (
 )
 from pydantic import Field
 
+from dagster_runway._redact import redact_url
 from dagster_runway.client import RunComfyClient
 from dagster_runway.errors import RunComfyError
-from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.collect import check_specs, iter_collect
 from dagster_runway.pipeline.config import RunwayPipeline
 from dagster_runway.pipeline.submit import SubmitBatch
@@ -53,11 +50,11 @@ class CollectConfig(Config):
 def images_spec(pipeline: RunwayPipeline) -> AssetSpec:
     return AssetSpec(
         pipeline.images_key,
-        description=f"Still images found in {pipeline.source_url} ({', '.join(pipeline.patterns)}), one dynamic "
+        description=f"Still images found in {redact_url(pipeline.source_url)} ({', '.join(pipeline.patterns)}), one dynamic "
         "partition each. The discovery sensor observes them; each observation's data version is the image's "
         "change token, so a changed image makes its video stale.",
         group_name=pipeline.group_name,
-        kinds={"runway", "image"},
+        kinds={*KINDS, "image"},
         partitions_def=pipeline.partitions_def,
     )
 
@@ -75,7 +72,9 @@ def _selected(context: AssetExecutionContext, only: list[str]) -> list[str]:
     return [k for k in keys if k in set(only)] if only else keys
 
 
-def _cancel_on_interrupt(batch: SubmitBatch, pipeline: RunwayPipeline, context: AssetExecutionContext) -> None:
+def _cancel_on_interrupt(
+    batch: SubmitBatch, pipeline: RunwayPipeline, context: AssetExecutionContext
+) -> None:
     if pipeline.cancel_on_termination and batch.submitted_ids:
         cancelled = batch.cancel_submitted()
         context.log.warning(
@@ -102,13 +101,16 @@ def build_requests_asset(pipeline: RunwayPipeline):
         backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=pipeline.submit_batch_size),
         pool=pipeline.pool,
         required_resource_keys={pipeline.resource_key},
-        op_tags=dict(pipeline.extra_tags),
     )
     def _requests(context: AssetExecutionContext, config: SubmitConfig):
         resource: RunComfyResource = getattr(context.resources, pipeline.resource_key)
         keys = _selected(context, config.partitions)
         batch = SubmitBatch(
-            pipeline, resource, context.instance, keys, force_after_ambiguous=config.force_after_ambiguous,
+            pipeline,
+            resource,
+            context.instance,
+            keys,
+            force_after_ambiguous=config.force_after_ambiguous,
             log=context.log,
         )
         try:
@@ -123,12 +125,17 @@ def build_requests_asset(pipeline: RunwayPipeline):
 
 
 def build_videos_asset(pipeline: RunwayPipeline):
-    deps = [pipeline.requests_key, pipeline.images_key] if pipeline.mode == "deferred" else [pipeline.images_key]
+    deps = (
+        [pipeline.requests_key, pipeline.images_key] if pipeline.mode == "deferred" else [pipeline.images_key]
+    )
     description = (
         "The generated video of each image, streamed into "
-        f"{pipeline.output_url} with a poster frame, probed and checked. "
-        + ("Collected when the status sensor sees its request finish."
-           if pipeline.mode == "deferred" else "Submitted, awaited and collected in one step (blocking mode).")
+        f"{redact_url(pipeline.output_url)} with a poster frame, probed and checked. "
+        + (
+            "Collected when the status sensor sees its request finish."
+            if pipeline.mode == "deferred"
+            else "Submitted, awaited and collected in one step (blocking mode)."
+        )
     )
 
     @multi_asset(
@@ -149,7 +156,6 @@ def build_videos_asset(pipeline: RunwayPipeline):
         backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=pipeline.collect_batch_size),
         pool=pipeline.pool if pipeline.mode == "blocking" else None,
         required_resource_keys={pipeline.resource_key},
-        op_tags=dict(pipeline.extra_tags),
     )
     def _videos(context: AssetExecutionContext, config: CollectConfig):
         resource: RunComfyResource = getattr(context.resources, pipeline.resource_key)
@@ -157,14 +163,18 @@ def build_videos_asset(pipeline: RunwayPipeline):
         failures: list[tuple[str, str]] = []
         if pipeline.mode == "blocking":
             batch = SubmitBatch(
-                pipeline, resource, context.instance, keys, force_after_ambiguous=config.force_after_ambiguous,
+                pipeline,
+                resource,
+                context.instance,
+                keys,
+                force_after_ambiguous=config.force_after_ambiguous,
                 log=context.log,
             )
             try:
                 yield from batch.run()
                 failures.extend((f.key, f.reason) for f in batch.failures)
                 keys = [k for k in keys if k in batch.ready]
-                _wait_all(resource.get_client(), batch, resource.wait_timeout, failures, context)
+                _wait_all(resource.get_client(), batch, resource.wait_timeout, failures)
             except DagsterExecutionInterruptedError:
                 _cancel_on_interrupt(batch, pipeline, context)
                 raise
@@ -174,7 +184,9 @@ def build_videos_asset(pipeline: RunwayPipeline):
         for key in keys:
             entry = source.entry_for_key(key, refresh=True)
             tokens[key] = entry.change_token if entry else None
-        yield from iter_collect(pipeline, context.instance, resource.get_client(), keys, tokens, failures, context.log)
+        yield from iter_collect(
+            pipeline, context.instance, resource.get_client(), keys, tokens, failures, context.log
+        )
         if failures:
             raise _failure("be collected", failures, len(_selected(context, config.partitions)))
 
@@ -182,13 +194,10 @@ def build_videos_asset(pipeline: RunwayPipeline):
 
 
 def _wait_all(
-    client: RunComfyClient, batch: SubmitBatch, timeout: float, failures: list[tuple[str, str]], context: Any
+    client: RunComfyClient, batch: SubmitBatch, timeout: float, failures: list[tuple[str, str]]
 ) -> None:
     for key, (_, request_id) in batch.ready.items():
         try:
             client.wait(request_id, timeout=timeout)
         except RunComfyError as exc:
             failures.append((key, str(exc)))
-
-
-__all__ = ["build_requests_asset", "build_videos_asset", "images_spec", "rec"]

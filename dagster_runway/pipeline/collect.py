@@ -124,17 +124,30 @@ def evaluate_checks(
     results = {
         PLAYABLE: (
             probe.decodable and probe.codec == "h264" and probe.frames > 0,
-            {"codec": probe.codec, "frames": probe.frames, "decodable": probe.decodable, "container": probe.container},
+            {
+                "codec": probe.codec,
+                "frames": probe.frames,
+                "decodable": probe.decodable,
+                "container": probe.container,
+            },
         ),
         DURATION: (
             abs(probe.duration_s - want_duration) <= pipeline.duration_tolerance_s,
-            {"duration_s": round(probe.duration_s, 3), "requested_s": want_duration,
-             "tolerance_s": pipeline.duration_tolerance_s},
+            {
+                "duration_s": round(probe.duration_s, 3),
+                "requested_s": want_duration,
+                "tolerance_s": pipeline.duration_tolerance_s,
+            },
         ),
         ASPECT: (
             aspect_error <= pipeline.aspect_tolerance,
-            {"width": probe.width, "height": probe.height, "aspect": round(aspect, 4),
-             "requested_ratio": fields["ratio"], "relative_error": round(aspect_error, 4)},
+            {
+                "width": probe.width,
+                "height": probe.height,
+                "aspect": round(aspect, 4),
+                "requested_ratio": fields["ratio"],
+                "relative_error": round(aspect_error, 4),
+            },
         ),
         CHECKSUM: (
             at_rest == recorded_sha256,
@@ -142,8 +155,10 @@ def evaluate_checks(
         ),
         SOURCE_UNCHANGED: (
             source_change_token is not None and source_change_token == current_change_token,
-            {"change_token_at_submit": source_change_token or "(unknown)",
-             "change_token_now": current_change_token or "(image missing)"},
+            {
+                "change_token_at_submit": source_change_token or "(unknown)",
+                "change_token_now": current_change_token or "(image missing)",
+            },
         ),
     }
     return [
@@ -166,11 +181,15 @@ def fetch_result(client: RunComfyClient, request_id: str) -> RequestResult:
     try:
         result = client.result(request_id)
     except RequestNotFoundError as exc:
-        raise CollectFailure(f"request {request_id} has expired or is unknown ({exc.message}); materialize the "
-                             "requests partition again to resubmit.") from None
+        raise CollectFailure(
+            f"request {request_id} has expired or is unknown ({exc.message}); materialize the "
+            "requests partition again to resubmit."
+        ) from None
     if result.status.is_pending:
-        raise CollectFailure(f"request {request_id} is still {result.status.value}; the status sensor will "
-                             "collect it when it finishes.")
+        raise CollectFailure(
+            f"request {request_id} is still {result.status.value}; the status sensor will "
+            "collect it when it finishes."
+        )
     error = failure_error(result)
     if error is not None:
         raise CollectFailure(f"{error} To retry, materialize the requests partition again.")
@@ -235,8 +254,15 @@ def collect_one(
         rec.VIDEO_SHA256: stored.sha256,
         "runway/result_url": MetadataValue.url(redact_url(result.video_url)),
         "runway/probe": MetadataValue.json(
-            {"codec": probe.codec, "width": probe.width, "height": probe.height, "fps": probe.fps,
-             "duration_s": probe.duration_s, "frames": probe.frames, "container": probe.container}
+            {
+                "codec": probe.codec,
+                "width": probe.width,
+                "height": probe.height,
+                "fps": probe.fps,
+                "duration_s": probe.duration_s,
+                "frames": probe.frames,
+                "container": probe.container,
+            }
         ),
         "runway/video_codec": probe.codec,
         "runway/video_size": f"{probe.width}x{probe.height}",
@@ -291,7 +317,9 @@ def already_collected(pipeline: RunwayPipeline, instance: Any, key: str, request
     if not latest or latest.get(rec.REQUEST_ID) != request_id:
         return False
     try:
-        return sha256_of(pipeline.video_uri(key), dict(pipeline.output_storage_options)) == latest.get(rec.VIDEO_SHA256)
+        return sha256_of(pipeline.video_uri(key), dict(pipeline.output_storage_options)) == latest.get(
+            rec.VIDEO_SHA256
+        )
     except (MediaError, OSError):
         return False
 
@@ -309,15 +337,23 @@ def iter_collect(
     for key in keys:
         record = rec.latest_request_record(instance, pipeline.submit_key, key)
         if record is None or not record.request_id:
-            failures.append((key, "no request was submitted for this partition; materialize the requests "
-                                  "partition first."))
+            failures.append(
+                (
+                    key,
+                    "no request was submitted for this partition; materialize the requests partition first.",
+                )
+            )
             continue
         if already_collected(pipeline, instance, key, record.request_id):
-            log.info(f"{key}: video of request {record.request_id} is already stored and intact; nothing rewritten")
+            log.info(
+                f"{key}: video of request {record.request_id} is already stored and intact; nothing rewritten"
+            )
             continue
         try:
             result = fetch_result(client, record.request_id)
-            collected = collect_one(pipeline, instance, key, record, result, current_change_token=change_tokens.get(key))
+            collected = collect_one(
+                pipeline, instance, key, record, result, current_change_token=change_tokens.get(key)
+            )
         except (CollectFailure, RunComfyError) as exc:
             failures.append((key, str(exc)))
             continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
@@ -43,7 +43,6 @@ class RunwayPipeline:
     public_base_url: str | None
     duration_tolerance_s: float
     aspect_tolerance: float
-    extra_tags: Mapping[str, str] = field(default_factory=dict)
 
     @cached_property
     def partitions_def(self) -> DynamicPartitionsDefinition:

@@ -47,7 +47,9 @@ class LocalDaemon:
             result = sensor_def.evaluate_tick(context)
         for request in result.dynamic_partitions_requests or []:
             if isinstance(request, AddDynamicPartitionsRequest):
-                self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+                self.instance.add_dynamic_partitions(
+                    request.partitions_def_name, list(request.partition_keys)
+                )
                 outcome.new_partitions += len(request.partition_keys)
             elif isinstance(request, DeleteDynamicPartitionsRequest):
                 for key in request.partition_keys:

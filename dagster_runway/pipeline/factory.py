@@ -105,7 +105,9 @@ def build_runway_pipeline(
         f"{pipeline.name}_collect_job" if mode == "deferred" else f"{pipeline.name}_videos_job",
         selection=[pipeline.videos_key],
         partitions_def=pipeline.partitions_def,
-        description="Collect finished requests into videos." if mode == "deferred" else "Submit, wait, collect.",
+        description="Collect finished requests into videos."
+        if mode == "deferred"
+        else "Submit, wait, collect.",
     )
     assets: list[Any] = [images_spec(pipeline), videos]
     jobs = [videos_job]

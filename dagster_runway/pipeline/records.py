@@ -31,7 +31,6 @@ VIDEO_SHA256 = "runway/video_sha256"
 SUBMITTED = "submitted"
 REUSED = "reused"
 AMBIGUOUS = "ambiguous"
-FAILED_STATES = frozenset({"failed", "cancelled", "expired"})
 
 
 def fingerprint(model_id: str, image_sha256: str, fields: Mapping[str, Any]) -> str:
@@ -60,10 +59,6 @@ class RequestRecord:
     timestamp: float
     metadata: Mapping[str, Any]
 
-    @property
-    def is_failed(self) -> bool:
-        return self.state in FAILED_STATES
-
 
 def _value(metadata: Mapping[str, Any], key: str) -> Any:
     entry = metadata.get(key)
@@ -89,7 +84,9 @@ def _to_record(partition: str, event: EventLogRecord) -> RequestRecord | None:
     )
 
 
-def latest_request_record(instance: DagsterInstance, asset_key: AssetKey, partition: str) -> RequestRecord | None:
+def latest_request_record(
+    instance: DagsterInstance, asset_key: AssetKey, partition: str
+) -> RequestRecord | None:
     """The newest request record of a partition: a materialization or an observation with a fingerprint."""
     records_filter = AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition])
     candidates: list[RequestRecord] = []
@@ -174,14 +171,18 @@ def provenance_tags(inputs: Mapping[AssetKey, tuple[str, int | None]], data_vers
     return tags
 
 
-def latest_observation_storage_id(instance: DagsterInstance, asset_key: AssetKey, partition: str) -> int | None:
+def latest_observation_storage_id(
+    instance: DagsterInstance, asset_key: AssetKey, partition: str
+) -> int | None:
     records = instance.fetch_observations(
         AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1
     ).records
     return records[0].storage_id if records else None
 
 
-def check_statuses(instance: DagsterInstance, asset_key: AssetKey, check_names: list[str], partition: str) -> dict:
+def check_statuses(
+    instance: DagsterInstance, asset_key: AssetKey, check_names: list[str], partition: str
+) -> dict:
     """The latest status of each check on one partition (``SUCCEEDED``, ``FAILED``, ...), as the UI shows it."""
     from dagster import AssetCheckKey
 

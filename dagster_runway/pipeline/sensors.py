@@ -72,13 +72,19 @@ def batch_run_requests(
     batches: list[list[str]] = []
     for key in ordered:
         previous = batches[-1][-1] if batches else None
-        if previous is not None and len(batches[-1]) < max_batch and order.get(key) == order.get(previous, -2) + 1:
+        if (
+            previous is not None
+            and len(batches[-1]) < max_batch
+            and order.get(key) == order.get(previous, -2) + 1
+        ):
             batches[-1].append(key)
         else:
             batches.append([key])
     requests = []
     for batch in batches:
-        digest = hashlib.sha256("\n".join(f"{k}={fingerprint.get(k, '')}" for k in batch).encode()).hexdigest()[:20]
+        digest = hashlib.sha256(
+            "\n".join(f"{k}={fingerprint.get(k, '')}" for k in batch).encode()
+        ).hexdigest()[:20]
         single = len(batch) == 1
         # Partition tags set here, so the run request needs no resolving against the partition store.
         tags = (
@@ -111,7 +117,11 @@ def build_discovery_sensor(pipeline: RunwayPipeline, job: JobDefinition, op_name
         default_status=DefaultSensorStatus.STOPPED,
         description=f"Lists {pipeline.source_url} for images; each new image becomes a partition of "
         f"{pipeline.images_key.to_user_string()} and is sent to be submitted. A changed image is "
-        + ("submitted again." if pipeline.on_change == "regenerate" else "marked stale (its video is not remade)."),
+        + (
+            "submitted again."
+            if pipeline.on_change == "regenerate"
+            else "marked stale (its video is not remade)."
+        ),
     )
     def _discovery(context: SensorEvaluationContext) -> SensorResult | SkipReason:
         started = time.monotonic()
@@ -175,7 +185,9 @@ def build_discovery_sensor(pipeline: RunwayPipeline, job: JobDefinition, op_name
     return _discovery
 
 
-def _poll(resource: RunComfyResource, ids: list[str], budget: float) -> dict[str, RequestStatus | RunComfyError]:
+def _poll(
+    resource: RunComfyResource, ids: list[str], budget: float
+) -> dict[str, RequestStatus | RunComfyError]:
     async def main() -> dict[str, RequestStatus | RunComfyError]:
         async with resource.get_async_client() as client:
             return await client.status_many(ids, deadline=budget)
@@ -245,8 +257,11 @@ def build_status_sensor(pipeline: RunwayPipeline, job: JobDefinition, op_name: s
                         partition=key,
                         description=f"Request {request_id} is {new_state}"
                         + (f" (queue position {position})" if position is not None else ""),
-                        metadata={rec.REQUEST_ID: request_id, "runway/status": new_state,
-                                  **({"runway/queue_position": position} if position is not None else {})},
+                        metadata={
+                            rec.REQUEST_ID: request_id,
+                            "runway/status": new_state,
+                            **({"runway/queue_position": position} if position is not None else {}),
+                        },
                     )
                 )
                 entry["s"], entry["q"] = new_state, position
@@ -254,7 +269,9 @@ def build_status_sensor(pipeline: RunwayPipeline, job: JobDefinition, op_name: s
                 finished.append(key)
 
         # 3. Finished requests: batched collection runs, one run key per set of requests.
-        order = {k: i for i, k in enumerate(context.instance.get_dynamic_partitions(pipeline.partitions_name))}
+        order = {
+            k: i for i, k in enumerate(context.instance.get_dynamic_partitions(pipeline.partitions_name))
+        }
         run_requests = batch_run_requests(
             finished,
             order,

@@ -24,6 +24,7 @@ from dagster_runway.errors import (
     AmbiguousSubmitError,
     AuthenticationError,
     InsufficientCreditsError,
+    RequestNotFoundError,
     RunComfyError,
 )
 from dagster_runway.media import (
@@ -37,7 +38,7 @@ from dagster_runway.media import (
 from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.config import RunwayPipeline
 from dagster_runway.resource import RunComfyResource
-from dagster_runway.schema import ImageToVideoInput, Submission
+from dagster_runway.schema import ImageToVideoInput, RequestState, Submission
 from dagster_runway.version import __version__
 
 
@@ -88,13 +89,14 @@ def resolve_entries(source: ImageSource, keys: Sequence[str]) -> dict[str, Image
     return {entry.partition_key: entry for entry in source.list() if entry.partition_key in wanted}
 
 
-def prepare(pipeline: RunwayPipeline, source: ImageSource, key: str, entry: ImageEntry, model_id: str) -> Prepared:
+def prepare(
+    pipeline: RunwayPipeline, source: ImageSource, key: str, entry: ImageEntry, model_id: str
+) -> Prepared:
     """Check one image and settle its input. Raises ``MediaError`` naming the file, the rule and the fix."""
     info = validate_image(source.fs, entry.path, size=entry.size)
     sha256 = content_sha256(source.fs, entry.path)
     settings = source.settings_for(entry, image_size=(info.width, info.height), content_sha256=sha256)
     fields = settings.request_fields()
-    ImageToVideoInput.model_validate({"promptImage": "https://check.invalid/x.png", **fields})
     return Prepared(
         key=key,
         entry=entry,
@@ -122,7 +124,10 @@ def submission_metadata(
 
 
 def _submit_concurrently(
-    resource: RunComfyResource, jobs: list[tuple[Prepared, ImageToVideoInput]], out: queue.Queue, stop: threading.Event
+    resource: RunComfyResource,
+    jobs: list[tuple[Prepared, ImageToVideoInput]],
+    out: queue.Queue,
+    stop: threading.Event,
 ) -> None:
     """Submit every job with the async client; put ``(prepared, submission | error, time)`` on ``out``."""
 
@@ -180,8 +185,12 @@ class SubmitBatch:
         for key in self.keys:
             entry = entries.get(key)
             if entry is None:
-                self._fail(key, f"no image in {redact_url(pipeline.source_url)} maps to partition {key!r}; "
-                           "it was moved or deleted. Restore it, or delete the partition.", "not_found")
+                self._fail(
+                    key,
+                    f"no image in {redact_url(pipeline.source_url)} maps to partition {key!r}; "
+                    "it was moved or deleted. Restore it, or delete the partition.",
+                    "not_found",
+                )
                 continue
             try:
                 prepared = prepare(pipeline, source, key, entry, self.resource.model_id)
@@ -199,15 +208,27 @@ class SubmitBatch:
                         "ambiguous",
                     )
                     continue
-                if previous.request_id and not previous.is_failed and previous.state != rec.AMBIGUOUS:
-                    self.log.info(f"{key}: reusing request {previous.request_id} (same fingerprint); nothing billed")
+                reusable = previous.request_id and previous.state != rec.AMBIGUOUS
+                if reusable:
+                    try:
+                        reusable = self._reusable(previous.request_id)
+                    except RunComfyError as exc:
+                        self._fail(key, f"could not check earlier request {previous.request_id}: {exc}", "api")
+                        continue
+                if reusable:
+                    self.log.info(
+                        f"{key}: reusing request {previous.request_id} (same fingerprint); nothing billed"
+                    )
                     self.ready[key] = (prepared, previous.request_id)
                     yield AssetObservation(
                         asset_key=key_,
                         partition=key,
                         description="Reused an earlier request with the same fingerprint; nothing was billed.",
-                        metadata={rec.REQUEST_ID: previous.request_id, rec.STATE: rec.REUSED,
-                                  rec.FINGERPRINT: prepared.fingerprint},
+                        metadata={
+                            rec.REQUEST_ID: previous.request_id,
+                            rec.STATE: rec.REUSED,
+                            rec.FINGERPRINT: prepared.fingerprint,
+                        },
                     )
                     continue
             try:
@@ -221,8 +242,13 @@ class SubmitBatch:
             except MediaError as exc:
                 self._fail(key, str(exc), "invalid_input")
                 continue
+            try:
+                model_input = ImageToVideoInput.model_validate({"promptImage": image_url, **prepared.fields})
+            except ValueError as exc:
+                self._fail(key, f"{entry.url}: the input breaks the model's schema: {exc}", "invalid_input")
+                continue
             urls[key] = image_url
-            jobs.append((prepared, ImageToVideoInput.model_validate({"promptImage": image_url, **prepared.fields})))
+            jobs.append((prepared, model_input))
 
         if jobs:
             yield from self._submit(jobs, urls)
@@ -231,7 +257,10 @@ class SubmitBatch:
         out: queue.Queue = queue.Queue()
         stop = threading.Event()
         worker = threading.Thread(
-            target=_submit_concurrently, args=(self.resource, jobs, out, stop), name="runway-submit", daemon=True
+            target=_submit_concurrently,
+            args=(self.resource, jobs, out, stop),
+            name="runway-submit",
+            daemon=True,
         )
         worker.start()
         try:
@@ -252,18 +281,45 @@ class SubmitBatch:
                         asset_key=self.pipeline.submit_key,
                         partition=key,
                         description=str(answer),
-                        metadata={rec.STATE: rec.AMBIGUOUS, rec.FINGERPRINT: prepared.fingerprint,
-                                  rec.SUBMITTED_AT: MetadataValue.timestamp(at)},
+                        metadata={
+                            rec.STATE: rec.AMBIGUOUS,
+                            rec.FINGERPRINT: prepared.fingerprint,
+                            rec.SUBMITTED_AT: MetadataValue.timestamp(at),
+                        },
                     )
                 else:
                     self._fail(key, str(answer), "api")
             for prepared, _ in jobs:
                 if prepared.key not in self.ready and not any(f.key == prepared.key for f in self.failures):
-                    self._fail(prepared.key, "not submitted: an earlier submit in this run failed for the whole "
-                               "account (authentication or credits); fix that and run again.", "api")
+                    self._fail(
+                        prepared.key,
+                        "not submitted: an earlier submit in this run failed for the whole "
+                        "account (authentication or credits); fix that and run again.",
+                        "api",
+                    )
         finally:
             stop.set()
             worker.join(timeout=30)
+
+    def _reusable(self, request_id: str) -> bool:
+        """Whether an earlier request can stand for this one: still running, or finished well.
+
+        A failed, cancelled or expired request is not reused: running the partition again is how a
+        user asks for a new attempt.
+        """
+        client = self.resource.get_client()
+        try:
+            status = client.status(request_id).status
+            if status.is_pending:
+                return True
+            if status is RequestState.CANCELLED:
+                return False
+            return client.result(request_id, include_cost=False).status in (
+                RequestState.SUCCEEDED,
+                RequestState.COMPLETED,
+            )
+        except RequestNotFoundError:
+            return False
 
     def _record(self, key: str, metadata: dict, description: str) -> AssetMaterialization | AssetObservation:
         """Deferred mode materializes the requests asset; blocking mode observes the videos asset."""

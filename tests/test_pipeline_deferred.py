@@ -14,8 +14,8 @@ from dagster_runway.pipeline import LocalDaemon
 from .pipeline_helpers import (
     CHECK_NAMES,
     PARTITIONS,
-    VIDEOS,
     REQUESTS,
+    VIDEOS,
     check_statuses,
     failure_reasons,
     make_defs,

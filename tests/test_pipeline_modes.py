@@ -193,3 +193,66 @@ def test_definitions_py_validates_with_the_dagster_cli(tmp_path: Path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Validation successful" in done.stdout + done.stderr
+
+
+def test_the_demo_runs_end_to_end_and_reports_every_partition(tmp_path: Path):
+    env = {**os.environ, "DAGSTER_DISABLE_TELEMETRY": "1"}
+    for name in ("RUNCOMFY_API_TOKEN", "RUNCOMFY_BASE_URL", "DAGSTER_HOME"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dagster_runway.cli",
+            "demo",
+            "--output",
+            str(tmp_path / "videos"),
+            "--dagster-home",
+            str(tmp_path / "home"),
+            "--time-scale",
+            "0",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "4 of 4 partitions produced a passing video." in done.stdout
+    assert "Started the RunComfy emulator" in done.stdout
+    assert f"DAGSTER_HOME={tmp_path / 'home'} dagster dev" in done.stdout
+    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 4
+    assert len(list((tmp_path / "videos").glob("*.poster.jpg"))) == 4
+
+
+def test_the_demo_exits_non_zero_and_says_why_when_an_image_is_bad(tmp_path: Path):
+    images = tmp_path / "images"
+    write_images(images, valid=1, invalid=True)
+    env = {**os.environ, "DAGSTER_DISABLE_TELEMETRY": "1"}
+    for name in ("RUNCOMFY_API_TOKEN", "RUNCOMFY_BASE_URL", "DAGSTER_HOME"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dagster_runway.cli",
+            "demo",
+            "--images",
+            str(images),
+            "--output",
+            str(tmp_path / "videos"),
+            "--dagster-home",
+            str(tmp_path / "home"),
+            "--time-scale",
+            "0",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert "1 of 3 partitions produced a passing video." in done.stdout
+    assert "too-wide.png: " in done.stdout and "aspect ratio 3.00" in done.stdout

@@ -147,9 +147,14 @@ class RunComfyClient:
 class AsyncRunComfyClient:
     """Asyncio client with the same surface as ``RunComfyClient``.
 
-    ``max_concurrency`` bounds the calls in flight at once (and the connection pool), so that
-    ``asyncio.gather`` over thousands of requests stays polite to the service.
+    ``max_concurrency`` bounds the calls in flight at once (and the connections), so that
+    ``asyncio.gather`` over thousands of requests stays polite to the service. Its own connections are
+    spread over pools of at most ``POOL_SIZE``: httpcore's pool spends CPU per call in proportion to
+    its connections and reassigns them in bursts (encode/httpx#3215), which collapses throughput
+    above ~32 connections in one pool.
     """
+
+    POOL_SIZE = 16
 
     def __init__(
         self,
@@ -170,12 +175,21 @@ class AsyncRunComfyClient:
         self.poll_interval = poll_interval
         self.max_concurrency = max_concurrency
         self._owns_http = http_client is None
-        self._http = http_client or httpx.AsyncClient(
-            timeout=_timeout(request_timeout, connect_timeout),
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
-        )
-        self._slots: asyncio.Semaphore | None = None
+        if http_client is not None:
+            self._pools = [http_client]
+        else:
+            count = -(-max_concurrency // self.POOL_SIZE)
+            size = -(-max_concurrency // count)
+            self._pools = [
+                httpx.AsyncClient(
+                    timeout=_timeout(request_timeout, connect_timeout),
+                    follow_redirects=False,
+                    limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                )
+                for _ in range(count)
+            ]
+        # One token per call allowed in flight, naming the pool it uses; created in the running loop.
+        self._slots: asyncio.Queue[int] | None = None
         self._rng = random.Random()
 
     def __repr__(self) -> str:
@@ -191,11 +205,16 @@ class AsyncRunComfyClient:
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_concurrency)
-        async with self._slots:
-            response = await self._http.send(request)
+            self._slots = asyncio.Queue()
+            for n in range(self.max_concurrency):
+                self._slots.put_nowait(n % len(self._pools))
+        pool = await self._slots.get()
+        try:
+            response = await self._pools[pool].send(request)
             await response.aread()
             return response
+        finally:
+            self._slots.put_nowait(pool)
 
     async def _run(self, call: Call[T]) -> T:
         outcome: Any = None
@@ -274,7 +293,8 @@ class AsyncRunComfyClient:
 
     async def aclose(self) -> None:
         if self._owns_http:
-            await self._http.aclose()
+            for pool in self._pools:
+                await pool.aclose()
 
     async def __aenter__(self) -> Self:
         return self

@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -108,9 +109,15 @@ def parse_retry_after(response: httpx.Response, body: Any) -> float | None:
         try:
             return max(0.0, float(header))
         except ValueError:
-            parsed = email.utils.parsedate_to_datetime(header) if header else None
-            if parsed is not None:
-                return max(0.0, parsed.timestamp() - time.time())
+            pass
+        try:
+            parsed = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError):  # neither seconds nor an HTTP date: ignore the header
+            parsed = None
+        if parsed is not None:
+            if parsed.tzinfo is None:  # "-0000": UTC, not local time
+                parsed = parsed.replace(tzinfo=UTC)
+            return max(0.0, parsed.timestamp() - time.time())
     if isinstance(body, dict):
         for key in ("retry_after", "retryAfter"):
             value = body.get(key)
@@ -159,7 +166,7 @@ class RequestCore:
     # -- the four calls ------------------------------------------------------------------------
 
     def submit(self, input: ImageToVideoInput | Mapping[str, Any]) -> Call[Submission]:
-        model = input if isinstance(input, ImageToVideoInput) else ImageToVideoInput.model_validate(input)
+        model = input if isinstance(input, ImageToVideoInput) else self._validate_input(input)
         body = model.to_request()
         path = "/v1/models/" + "/".join(quote(part, safe="") for part in self.model_id.split("/"))
         request = httpx.Request("POST", self.base_url + path, json=body)
@@ -179,6 +186,25 @@ class RequestCore:
         # Cancel is safe to repeat: a second cancel of the same request is a no-op.
         request = httpx.Request("POST", self._request_url(request_id, "cancel"))
         return self._call(request, CancelResult, idempotent=True, what="cancel", request_id=request_id)
+
+    def _validate_input(self, input: Mapping[str, Any]) -> ImageToVideoInput:
+        """The input as the model, or an ``InputValidationError`` naming the field; nothing is sent."""
+        try:
+            return ImageToVideoInput.model_validate(input)
+        except ValidationError as exc:
+            aliases = {name: field.alias or name for name, field in ImageToVideoInput.model_fields.items()}
+            errors = []
+            for error in exc.errors():
+                name = str(error["loc"][0]) if error["loc"] else None
+                errors.append((aliases.get(name, name) if name else None, error))
+            # Only pydantic's messages, never the values: a promptImage may be a presigned URL.
+            problems = "; ".join(f"{field or 'input'}: {e['msg']}" for field, e in errors[:3])
+            raise InputValidationError(
+                f"The input for {self.model_id} breaks its schema ({problems}). Fix the input; nothing was "
+                "sent or billed.",
+                field=errors[0][0] if errors else None,
+                detail=[{"loc": [field], "msg": e["msg"], "type": e["type"]} for field, e in errors],
+            ) from None
 
     def _request_url(self, request_id: str, action: str) -> str:
         if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):

@@ -64,6 +64,19 @@ def test_blocking_mode_submits_waits_and_collects_in_one_step(
     assert os.stat(meta["runway/video_uri"]).st_mtime_ns == mtime
 
 
+def _interrupt_once_submitted(emulator) -> None:
+    """Interrupt this process (what Dagster delivers to a step whose run is terminated) once a submit is billed."""
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and emulator.ledger().submissions == 0:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+
+
 def test_terminating_a_blocking_run_cancels_its_queued_request(
     tmp_path: Path, emulator, instance: DagsterInstance
 ):
@@ -72,14 +85,7 @@ def test_terminating_a_blocking_run_cancels_its_queued_request(
     instance.add_dynamic_partitions(PARTITIONS, ["img00.png"])
     emulator.pause()  # the request stays queued
 
-    def interrupt_when_submitted() -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and emulator.ledger().billed_submissions == 0:
-            time.sleep(0.02)
-        time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGINT)  # what `dagster` delivers to a step when its run is terminated
-
-    threading.Thread(target=interrupt_when_submitted, daemon=True).start()
+    _interrupt_once_submitted(emulator)
     result = materialize(
         _assets(defs),
         partition_key="img00.png",
@@ -108,14 +114,7 @@ def test_cancel_on_termination_can_be_switched_off(tmp_path: Path, emulator, ins
     instance.add_dynamic_partitions(PARTITIONS, ["img00.png"])
     emulator.pause()
 
-    def interrupt_when_submitted() -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and emulator.ledger().billed_submissions == 0:
-            time.sleep(0.02)
-        time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=interrupt_when_submitted, daemon=True).start()
+    _interrupt_once_submitted(emulator)
     result = materialize(
         _assets(defs),
         partition_key="img00.png",
@@ -195,29 +194,19 @@ def test_definitions_py_validates_with_the_dagster_cli(tmp_path: Path):
     assert "Validation successful" in done.stdout + done.stderr
 
 
-def test_the_demo_runs_end_to_end_and_reports_every_partition(tmp_path: Path):
+def _run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DAGSTER_DISABLE_TELEMETRY": "1"}
     for name in ("RUNCOMFY_API_TOKEN", "RUNCOMFY_BASE_URL", "DAGSTER_HOME"):
         env.pop(name, None)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dagster_runway.cli",
-            "demo",
-            "--output",
-            str(tmp_path / "videos"),
-            "--dagster-home",
-            str(tmp_path / "home"),
-            "--time-scale",
-            "0",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [
+        sys.executable, "-m", "dagster_runway.cli", "demo", *args,
+        "--output", str(tmp_path / "videos"), "--dagster-home", str(tmp_path / "home"), "--time-scale", "0",
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_demo_runs_end_to_end_and_reports_every_partition(tmp_path: Path):
+    done = _run_demo(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "4 of 4 partitions produced a passing video." in done.stdout
     assert "Started the RunComfy emulator" in done.stdout
@@ -227,32 +216,8 @@ def test_the_demo_runs_end_to_end_and_reports_every_partition(tmp_path: Path):
 
 
 def test_the_demo_exits_non_zero_and_says_why_when_an_image_is_bad(tmp_path: Path):
-    images = tmp_path / "images"
-    write_images(images, valid=1, invalid=True)
-    env = {**os.environ, "DAGSTER_DISABLE_TELEMETRY": "1"}
-    for name in ("RUNCOMFY_API_TOKEN", "RUNCOMFY_BASE_URL", "DAGSTER_HOME"):
-        env.pop(name, None)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dagster_runway.cli",
-            "demo",
-            "--images",
-            str(images),
-            "--output",
-            str(tmp_path / "videos"),
-            "--dagster-home",
-            str(tmp_path / "home"),
-            "--time-scale",
-            "0",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    write_images(tmp_path / "images", valid=1, invalid=True)
+    done = _run_demo(tmp_path, "--images", str(tmp_path / "images"))
     assert done.returncode == 1
     assert "1 of 3 partitions produced a passing video." in done.stdout
     assert "too-wide.png: " in done.stdout and "aspect ratio 3.00" in done.stdout

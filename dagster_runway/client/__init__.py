@@ -54,7 +54,47 @@ def _timeout(request_timeout: float, connect_timeout: float) -> httpx.Timeout:
     return httpx.Timeout(request_timeout, connect=connect_timeout)
 
 
-class RunComfyClient:
+class _ClientBase:
+    """What both clients share: the request core, the poll interval, and how a wait is built."""
+
+    def __init__(
+        self, api_token: str, base_url: str, model_id: str, retry: RetryPolicy | None, poll_interval: float
+    ) -> None:
+        self._core = RequestCore(api_token=api_token, base_url=base_url, model_id=model_id, retry=retry)
+        self.poll_interval = poll_interval
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self._core.base_url!r}, model_id={self._core.model_id!r})"
+
+    @property
+    def base_url(self) -> str:
+        return self._core.base_url
+
+    @property
+    def model_id(self) -> str:
+        return self._core.model_id
+
+    def _wait_call(
+        self,
+        request_id: str,
+        timeout: float,
+        poll_interval: float | None,
+        on_update: Callable[[RequestStatus], None] | None,
+        cancel_on_timeout: bool,
+    ) -> Call[RequestResult]:
+        return wait_call(
+            self._core,
+            request_id,
+            timeout=timeout,
+            poll_interval=self.poll_interval if poll_interval is None else poll_interval,
+            on_update=on_update,
+            cancel_on_timeout=cancel_on_timeout,
+            rng=self._rng,
+        )
+
+
+class RunComfyClient(_ClientBase):
     """Blocking client for one model on RunComfy's Model API.
 
     >>> with RunComfyClient(api_token=token) as client:
@@ -75,24 +115,11 @@ class RunComfyClient:
         poll_interval: float = 5.0,
         http_client: httpx.Client | None = None,
     ) -> None:
-        self._core = RequestCore(api_token=api_token, base_url=base_url, model_id=model_id, retry=retry)
-        self.poll_interval = poll_interval
+        super().__init__(api_token, base_url, model_id, retry, poll_interval)
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(
             timeout=_timeout(request_timeout, connect_timeout), follow_redirects=False
         )
-        self._rng = random.Random()
-
-    def __repr__(self) -> str:
-        return f"RunComfyClient(base_url={self._core.base_url!r}, model_id={self._core.model_id!r})"
-
-    @property
-    def base_url(self) -> str:
-        return self._core.base_url
-
-    @property
-    def model_id(self) -> str:
-        return self._core.model_id
 
     def _run(self, call: Call[T]) -> T:
         return run_sync(call, lambda request: self._http.send(request))
@@ -122,16 +149,7 @@ class RunComfyClient:
     ) -> RequestResult:
         """Poll until the request finishes. Returns the result on success; raises
         ``GenerationFailedError``, ``RequestCancelledError`` or ``WaitTimeoutError`` otherwise."""
-        call = wait_call(
-            self._core,
-            request_id,
-            timeout=timeout,
-            poll_interval=self.poll_interval if poll_interval is None else poll_interval,
-            on_update=on_update,
-            cancel_on_timeout=cancel_on_timeout,
-            rng=self._rng,
-        )
-        return self._run(call)
+        return self._run(self._wait_call(request_id, timeout, poll_interval, on_update, cancel_on_timeout))
 
     def close(self) -> None:
         if self._owns_http:
@@ -144,7 +162,7 @@ class RunComfyClient:
         self.close()
 
 
-class AsyncRunComfyClient:
+class AsyncRunComfyClient(_ClientBase):
     """Asyncio client with the same surface as ``RunComfyClient``.
 
     ``max_concurrency`` bounds the calls in flight at once (and the connections), so that
@@ -171,8 +189,7 @@ class AsyncRunComfyClient:
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
-        self._core = RequestCore(api_token=api_token, base_url=base_url, model_id=model_id, retry=retry)
-        self.poll_interval = poll_interval
+        super().__init__(api_token, base_url, model_id, retry, poll_interval)
         self.max_concurrency = max_concurrency
         self._owns_http = http_client is None
         if http_client is not None:
@@ -190,18 +207,6 @@ class AsyncRunComfyClient:
             ]
         # One token per call allowed in flight, naming the pool it uses; created in the running loop.
         self._slots: asyncio.Queue[int] | None = None
-        self._rng = random.Random()
-
-    def __repr__(self) -> str:
-        return f"AsyncRunComfyClient(base_url={self._core.base_url!r}, model_id={self._core.model_id!r})"
-
-    @property
-    def base_url(self) -> str:
-        return self._core.base_url
-
-    @property
-    def model_id(self) -> str:
-        return self._core.model_id
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         if self._slots is None:
@@ -253,16 +258,7 @@ class AsyncRunComfyClient:
         on_update: Callable[[RequestStatus], None] | None = None,
         cancel_on_timeout: bool = False,
     ) -> RequestResult:
-        call = wait_call(
-            self._core,
-            request_id,
-            timeout=timeout,
-            poll_interval=self.poll_interval if poll_interval is None else poll_interval,
-            on_update=on_update,
-            cancel_on_timeout=cancel_on_timeout,
-            rng=self._rng,
-        )
-        return await self._run(call)
+        return await self._run(self._wait_call(request_id, timeout, poll_interval, on_update, cancel_on_timeout))
 
     async def status_many(
         self, request_ids: Iterable[str], *, deadline: float | None = None

@@ -106,12 +106,7 @@ def build_requests_asset(pipeline: RunwayPipeline):
         resource: RunComfyResource = getattr(context.resources, pipeline.resource_key)
         keys = _selected(context, config.partitions)
         batch = SubmitBatch(
-            pipeline,
-            resource,
-            context.instance,
-            keys,
-            force_after_ambiguous=config.force_after_ambiguous,
-            log=context.log,
+            pipeline, resource, context, keys, force_after_ambiguous=config.force_after_ambiguous
         )
         try:
             yield from batch.run()
@@ -163,12 +158,7 @@ def build_videos_asset(pipeline: RunwayPipeline):
         failures: list[tuple[str, str]] = []
         if pipeline.mode == "blocking":
             batch = SubmitBatch(
-                pipeline,
-                resource,
-                context.instance,
-                keys,
-                force_after_ambiguous=config.force_after_ambiguous,
-                log=context.log,
+                pipeline, resource, context, keys, force_after_ambiguous=config.force_after_ambiguous
             )
             try:
                 yield from batch.run()

@@ -112,18 +112,6 @@ def latest_materialization_metadata(
     return {key: _value(metadata, key) for key in metadata}
 
 
-def latest_observation_metadata(
-    instance: DagsterInstance, asset_key: AssetKey, partition: str
-) -> dict[str, Any] | None:
-    records = instance.fetch_observations(
-        AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1
-    ).records
-    if not records or records[0].asset_observation is None:
-        return None
-    metadata = records[0].asset_observation.metadata
-    return {key: _value(metadata, key) for key in metadata}
-
-
 def iter_submissions(
     instance: DagsterInstance, asset_key: AssetKey, after_storage_id: int, limit: int = 1000
 ) -> tuple[list[RequestRecord], int, bool]:

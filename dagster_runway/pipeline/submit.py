@@ -160,18 +160,17 @@ class SubmitBatch:
         self,
         pipeline: RunwayPipeline,
         resource: RunComfyResource,
-        instance: Any,
+        context: Any,
         keys: Sequence[str],
         *,
         force_after_ambiguous: bool = False,
-        log: Any,
     ) -> None:
         self.pipeline = pipeline
         self.resource = resource
-        self.instance = instance
+        self.instance = context.instance
+        self.log = context.log
         self.keys = list(keys)
         self.force_after_ambiguous = force_after_ambiguous
-        self.log = log
         self.failures: list[PartitionFailure] = []
         self.ready: dict[str, tuple[Prepared, str]] = {}  # key -> (prepared, request_id)
         self.submitted_ids: list[str] = []
@@ -213,7 +212,9 @@ class SubmitBatch:
                     try:
                         reusable = self._reusable(previous.request_id)
                     except RunComfyError as exc:
-                        self._fail(key, f"could not check earlier request {previous.request_id}: {exc}", "api")
+                        self._fail(
+                            key, f"could not check earlier request {previous.request_id}: {exc}", "api"
+                        )
                         continue
                 if reusable:
                     self.log.info(

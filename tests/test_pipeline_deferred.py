@@ -10,6 +10,7 @@ import pytest
 from dagster import DagsterInstance, instance_for_test
 
 from dagster_runway.pipeline import LocalDaemon
+from dagster_runway.pipeline.sensors import decode_cursor
 
 from .pipeline_helpers import (
     CHECK_NAMES,
@@ -259,3 +260,43 @@ def test_an_edited_sidecar_prompt_counts_as_a_change(tmp_path: Path, emulator, i
     assert run_until_idle(daemon) == []
     assert emulator.ledger().billed_submissions == 3
     assert video_metadata(instance, "img00.png")["runway/prompt_text"] == "a fast whip pan"
+
+
+def test_an_expired_request_fails_its_partition_with_the_fix(tmp_path: Path, emulator_factory, instance):
+    emulator = emulator_factory(ttl_seconds=0.5)
+    write_images(tmp_path / "images", valid=1, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
+    daemon = LocalDaemon(defs, instance)
+    daemon.tick("runway_discovery_sensor")
+    time.sleep(1.0)  # the request and its video expire before anyone collects them
+    failed = run_until_idle(daemon)
+    assert len(failed) == 1
+    reason = failure_reasons(instance, failed[0])["img00.png"]
+    assert "expired" in reason and "materialize the requests partition again" in reason
+    observed = instance.fetch_observations(REQUESTS, limit=10).records
+    assert observed[0].asset_observation.metadata["runway/status"].value == "expired"
+
+
+def test_status_sensor_polls_round_robin_inside_its_budget(tmp_path: Path, emulator_factory, instance):
+    from dagster_runway import RunComfyResource
+    from dagster_runway.pipeline import build_runway_pipeline
+
+    emulator = emulator_factory(latency_seconds=0.4)
+    write_images(tmp_path / "images", valid=6, invalid=False)
+    resource = RunComfyResource(api_token=emulator.token, base_url=emulator.base_url, max_concurrency=1)
+    defs = build_runway_pipeline(
+        str(tmp_path / "images"), str(tmp_path / "videos"), resource=resource, sensor_budget_s=1.0
+    )
+    daemon = LocalDaemon(defs, instance)
+    emulator.pause()
+    daemon.tick("runway_discovery_sensor")
+    daemon.tick("runway_status_sensor")
+    first = decode_cursor(daemon.cursors["runway_status_sensor"], None)
+    assert len(first["inflight"]) == 6
+    assert 0 < first["rr"] < 6  # the budget cut the tick short; the next one starts where it stopped
+    daemon.tick("runway_status_sensor")
+    second = decode_cursor(daemon.cursors["runway_status_sensor"], None)
+    assert second["rr"] > first["rr"]
+    emulator.resume()
+    assert run_until_idle(daemon, max_ticks=100) == []
+    assert video_materialization_count(instance) == 6

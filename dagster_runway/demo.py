@@ -131,8 +131,6 @@ def _inflight(cursor: str | None) -> int:
 
 
 def _rows(defs: Any, instance: Any, failed_runs: list[str]) -> list[Row]:
-    from dagster import DagsterEventType
-
     from dagster_runway.pipeline import records as rec
     from dagster_runway.pipeline.collect import CHECK_NAMES
 
@@ -140,12 +138,7 @@ def _rows(defs: Any, instance: Any, failed_runs: list[str]) -> list[Row]:
     partitions_name = f"{'_'.join(videos_key.path[:-1])}_images"
     reasons: dict[str, str] = {}
     for run_id in failed_runs:
-        for record in instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records:
-            data = record.event_log_entry.dagster_event.step_failure_data
-            meta = (data.user_failure_data.metadata if data and data.user_failure_data else {}) or {}
-            failed = meta.get("failed_partitions")
-            for key, reason in (getattr(failed, "value", None) or {}).items():
-                reasons[key] = reason
+        reasons.update(rec.failure_reasons(instance, run_id))
     rows = []
     for key in instance.get_dynamic_partitions(partitions_name):
         meta = rec.latest_materialization_metadata(instance, videos_key, key)

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from dagster import AssetKey, DagsterEventType, DagsterInstance, Definitions
+from dagster import AssetKey, DagsterInstance, Definitions
 from PIL import Image, ImageDraw
 
 from dagster_runway import RunComfyResource
@@ -84,12 +84,7 @@ def check_statuses(instance: DagsterInstance, key: str) -> dict[str, str]:
 
 
 def failure_reasons(instance: DagsterInstance, run_id: str) -> dict[str, str]:
-    """Per-partition reasons in a failed run's step failure."""
-    reasons: dict[str, str] = {}
-    for record in instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records:
-        data = record.event_log_entry.dagster_event.step_failure_data
-        reasons.update(data.user_failure_data.metadata["failed_partitions"].value)
-    return reasons
+    return rec.failure_reasons(instance, run_id)
 
 
 def video_materialization_count(instance: DagsterInstance) -> int:

@@ -178,3 +178,15 @@ def check_statuses(
         [AssetCheckKey(asset_key, name) for name in check_names], partition_keys=[partition]
     )
     return {info.check_key.name: info.latest_execution_status.value for info in infos}
+
+
+def failure_reasons(instance: DagsterInstance, run_id: str) -> dict[str, str]:
+    """Why each partition of a failed run failed, from its step failure's ``failed_partitions``."""
+    from dagster import DagsterEventType
+
+    reasons: dict[str, str] = {}
+    for record in instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records:
+        data = record.event_log_entry.dagster_event.step_failure_data
+        metadata = (data.user_failure_data.metadata if data and data.user_failure_data else None) or {}
+        reasons.update(_value(metadata, "failed_partitions") or {})
+    return reasons

@@ -77,11 +77,18 @@ def _interrupt_once_submitted(emulator) -> None:
     threading.Thread(target=interrupt, daemon=True).start()
 
 
-def test_terminating_a_blocking_run_cancels_its_queued_request(
-    tmp_path: Path, emulator, instance: DagsterInstance
+@pytest.mark.parametrize(("cancel_on_termination", "state_after"), [(True, "cancelled"), (False, "in_queue")])
+def test_terminating_a_blocking_run_cancels_its_queued_request_unless_switched_off(
+    tmp_path: Path, emulator, instance: DagsterInstance, cancel_on_termination: bool, state_after: str
 ):
     write_images(tmp_path / "images", valid=1, invalid=False)
-    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), mode="blocking")
+    defs = make_defs(
+        emulator,
+        str(tmp_path / "images"),
+        str(tmp_path / "videos"),
+        mode="blocking",
+        cancel_on_termination=cancel_on_termination,
+    )
     instance.add_dynamic_partitions(PARTITIONS, ["img00.png"])
     emulator.pause()  # the request stays queued
 
@@ -97,35 +104,9 @@ def test_terminating_a_blocking_run_cancels_its_queued_request(
     assert not result.success
     ledger = emulator.ledger()
     assert ledger.submissions == 1
-    request_id = ledger.entries[0].request_id
-    assert emulator.request_state(request_id) == "cancelled"
-    assert ledger.billed_submissions == 0  # a request cancelled while queued is refunded
-
-
-def test_cancel_on_termination_can_be_switched_off(tmp_path: Path, emulator, instance: DagsterInstance):
-    write_images(tmp_path / "images", valid=1, invalid=False)
-    defs = make_defs(
-        emulator,
-        str(tmp_path / "images"),
-        str(tmp_path / "videos"),
-        mode="blocking",
-        cancel_on_termination=False,
-    )
-    instance.add_dynamic_partitions(PARTITIONS, ["img00.png"])
-    emulator.pause()
-
-    _interrupt_once_submitted(emulator)
-    result = materialize(
-        _assets(defs),
-        partition_key="img00.png",
-        instance=instance,
-        resources=defs.resources,
-        selection=[VIDEOS],
-        raise_on_error=False,
-    )
-    assert not result.success
-    request_id = emulator.ledger().entries[0].request_id
-    assert emulator.request_state(request_id) == "in_queue"
+    assert emulator.request_state(ledger.entries[0].request_id) == state_after
+    # A request cancelled while queued is refunded.
+    assert ledger.billed_submissions == (0 if cancel_on_termination else 1)
 
 
 def test_s3_source_and_output_through_moto(tmp_path: Path, emulator, s3, instance: DagsterInstance):

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 # How long a stop waits for answers in flight before dropping their connections.
 _STOP_GRACE_SECONDS = 1.0
+# How long stop() waits for the server thread before giving up with an error; it never takes this
+# long unless something in the thread is stuck.
+_STOP_TIMEOUT_SECONDS = 30.0
 
 
 class Emulator:
@@ -52,6 +55,9 @@ class Emulator:
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._files_dir: Path | None = None
+        # Guards _loop and _stopping, so that a stop() can never miss the loop coming up.
+        self._lock = threading.Lock()
+        self._stopping = False
 
     @property
     def base_url(self) -> str:
@@ -89,10 +95,12 @@ class Emulator:
         )
         self._app.server_state = self._server.server_state
         failure: list[BaseException] = []
-        self._thread = threading.Thread(
+        thread = threading.Thread(
             target=self._serve, args=(sock, failure, started), name="runway-emulator", daemon=True
         )
-        self._thread.start()
+        thread.start()
+        with self._lock:  # only a started thread is published: stop() joins it
+            self._thread = thread
         started.wait()
         if failure:
             self.stop()
@@ -102,13 +110,21 @@ class Emulator:
 
     def stop(self) -> None:
         """Stop serving, finish or drop answers in flight, and delete the videos."""
-        if self._thread is None:
-            return
-        loop, server = self._loop, self._server
+        with self._lock:
+            thread, loop, server = self._thread, self._loop, self._server
+            if thread is None:
+                return
+            self._stopping = True
+        # Without a loop yet, _main sees _stopping once it sets one.
         if loop is not None and server is not None:
             with contextlib.suppress(RuntimeError):  # the loop already closed
                 loop.call_soon_threadsafe(server.request_stop)
-        self._thread.join()
+        thread.join(_STOP_TIMEOUT_SECONDS)
+        if thread.is_alive():
+            raise RuntimeError(
+                f"the emulator on {self.base_url} did not stop within {_STOP_TIMEOUT_SECONDS:g} s: "
+                "its server thread is stuck (a bug in the emulator)"
+            )
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self._files_dir is not None:
@@ -175,14 +191,18 @@ class Emulator:
 
     async def _main(self, sock: socket.socket) -> None:
         assert self._server is not None and self._worker is not None
-        self._loop = asyncio.get_running_loop()
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            if self._stopping:  # stop() came first: serve just long enough to start and stop cleanly
+                self._server.request_stop()
         worker = asyncio.create_task(self._worker.run())
         try:
             await self._server.serve(sockets=[sock])
         finally:
-            worker.cancel()
+            self._worker.close()
             await asyncio.gather(worker, return_exceptions=True)
-            self._loop = None
+            with self._lock:
+                self._loop = None
 
 
 class _Server(uvicorn.Server):
@@ -191,11 +211,14 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, on_started: Any) -> None:
         super().__init__(config)
         self._on_started = on_started
-        self._stopping = asyncio.Event()
+        # Made on the server's loop by main_loop; request_stop runs on that loop too.
+        self._wakeup: asyncio.Event | None = None
 
     def request_stop(self) -> None:
+        """Make the server stop now; call it on the server's loop."""
         self.should_exit = True
-        self._stopping.set()
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -203,9 +226,11 @@ class _Server(uvicorn.Server):
 
     async def main_loop(self) -> None:
         # on_tick refreshes the Date header when its counter is a multiple of 10: once a second here.
+        self._wakeup = asyncio.Event()
         while not await self.on_tick(0):
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._wakeup.wait()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:

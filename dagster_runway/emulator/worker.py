@@ -37,6 +37,7 @@ class Worker:
         self._wake: asyncio.Event | None = None
         self._client: httpx.AsyncClient | None = None
         self._jobs: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     def wake(self) -> None:
         """Make the worker look at the store now; safe from any thread."""
@@ -45,20 +46,28 @@ class Worker:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the emulator stopped
                 loop.call_soon_threadsafe(event.set)
 
+    def close(self) -> None:
+        """Make ``run()`` cancel the work in hand and return; call it on the worker's loop."""
+        self._closing = True
+        if self._wake is not None:
+            self._wake.set()
+
     async def run(self) -> None:
-        """Start each request's work when it starts, until cancelled."""
+        """Start each request's work when it starts, until ``close()`` (or a cancel)."""
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         try:
-            while True:
+            while not self._closing:
                 self._wake.clear()
                 for job in self._store.claim_work():
                     task = asyncio.create_task(self._work(job))
                     self._jobs.add(task)
                     task.add_done_callback(self._jobs.discard)
                 delay = self._store.seconds_to_next_event()
-                timeout = min(delay, _MAX_SLEEP) if delay is not None else None
+                # asyncio.timeout, not wait_for: on Python 3.11, wait_for loses a cancel that comes in
+                # the same loop iteration as the wake-up, and this loop would then never end.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(min(delay, _MAX_SLEEP) if delay is not None else None):
+                        await self._wake.wait()
         finally:
             for task in self._jobs:
                 task.cancel()

@@ -9,8 +9,11 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import ValidationError
+from starlette.responses import Response
 
 from dagster_runway.emulator import Emulator, FaultRule, account_id
+from dagster_runway.emulator.faults import KINDS, FaultKind, Hit
+from dagster_runway.emulator.responses import error_response
 from tests.fixtures.emulator import MODEL_PATH, Api, ImageServer, data_uri, make_png
 
 Factory = Callable[..., Emulator]
@@ -171,6 +174,24 @@ def test_error_code_in_a_200_answer(emulator: Emulator, http_api: Connect, after
     assert body_of(api.result(request_id))["error_code"] == 500001
 
 
+@pytest.mark.parametrize("endpoint", ["status", "result", "cancel"])
+def test_error_code_in_a_200_answer_on_reads_and_cancel(
+    emulator_factory: Factory, http_api: Connect, endpoint: str
+) -> None:
+    emulator = emulator_factory(paused=True)
+    api = http_api(emulator)
+    request_id = api.submit_id({"promptImage": IMAGE})
+    emulator.add_fault(FaultRule(kind="error_code_200", endpoint=endpoint, times=1))
+    call = getattr(api, endpoint)
+    response = call(request_id)
+    assert response.status_code == 200
+    body = body_of(response)
+    assert body["error_code"] == 500001 and body["error_message"]
+    assert not {"request_id", "status", "output"} & set(body)
+    assert call(request_id).json()["request_id"] == request_id  # the next answer is normal
+    assert emulator.request_state(request_id) == ("cancelled" if endpoint == "cancel" else "in_queue")
+
+
 # generation_failed
 
 
@@ -311,6 +332,44 @@ def test_faults_from_the_config_are_active_from_the_start(
 def test_invalid_rules_are_refused(rule: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         FaultRule.model_validate(rule)
+
+
+def test_each_kind_is_valid_exactly_on_the_endpoints_and_accept_sides_it_declares() -> None:
+    for name, kind in KINDS.items():
+        assert name in FaultRule.model_fields["kind"].description
+        for endpoint in ["submit", "status", "result", "cancel", "files", "any"]:
+            valid = endpoint == "any" or endpoint in kind.calls
+            assert _is_valid({"kind": name, "endpoint": endpoint}) == valid, (name, endpoint)
+        for after_accept in (False, True):
+            valid = after_accept in kind.after_accept
+            assert _is_valid({"kind": name, "after_accept": after_accept}) == valid, (name, after_accept)
+        assert FaultRule(kind=name).accepts_first == kind.after_accept[0]
+
+
+def _is_valid(rule: dict[str, Any]) -> bool:
+    try:
+        FaultRule.model_validate(rule)
+    except ValidationError:
+        return False
+    return True
+
+
+def test_a_new_kind_is_one_entry_in_the_registry(
+    emulator: Emulator, http_api: Connect, plain_http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def teapot(rule: FaultRule, hit: Hit) -> Response:
+        return error_response(418, 418001, f"I'm a teapot ({hit.call})")
+
+    monkeypatch.setitem(KINDS, "teapot", FaultKind("418 on reads.", teapot, calls=("status", "result")))
+    added = plain_http.post(f"{emulator.base_url}/_emulator/faults", json={"kind": "teapot", "times": 2})
+    assert added.status_code == 200, added.text
+    api = http_api(emulator)
+    request_id = api.submit_id({"promptImage": IMAGE})  # submit is not one of its calls
+    teapots = [api.status(request_id), api.result(request_id)]
+    assert [(r.status_code, body_of(r)["error_code"]) for r in teapots] == [(418, 418001)] * 2
+    assert api.status(request_id).status_code == 200
+    with pytest.raises(ValidationError):
+        FaultRule(kind="teapot", endpoint="submit")
 
 
 def test_faults_over_http(emulator: Emulator, http_api: Connect, plain_http: httpx.Client) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import struct
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,10 +25,11 @@ from uvicorn.server import ServerState
 
 from dagster_runway._redact import redact_url
 from dagster_runway.emulator.config import EmulatorConfig
-from dagster_runway.emulator.faults import Call, FaultBook, FaultRule, Stage
+from dagster_runway.emulator.faults import Call, FaultBook, FaultRule, Hit, Stage
 from dagster_runway.emulator.inputs import InputInvalid, parse_body, validate_input
 from dagster_runway.emulator.ledger import account_id
 from dagster_runway.emulator.render import Video
+from dagster_runway.emulator.responses import error_response
 from dagster_runway.emulator.state import (
     Failure,
     ForeignRequest,
@@ -61,18 +60,6 @@ class ApiError(Exception):
     def __init__(self, status: int, code: int, message: str, detail: Any = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.detail = status, code, message, detail
-
-
-def _error(
-    status: int,
-    code: int,
-    message: str,
-    detail: Any = None,
-    headers: dict[str, str] | None = None,
-    **extra: Any,
-) -> JSONResponse:
-    body = {"error_code": code, "error_message": message, "detail": detail, **extra}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _timestamp(seconds: float) -> str:
@@ -204,15 +191,12 @@ class EmulatorApp:
     async def _file(self, request: Request) -> Response:
         request_id = request.path_params["request_id"]
         view = self._store.peek(request_id)
-        rule = self._faults.pick("files", "call", view.fields if view is not None else None)
-        if rule is not None and rule.kind != "truncate_video":
-            if (response := await self._fault_response(rule, "files", request)) is not None:
-                return response
-        elif rule is not None and view is not None and view.video is not None and request.method == "GET":
-            return _TruncatedFile(view.video, rule.truncate_fraction, self._transport(request))
-        if view is None or view.video is None:
+        fields, video = (view.fields, view.video) if view is not None else (None, None)
+        if (response := await self._fault("files", "call", fields, request, video)) is not None:
+            return response
+        if video is None:
             raise ApiError(404, 404001, f"No video for request {request_id} (unknown, unfinished or expired)")
-        return FileResponse(view.video.path, media_type="video/mp4")
+        return FileResponse(video.path, media_type="video/mp4")
 
     # Admin
 
@@ -281,32 +265,19 @@ class EmulatorApp:
         return {f"{name}_url": f"{prefix}/{name}" for name in names}
 
     async def _fault(
-        self, call: Call, stage: Stage, fields: dict[str, Any] | None, request: Request
+        self,
+        call: Call,
+        stage: Stage,
+        fields: dict[str, Any] | None,
+        request: Request,
+        video: Video | None = None,
     ) -> Response | None:
+        """The answer of the fault rule that fires here, if one does; None to answer normally."""
         rule = self._faults.pick(call, stage, fields)
-        return await self._fault_response(rule, call, request) if rule is not None else None
-
-    async def _fault_response(self, rule: FaultRule, call: Call, request: Request) -> Response | None:
-        """The answer a fault gives instead of the normal one; None (after a delay) for ``slow``."""
+        if rule is None:
+            return None
         logger.info("emulator: injecting %s on %s", rule.kind, call)
-        if rule.kind == "rate_limit":
-            return _error(
-                429,
-                429001,
-                f"Rate limit reached; retry after {rule.retry_after} s",
-                headers={"Retry-After": str(rule.retry_after)},
-                retry_after=rule.retry_after,
-            )
-        if rule.kind == "server_error":
-            return _error(
-                rule.status, rule.status * 1000 + 1, f"Internal error (HTTP {rule.status}, injected)"
-            )
-        if rule.kind == "error_code_200":
-            return _error(200, 500001, "Internal error reported with HTTP 200 (injected)")
-        if rule.kind == "reset":
-            return _DropConnection(self._transport(request))
-        await asyncio.sleep(rule.delay_seconds)
-        return None
+        return await rule.answer(Hit(call, request, lambda: self._transport(request), video))
 
     def _transport(self, request: Request) -> asyncio.Transport:
         client = request.scope.get("client")
@@ -320,19 +291,19 @@ class EmulatorApp:
 
     async def _api_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return _error(exc.status, exc.code, exc.message, exc.detail)
+        return error_response(exc.status, exc.code, exc.message, exc.detail)
 
     async def _input_invalid(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InputInvalid)
-        return _error(422, 422001, f"Input validation failed: {exc}", exc.detail)
+        return error_response(422, 422001, f"Input validation failed: {exc}", exc.detail)
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return _error(exc.status_code, exc.status_code * 1000 + 1, exc.detail, headers=exc.headers)
+        return error_response(exc.status_code, exc.status_code * 1000 + 1, exc.detail, headers=exc.headers)
 
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
         logger.error("emulator: internal error on %s", request.url.path, exc_info=exc)
-        return _error(500, 500001, f"Internal error: {type(exc).__name__}")
+        return error_response(500, 500001, f"Internal error: {type(exc).__name__}")
 
 
 def _base(request: Request) -> str:
@@ -355,40 +326,3 @@ class _Latency:
         if self._seconds and scope["type"] == "http" and scope["path"].startswith(("/v1/", "/files/")):
             await asyncio.sleep(self._seconds)
         await self._app(scope, receive, send)
-
-
-async def _until_disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class _DropConnection(Response):
-    """Resets the TCP connection (RST, through SO_LINGER 0) instead of answering."""
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sock = self._transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self._transport.abort()
-        await _until_disconnected(receive)
-
-
-class _TruncatedFile(Response):
-    """Announces the whole video, sends a fraction of it, then closes the connection."""
-
-    def __init__(self, video: Video, fraction: float, transport: asyncio.Transport) -> None:
-        self._video, self._fraction, self._transport = video, fraction, transport
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        data = self._video.path.read_bytes()
-        headers = [(b"content-type", b"video/mp4"), (b"content-length", str(len(data)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send(
-            {"type": "http.response.body", "body": data[: int(len(data) * self._fraction)], "more_body": True}
-        )
-        # close() sends what is buffered first, then ends the connection.
-        self._transport.close()
-        await _until_disconnected(receive)

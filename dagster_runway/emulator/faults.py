@@ -1,31 +1,123 @@
 """Fault injection: rules that make the emulator misbehave on purpose, by rate or by rule.
 
-A rule fires on a call to its endpoint when the call's request matches (``match_prompt`` /
-``match_seed``), a draw from the emulator's seeded random generator falls under ``rate``, and the
-rule has firings left (``times``). The first rule in order that fires wins.
+Each kind of fault is declared once, in ``KINDS``: what it does, the calls it can hit, whether it
+can hit a submit after the request was recorded and billed, and how it answers. A rule fires on a
+call to its endpoint when the call's request matches (``match_prompt`` / ``match_seed``), a draw
+from the emulator's seeded random generator falls under ``rate``, and the rule has firings left
+(``times``). The first rule in order that fires wins.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.requests import Request
+from starlette.responses import Response
 
+from dagster_runway.emulator.render import Video
+from dagster_runway.emulator.responses import DropConnection, TruncatedFile, error_response
 from dagster_runway.schema import DEFAULT_PROMPT_TEXT, DEFAULT_SEED
 
-FaultKind = Literal[
-    "rate_limit", "server_error", "reset", "slow", "error_code_200", "generation_failed", "truncate_video"
-]
-Endpoint = Literal["submit", "status", "result", "cancel", "files", "any"]
 Call = Literal["submit", "status", "result", "cancel", "files"]
+Endpoint = Literal["submit", "status", "result", "cancel", "files", "any"]
+# Where a call is when a rule may fire: on arrival, after a submit was recorded and billed, or
+# (for kinds that fail the generation) when a submitted request's outcome is drawn.
+Stage = Literal["call", "accepted", "generation"]
 
-# The kinds that can hit a submit after the request was recorded and billed.
-AFTER_ACCEPT_KINDS = ("server_error", "reset", "slow", "error_code_200")
+CALLS: tuple[Call, ...] = ("submit", "status", "result", "cancel", "files")
 SERVER_ERROR_STATUSES = (500, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """The call a rule fired on, with what an answer may need."""
+
+    call: Call
+    request: Request
+    transport: Callable[[], asyncio.Transport]  # the call's connection, to drop or cut it
+    video: Video | None = None  # on files: the video asked for, if there is one
+
+
+Answer = Callable[["FaultRule", Hit], Awaitable[Response | None]]
+
+
+@dataclass(frozen=True)
+class FaultKind:
+    """One kind of fault: adding a kind is adding one of these to ``KINDS``."""
+
+    description: str
+    # The answer given instead of the normal one; an answer of None lets the normal one follow.
+    answer: Answer | None
+    calls: tuple[Call, ...] = CALLS
+    # On submit, the values after_accept may take; the first is the default.
+    after_accept: tuple[bool, ...] = (False,)
+    # The kind fails the request's generation (with failure_code) instead of changing an answer.
+    generation: bool = False
+
+
+async def _rate_limit(rule: FaultRule, hit: Hit) -> Response:
+    return error_response(
+        429,
+        429001,
+        f"Rate limit reached; retry after {rule.retry_after} s",
+        headers={"Retry-After": str(rule.retry_after)},
+        retry_after=rule.retry_after,
+    )
+
+
+async def _server_error(rule: FaultRule, hit: Hit) -> Response:
+    return error_response(
+        rule.status, rule.status * 1000 + 1, f"Internal error (HTTP {rule.status}, injected)"
+    )
+
+
+async def _reset(rule: FaultRule, hit: Hit) -> Response:
+    return DropConnection(hit.transport())
+
+
+async def _slow(rule: FaultRule, hit: Hit) -> None:
+    await asyncio.sleep(rule.delay_seconds)
+
+
+async def _error_code_200(rule: FaultRule, hit: Hit) -> Response:
+    return error_response(200, 500001, "Internal error reported with HTTP 200 (injected)")
+
+
+async def _truncate_video(rule: FaultRule, hit: Hit) -> Response | None:
+    if hit.video is None or hit.request.method != "GET":
+        return None  # nothing to cut short: the normal answer (a 404, or the headers of a HEAD)
+    return TruncatedFile(hit.video, rule.truncate_fraction, hit.transport())
+
+
+KINDS: dict[str, FaultKind] = {
+    "rate_limit": FaultKind("429 with Retry-After.", _rate_limit),
+    "server_error": FaultKind("a 5xx answer.", _server_error, after_accept=(False, True)),
+    "reset": FaultKind(
+        "the TCP connection is reset with no HTTP answer.", _reset, after_accept=(False, True)
+    ),
+    "slow": FaultKind("the answer is delayed by delay_seconds.", _slow, after_accept=(True, False)),
+    "error_code_200": FaultKind(
+        "HTTP 200 whose body is an error_code.", _error_code_200, after_accept=(False, True)
+    ),
+    "generation_failed": FaultKind(
+        "the request ends failed with failure_code.", None, calls=("submit",), generation=True
+    ),
+    "truncate_video": FaultKind(
+        "a /files download stops after truncate_fraction of its announced length.",
+        _truncate_video,
+        calls=("files",),
+    ),
+}
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 class FaultRule(BaseModel):
@@ -33,11 +125,9 @@ class FaultRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: FaultKind = Field(
-        description="rate_limit: 429 with Retry-After. server_error: a 5xx answer. reset: the TCP connection is "
-        "reset with no HTTP answer. slow: the answer is delayed by delay_seconds. error_code_200: HTTP 200 "
-        "whose body is an error_code. generation_failed: the request ends failed with failure_code. "
-        "truncate_video: a /files download stops after truncate_fraction of its announced length."
+    kind: str = Field(
+        description=" ".join(f"{name}: {kind.description}" for name, kind in KINDS.items()),
+        json_schema_extra={"enum": list(KINDS)},
     )
     endpoint: Endpoint = Field(
         default="any",
@@ -56,8 +146,11 @@ class FaultRule(BaseModel):
     after_accept: bool | None = Field(
         default=None,
         description="On submit, whether the request is recorded and billed before the fault hits (the "
-        "ambiguous-submit case). Applies to server_error, reset, slow and error_code_200; None means true "
-        "for slow and false for the others.",
+        "ambiguous-submit case). Applies to "
+        + _names([name for name, kind in KINDS.items() if len(kind.after_accept) > 1])
+        + "; None means the kind's default: true for "
+        + _names([name for name, kind in KINDS.items() if kind.after_accept[0]])
+        + ", false for the others.",
     )
     retry_after: int = Field(default=1, ge=0, description="rate_limit: seconds in Retry-After and the body.")
     status: int = Field(default=503, description="server_error: the HTTP status: 500, 502, 503 or 504.")
@@ -84,24 +177,37 @@ class FaultRule(BaseModel):
             raise ValueError(f"status must be one of {', '.join(map(str, SERVER_ERROR_STATUSES))}")
         return value
 
+    @field_validator("kind")
+    @classmethod
+    def _check_kind_name(cls, value: str) -> str:
+        if value not in KINDS:
+            raise ValueError(f"unknown fault kind {value!r}: use one of {', '.join(KINDS)}")
+        return value
+
     @model_validator(mode="after")
     def _check_kind(self) -> FaultRule:
-        if self.kind == "truncate_video" and self.endpoint not in ("files", "any"):
-            raise ValueError("truncate_video applies to the files endpoint only")
-        if self.kind == "generation_failed" and self.endpoint not in ("submit", "any"):
+        kind = KINDS[self.kind]
+        if self.endpoint != "any" and self.endpoint not in kind.calls:
             raise ValueError(
-                "generation_failed applies to submitted requests: use endpoint 'submit' or 'any'"
+                f"{self.kind} applies to the {_names(list(kind.calls))} endpoint only: use endpoint "
+                + " or ".join(f"'{call}'" for call in (*kind.calls, "any"))
             )
-        if self.after_accept and self.kind not in AFTER_ACCEPT_KINDS:
-            raise ValueError(f"after_accept applies only to {', '.join(AFTER_ACCEPT_KINDS)}")
+        if self.after_accept is not None and self.after_accept not in kind.after_accept:
+            when = "after" if self.after_accept else "before"
+            raise ValueError(f"{self.kind} cannot hit a submit {when} it is accepted (after_accept)")
         return self
 
     @property
     def accepts_first(self) -> bool:
         """Whether, on submit, the request is recorded before this fault hits."""
         if self.after_accept is None:
-            return self.kind == "slow"
+            return KINDS[self.kind].after_accept[0]
         return self.after_accept
+
+    async def answer(self, hit: Hit) -> Response | None:
+        """This rule's answer to the call it fired on; None lets the normal answer follow."""
+        answer = KINDS[self.kind].answer
+        return await answer(self, hit) if answer is not None else None
 
     @property
     def message(self) -> str:
@@ -109,9 +215,6 @@ class FaultRule(BaseModel):
         return (
             self.failure_message or f"Generation failed with {self.failure_code} (injected by the emulator)"
         )
-
-
-Stage = Literal["call", "accepted", "generation"]
 
 
 @dataclass
@@ -167,14 +270,13 @@ class FaultBook:
 
 
 def _applies(rule: FaultRule, call: Call, stage: Stage) -> bool:
-    if rule.endpoint not in (call, "any"):
+    kind = KINDS[rule.kind]
+    if call not in kind.calls or rule.endpoint not in (call, "any"):
         return False
-    if rule.kind == "generation_failed":
+    if kind.generation:
         return stage == "generation"
-    if rule.kind == "truncate_video":
-        return call == "files" and stage == "call"
-    if call == "submit" and stage != "generation":
-        return (stage == "accepted") == rule.accepts_first
+    if call == "submit":
+        return stage != "generation" and (stage == "accepted") == rule.accepts_first
     return stage == "call"
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from dagster_runway.emulator import Emulator, EmulatorConfig, account_id
+from dagster_runway.emulator import Emulator, EmulatorConfig, FaultRule, account_id
 from dagster_runway.emulator.inputs import validate_input
 from dagster_runway.emulator.state import Store
 from dagster_runway.emulator.worker import Worker
@@ -61,9 +63,9 @@ def test_stop_before_the_loop_is_up_still_stops() -> None:
 
 
 def _cycle(index: int) -> None:
-    """Start an emulator, leave it busy in one of four ways, and stop it."""
-    mode = index % 4
-    overrides = {"random_seed": index, "max_concurrency": 2}
+    """Start an emulator, leave it busy in one of five ways, and stop it."""
+    mode = index % 5
+    overrides: dict[str, Any] = {"random_seed": index, "max_concurrency": 2}
     if mode == 3:  # requests stay in progress (rendering, or waiting out their render time) at the stop
         overrides |= {"time_scale": 0.01, "render_seconds": (50, 50)}
     emulator = Emulator(EmulatorConfig(**INSTANT | overrides)).start()
@@ -71,9 +73,14 @@ def _cycle(index: int) -> None:
     try:
         headers = {"Authorization": f"Bearer {emulator.token}"}
         with httpx.Client(base_url=emulator.base_url, headers=headers, verify=TLS) as client:
-            for seed in range(3 if mode else 0):  # renders in flight at the stop
+            for seed in range(3 if mode in (1, 2, 3) else 0):  # renders in flight at the stop
                 response = client.post(MODEL_PATH, json={"promptImage": IMAGE, "seed": seed})
                 assert response.status_code == 200
+        if mode == 4:  # two submit answers held at the stop
+            emulator.add_fault(FaultRule(kind="hold"))
+            for _ in range(2):
+                threading.Thread(target=_submit_quietly, args=(emulator,), daemon=True).start()
+            emulator.wait_for_held(2)
         if mode == 2:  # another thread wakes the worker all through the stop
             waking.set()
             threading.Thread(target=_wake_while, args=(emulator, waking), daemon=True).start()
@@ -83,13 +90,21 @@ def _cycle(index: int) -> None:
         emulator.stop()
 
 
+def _submit_quietly(emulator: Emulator) -> None:
+    headers = {"Authorization": f"Bearer {emulator.token}"}
+    with contextlib.suppress(httpx.HTTPError):  # the stop drops the held answer
+        httpx.post(
+            f"{emulator.base_url}{MODEL_PATH}", json={"promptImage": IMAGE}, headers=headers, timeout=30
+        )
+
+
 def _wake_while(emulator: Emulator, waking: threading.Event) -> None:
     while waking.is_set():
         emulator.resume()
 
 
 def test_many_emulators_start_and_stop_in_threads() -> None:
-    threads, per_thread = 4, 6
+    threads, per_thread = 4, 5
     errors: list[BaseException] = []
 
     def run(offset: int) -> None:

@@ -8,12 +8,13 @@ emulator binds to loopback by default, so only local processes reach them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -26,6 +27,7 @@ from uvicorn.server import ServerState
 from dagster_runway._redact import redact_url
 from dagster_runway.emulator.config import EmulatorConfig
 from dagster_runway.emulator.faults import Call, FaultBook, FaultRule, Hit, Stage
+from dagster_runway.emulator.holds import Holds
 from dagster_runway.emulator.inputs import InputInvalid, parse_body, validate_input
 from dagster_runway.emulator.ledger import account_id
 from dagster_runway.emulator.render import Video
@@ -54,6 +56,12 @@ _STATUS_NAMES: dict[State, str] = {
 _FAULT_RULES = TypeAdapter(list[FaultRule])
 
 
+class _Release(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    count: int | None = Field(default=None, ge=0, description="How many held answers to release; None: all.")
+
+
 class ApiError(Exception):
     """An error answer: HTTP status, RunComfy's six-digit error code, a message and a detail."""
 
@@ -69,10 +77,11 @@ def _timestamp(seconds: float) -> str:
 class EmulatorApp:
     """Routes and handlers; ``asgi`` is the app to serve."""
 
-    def __init__(self, config: EmulatorConfig, store: Store, faults: FaultBook) -> None:
+    def __init__(self, config: EmulatorConfig, store: Store, faults: FaultBook, holds: Holds) -> None:
         self._config = config
         self._store = store
         self._faults = faults
+        self._holds = holds
         self._accounts = {token: account_id(token) for token in config.tokens}
         # The server's connections, set once the server exists: needed to drop one on purpose.
         self.server_state: ServerState | None = None
@@ -89,6 +98,8 @@ class EmulatorApp:
                 Route("/_emulator/faults", self._clear_faults, methods=["DELETE"]),
                 Route("/_emulator/pause", self._pause, methods=["POST"]),
                 Route("/_emulator/resume", self._resume, methods=["POST"]),
+                Route("/_emulator/held", self._held, methods=["GET"]),
+                Route("/_emulator/release", self._release, methods=["POST"]),
             ],
             middleware=[Middleware(_Latency, seconds=config.latency_seconds)],
             exception_handlers={
@@ -135,8 +146,9 @@ class EmulatorApp:
             account,
             redact_url(model_input.prompt_image),
         )
-        if (response := await self._fault("submit", "accepted", model_input.fields, request)) is not None:
-            return response
+        accepted = await self._fault("submit", "accepted", model_input.fields, request, request_id=request_id)
+        if accepted is not None:
+            return accepted
         return JSONResponse(
             {"request_id": request_id, **self._urls(request, request_id, "status", "result", "cancel")}
         )
@@ -230,6 +242,19 @@ class EmulatorApp:
         self._store.resume()
         return JSONResponse({"paused": False})
 
+    async def _held(self, request: Request) -> Response:
+        request_ids = self._holds.held()
+        return JSONResponse({"held": len(request_ids), "request_ids": request_ids})
+
+    async def _release(self, request: Request) -> Response:
+        raw = await request.body()
+        try:
+            count = _Release.model_validate_json(raw).count if raw.strip() else None
+        except ValidationError as exc:
+            raise ApiError(422, 422001, "Invalid release", json.loads(exc.json(include_url=False))) from exc
+        released = self._holds.release(count)
+        return JSONResponse({"released": released, "held": len(self._holds.held())})
+
     def reset(self) -> None:
         """Wipe requests, ledger and faults."""
         self._store.reset()
@@ -271,13 +296,15 @@ class EmulatorApp:
         fields: dict[str, Any] | None,
         request: Request,
         video: Video | None = None,
+        request_id: str | None = None,
     ) -> Response | None:
         """The answer of the fault rule that fires here, if one does; None to answer normally."""
         rule = self._faults.pick(call, stage, fields)
         if rule is None:
             return None
         logger.info("emulator: injecting %s on %s", rule.kind, call)
-        return await rule.answer(Hit(call, request, lambda: self._transport(request), video))
+        hit = Hit(call, request, functools.partial(self._transport, request), self._holds, request_id, video)
+        return await rule.answer(hit)
 
     def _transport(self, request: Request) -> asyncio.Transport:
         client = request.scope.get("client")

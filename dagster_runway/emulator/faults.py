@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.requests import Request
 from starlette.responses import Response
 
+from dagster_runway.emulator.holds import Holds
 from dagster_runway.emulator.render import Video
 from dagster_runway.emulator.responses import DropConnection, TruncatedFile, error_response
 from dagster_runway.schema import DEFAULT_PROMPT_TEXT, DEFAULT_SEED
@@ -41,6 +42,8 @@ class Hit:
     call: Call
     request: Request
     transport: Callable[[], asyncio.Transport]  # the call's connection, to drop or cut it
+    holds: Holds
+    request_id: str | None = None  # on submit after accept: the request just recorded
     video: Video | None = None  # on files: the video asked for, if there is one
 
 
@@ -95,6 +98,14 @@ async def _truncate_video(rule: FaultRule, hit: Hit) -> Response | None:
     return TruncatedFile(hit.video, rule.truncate_fraction, hit.transport())
 
 
+async def _hold(rule: FaultRule, hit: Hit) -> Response | None:
+    assert hit.request_id is not None
+    outcome = await hit.holds.hold(hit.request_id, hit.request.receive)
+    if outcome == "dropped":
+        return DropConnection(hit.transport())
+    return None  # released: the normal answer; or the client has gone, and it goes nowhere
+
+
 KINDS: dict[str, FaultKind] = {
     "rate_limit": FaultKind("429 with Retry-After.", _rate_limit),
     "server_error": FaultKind("a 5xx answer.", _server_error, after_accept=(False, True)),
@@ -112,6 +123,13 @@ KINDS: dict[str, FaultKind] = {
         "a /files download stops after truncate_fraction of its announced length.",
         _truncate_video,
         calls=("files",),
+    ),
+    "hold": FaultKind(
+        "the submit is recorded and billed, then its answer waits until released (Emulator.release() or "
+        "POST /_emulator/release); a client that leaves meanwhile stays billed; a stop drops the answer.",
+        _hold,
+        calls=("submit",),
+        after_accept=(True,),
     ),
 }
 

@@ -20,6 +20,7 @@ import uvicorn
 from dagster_runway.emulator.app import EmulatorApp
 from dagster_runway.emulator.config import EmulatorConfig
 from dagster_runway.emulator.faults import FaultBook, FaultRule
+from dagster_runway.emulator.holds import Holds
 from dagster_runway.emulator.ledger import Ledger
 from dagster_runway.emulator.state import Store
 from dagster_runway.emulator.worker import Worker
@@ -47,8 +48,9 @@ class Emulator:
         self.host = host
         self.port = port
         self._faults = FaultBook(self.config.faults, self.config.random_seed)
+        self._holds = Holds()
         self._store = Store(self.config, on_change=self._wake)
-        self._app = EmulatorApp(self.config, self._store, self._faults)
+        self._app = EmulatorApp(self.config, self._store, self._faults, self._holds)
         self._worker: Worker | None = None
         self._server: _Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -109,12 +111,13 @@ class Emulator:
         return self
 
     def stop(self) -> None:
-        """Stop serving, finish or drop answers in flight, and delete the videos."""
+        """Stop serving, finish or drop answers in flight (held ones are dropped), and delete the videos."""
         with self._lock:
             thread, loop, server = self._thread, self._loop, self._server
             if thread is None:
                 return
             self._stopping = True
+        self._holds.drop_all()
         # Without a loop yet, _main sees _stopping once it sets one.
         if loop is not None and server is not None:
             with contextlib.suppress(RuntimeError):  # the loop already closed
@@ -160,6 +163,22 @@ class Emulator:
     def faults(self) -> list[dict[str, Any]]:
         """The active fault rules, each with its remaining firings (None is unlimited)."""
         return self._faults.listing()
+
+    def held(self) -> list[str]:
+        """The request ids of the submit answers a ``hold`` fault holds now, oldest first."""
+        return self._holds.held()
+
+    def release(self, count: int | None = None) -> list[str]:
+        """Send the oldest ``count`` held submit answers (all if None); return their request ids."""
+        return self._holds.release(count)
+
+    def wait_for_held(self, count: int = 1, timeout: float = 10.0) -> list[str]:
+        """Block until exactly ``count`` submit answers are held; return their request ids.
+
+        Raises TimeoutError after ``timeout`` seconds. ``wait_for_held(0)`` waits for every held
+        answer to be released, or its client to leave.
+        """
+        return self._holds.wait_for(count, timeout)
 
     def pause(self) -> None:
         """Freeze every request where it is (the emulator clock stops) until ``resume()``."""

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from dagster_runway.emulator import FaultRule
-from dagster_runway.emulator.cli import add_arguments, parse_fault
+from dagster_runway.emulator.cli import _config, add_arguments, parse_fault
 from tests.fixtures.emulator import MODEL_PATH, data_uri, make_png
 
 
@@ -48,6 +48,13 @@ def test_the_options_map_onto_the_config() -> None:
     )
     with pytest.raises(SystemExit):
         parser.parse_args(["--fault", "explode"])
+
+
+def test_state_dir_maps_onto_the_config() -> None:
+    parser = argparse.ArgumentParser(prog="dagster-runway emulator")
+    add_arguments(parser)
+    assert _config(parser.parse_args(["--state-dir", "/var/emulator"])).state_dir == "/var/emulator"
+    assert _config(parser.parse_args([])).state_dir is None
 
 
 def test_run_serves_in_the_foreground_until_interrupted() -> None:

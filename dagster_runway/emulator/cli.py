@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from dagster_runway.emulator.config import EmulatorConfig
 from dagster_runway.emulator.faults import FaultRule
+from dagster_runway.emulator.persist import StateDirError
 from dagster_runway.emulator.server import Emulator
 
 
@@ -91,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="Random seed for timings and faults.")
     parser.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="Keep requests, ledger and videos in DIR across restarts (default: in memory, gone at exit).",
+    )
+    parser.add_argument(
         "--fault",
         action="append",
         dest="faults",
@@ -114,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     emulator = Emulator(config, host=args.host, port=args.port)
     try:
         emulator.start()
+    except StateDirError as exc:
+        print(f"dagster-runway emulator: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"dagster-runway emulator: cannot bind {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
@@ -121,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"RunComfy emulator serving on {emulator.base_url}", flush=True)
         print(f"API token: {emulator.token}", flush=True)
         print(f"Model: {emulator.base_url}/v1/models/{config.model_id}", flush=True)
+        if config.state_dir:
+            print(f"State: {config.state_dir} ({emulator.ledger().submissions} requests kept)", flush=True)
         print("Press Ctrl+C to stop.", flush=True)
         stop.wait()
     finally:
@@ -141,4 +153,5 @@ def _config(args: argparse.Namespace) -> EmulatorConfig:
         ttl_seconds=args.ttl,
         random_seed=args.seed,
         faults=args.faults or [],
+        state_dir=args.state_dir,
     )

@@ -69,6 +69,12 @@ class EmulatorConfig(BaseModel):
         description="How long requests and their videos are kept, on the emulator clock; then they are 404.",
     )
     faults: list[FaultRule] = Field(default_factory=list, description="Fault rules active from the start.")
+    state_dir: str | None = Field(
+        default=None,
+        description="Directory that keeps the requests, the ledger, the clock and the videos across restarts "
+        "(emulator.sqlite3 and files/), written before each answer; one emulator at a time. None keeps "
+        "them in memory and a temporary directory, gone at stop.",
+    )
     random_seed: int | None = Field(
         default=None, description="Seed for timings and fault draws; None draws a fresh one."
     )

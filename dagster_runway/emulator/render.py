@@ -34,9 +34,20 @@ def output_size(ratio: str, scale: float) -> tuple[int, int]:
 
 
 def render_video(
-    image: Image.Image, path: Path, *, ratio: str, duration: int, fps: int, scale: float, seed: int
+    image: Image.Image,
+    path: Path,
+    *,
+    ratio: str,
+    duration: int,
+    fps: int,
+    scale: float,
+    seed: int,
+    durable: bool = False,
 ) -> Video:
-    """Write ``duration`` seconds of video at ``fps`` to ``path``; the motion is chosen by ``seed``."""
+    """Write ``duration`` seconds of video at ``fps`` to ``path``; the motion is chosen by ``seed``.
+
+    The file appears whole or not at all; with ``durable``, it is on disk (fsynced) when this returns.
+    """
     width, height = output_size(ratio, scale)
     source, crop_w, crop_h = _fit(image.convert("RGB"), width, height)
     partial = path.with_suffix(".part")
@@ -48,8 +59,20 @@ def render_video(
         partial.unlink(missing_ok=True)
         raise
     digest = hashlib.sha256(partial.read_bytes()).hexdigest()
+    if durable:
+        _fsync(partial)
     os.replace(partial, path)
+    if durable:
+        _fsync(path.parent)
     return Video(path=path, sha256=digest, size=path.stat().st_size)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _encode(

@@ -22,6 +22,7 @@ from dagster_runway.emulator.config import EmulatorConfig
 from dagster_runway.emulator.faults import FaultBook, FaultRule
 from dagster_runway.emulator.holds import Holds
 from dagster_runway.emulator.ledger import Ledger
+from dagster_runway.emulator.persist import Journal
 from dagster_runway.emulator.state import Store
 from dagster_runway.emulator.worker import Worker
 
@@ -76,9 +77,21 @@ class Emulator:
         """Bind, serve in a background thread, and return once the server accepts connections."""
         if self._thread is not None:
             raise RuntimeError("the emulator was already started; an Emulator runs once")
-        sock = _bind(self.host, self.port)
+        journal = Journal(Path(self.config.state_dir).expanduser()) if self.config.state_dir else None
+        try:
+            if journal is not None:
+                self._store.open(journal)
+            sock = _bind(self.host, self.port)
+        except BaseException:
+            self._store.close()
+            if journal is not None:
+                journal.close()
+            raise
         self.port = sock.getsockname()[1]
-        self._files_dir = Path(tempfile.mkdtemp(prefix="dagster-runway-emulator-"))
+        if journal is not None:
+            self._files_dir = journal.files_dir
+        else:
+            self._files_dir = Path(tempfile.mkdtemp(prefix="dagster-runway-emulator-"))
         self._pool = ThreadPoolExecutor(
             max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="emulator-work"
         )
@@ -111,7 +124,8 @@ class Emulator:
         return self
 
     def stop(self) -> None:
-        """Stop serving, finish or drop answers in flight (held ones are dropped), and delete the videos."""
+        """Stop serving and finish or drop answers in flight (held ones are dropped). Without a state
+        directory, the videos are deleted; with one, everything stays there for the next start."""
         with self._lock:
             thread, loop, server = self._thread, self._loop, self._server
             if thread is None:
@@ -130,7 +144,8 @@ class Emulator:
             )
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._files_dir is not None:
+        self._store.close()
+        if self._files_dir is not None and not self.config.state_dir:
             shutil.rmtree(self._files_dir, ignore_errors=True)
 
     def __enter__(self) -> Emulator:

@@ -95,6 +95,7 @@ class Worker:
                         fps=self._config.fps,
                         scale=self._config.video_scale,
                         seed=job.seed,
+                        durable=self._store.durable,
                     ),
                 )
         except ImageRejected as exc:

@@ -62,18 +62,21 @@ def test_stop_before_the_loop_is_up_still_stops() -> None:
             httpx.get(f"{emulator.base_url}/_emulator/ledger", timeout=5)
 
 
-def _cycle(index: int) -> None:
-    """Start an emulator, leave it busy in one of five ways, and stop it."""
-    mode = index % 5
+def _cycle(index: int, tmp_path: Path) -> None:
+    """Start an emulator, leave it busy in one of six ways, and stop it."""
+    mode = index % 6
     overrides: dict[str, Any] = {"random_seed": index, "max_concurrency": 2}
     if mode == 3:  # requests stay in progress (rendering, or waiting out their render time) at the stop
         overrides |= {"time_scale": 0.01, "render_seconds": (50, 50)}
-    emulator = Emulator(EmulatorConfig(**INSTANT | overrides)).start()
+    if mode == 5:  # kept on disk; started again below, rendering again what was cut short
+        overrides |= {"state_dir": str(tmp_path / str(index))}
+    config = EmulatorConfig(**INSTANT | overrides)
+    emulator = Emulator(config).start()
     waking = threading.Event()
     try:
         headers = {"Authorization": f"Bearer {emulator.token}"}
         with httpx.Client(base_url=emulator.base_url, headers=headers, verify=TLS) as client:
-            for seed in range(3 if mode in (1, 2, 3) else 0):  # renders in flight at the stop
+            for seed in range(3 if mode in (1, 2, 3, 5) else 0):  # renders in flight at the stop
                 response = client.post(MODEL_PATH, json={"promptImage": IMAGE, "seed": seed})
                 assert response.status_code == 200
         if mode == 4:  # two submit answers held at the stop
@@ -85,6 +88,8 @@ def _cycle(index: int) -> None:
             waking.set()
             threading.Thread(target=_wake_while, args=(emulator, waking), daemon=True).start()
         emulator.stop()
+        if mode == 5:
+            Emulator(config).start().stop()
     finally:
         waking.clear()
         emulator.stop()
@@ -103,14 +108,14 @@ def _wake_while(emulator: Emulator, waking: threading.Event) -> None:
         emulator.resume()
 
 
-def test_many_emulators_start_and_stop_in_threads() -> None:
-    threads, per_thread = 4, 5
+def test_many_emulators_start_and_stop_in_threads(tmp_path: Path) -> None:
+    threads, per_thread = 4, 6
     errors: list[BaseException] = []
 
     def run(offset: int) -> None:
         try:
             for n in range(per_thread):
-                _cycle(offset * per_thread + n)
+                _cycle(offset * per_thread + n, tmp_path)
         except BaseException as exc:
             errors.append(exc)
 

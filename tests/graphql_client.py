@@ -583,6 +583,21 @@ class DagsterGraphQL:
         runs = self.expect(result, "Runs")["results"]
         return [{**run, "tags": {t["key"]: t["value"] for t in run["tags"]}} for run in runs]
 
+    def wait_for_runs_finished(
+        self, *, timeout: float, on_poll: Callable[[], None] | None = None, **filters: Any
+    ) -> list[dict[str, Any]]:
+        """Wait until no run (matching ``runs()`` filters such as ``tags``) is queued or in progress;
+        return all matching runs."""
+        wait_until(
+            lambda: self.runs(statuses=IN_PROGRESS_RUN_STATUSES, **filters),
+            lambda runs: not runs,
+            timeout=timeout,
+            interval=1.0,
+            what="no run queued or in progress",
+            on_poll=on_poll,
+        )
+        return self.runs(**filters)
+
     def terminate_run(self, run_id: str) -> None:
         self.expect(self.query(M_TERMINATE_RUN, {"id": run_id})["terminateRun"], "TerminateRunSuccess")
 

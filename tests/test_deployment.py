@@ -45,6 +45,9 @@ def test_images_become_videos_on_a_real_deployment(deploy, tmp_path: Path) -> No
     gql.start_sensor("runway_status_sensor")
     statuses = gql.wait_for_partitions(VIDEOS, count=6, timeout=240, on_poll=deployment.assert_alive)
     elapsed = time.monotonic() - started
+    # The checks are reported after their partition's materialization, by the same step: let it end.
+    runs = gql.wait_for_runs_finished(timeout=120, on_poll=deployment.assert_alive)
+    assert {run["status"] for run in runs} == {"SUCCESS"}, runs
     print(f"startup {deployment.timings}; sensors on -> 6 videos in {elapsed:.1f}s")
 
     assert statuses["materialized"] == sorted(images)

@@ -10,6 +10,7 @@ from the emulator's seeded random generator falls under ``rate``, and the rule h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 from collections.abc import Awaitable, Callable, Mapping
@@ -102,7 +103,8 @@ async def _hold(rule: FaultRule, hit: Hit) -> Response | None:
     assert hit.request_id is not None
     outcome = await hit.holds.hold(hit.request_id, hit.request.receive)
     if outcome == "dropped":
-        return DropConnection(hit.transport())
+        with contextlib.suppress(RuntimeError):  # no connection to drop: the client left meanwhile
+            return DropConnection(hit.transport())
     return None  # released: the normal answer; or the client has gone, and it goes nowhere
 
 

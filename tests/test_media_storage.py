@@ -12,12 +12,28 @@ import httpx
 import pytest
 
 from dagster_runway.emulator import Emulator, FaultRule
-from dagster_runway.media import DownloadError, probe_video, sha256_of, store_video, write_bytes_atomic
+from dagster_runway.media import (
+    DownloadError,
+    NotAVideoError,
+    VideoProbeError,
+    probe_video,
+    remove_stale_parts,
+    sha256_of,
+    store_video,
+    write_bytes_atomic,
+)
 from tests.fixtures.s3 import S3Bucket
 from tests.test_media_service_url import _submit_and_wait
 from tests.test_media_support import ScriptedServer, ServerScript, mp4_bytes, png_bytes, sha256
 
-PAYLOAD = os.urandom(3 * 2**20 + 12345)
+
+def mp4ish(size: int) -> bytes:
+    """Bytes that start like an MP4 (an ``ftyp`` box), so that they pass the signature check."""
+    head = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
+    return head + os.urandom(size - len(head))
+
+
+PAYLOAD = mp4ish(3 * 2**20 + 12345)
 
 
 def _serve(**script: object) -> ScriptedServer:
@@ -118,7 +134,7 @@ def test_reader_never_sees_a_partial_local_file(tmp_path: Path) -> None:
 
 
 def test_s3_store_is_one_multipart_object_with_content_type(s3: S3Bucket) -> None:
-    payload = os.urandom(19 * 2**20)  # three 8 MiB parts
+    payload = mp4ish(19 * 2**20)  # three 8 MiB parts
     with ScriptedServer(ServerScript(payload=payload, content_type="application/octet-stream")) as server:
         stored = store_video(f"{server.url}/v", s3.url("videos/a.mp4"), storage_options=s3.storage_options)
     assert stored.uri == s3.url("videos/a.mp4") and stored.size == len(payload)
@@ -130,30 +146,31 @@ def test_s3_store_is_one_multipart_object_with_content_type(s3: S3Bucket) -> Non
     assert _uploads(s3) == [] and s3.fs.ls(s3.path("videos"), refresh=True) == [s3.path("videos/a.mp4")]
 
 
-def test_s3_object_appears_only_when_complete(s3: S3Bucket) -> None:
-    payload = os.urandom(12 * 2**20)
+def test_s3_object_appears_only_when_complete_and_checked(s3: S3Bucket) -> None:
+    payload = mp4ish(12 * 2**20)
     s3.put("videos/b.mp4", b"old")
+    checked: list[int] = []
     with ScriptedServer(ServerScript(payload=payload, pause_at=10 * 2**20)) as server:
         worker = threading.Thread(
             target=store_video,
             args=(f"{server.url}/v", s3.url("videos/b.mp4")),
-            kwargs={"storage_options": s3.storage_options},
+            kwargs={"storage_options": s3.storage_options, "verify": lambda path: checked.append(os.path.getsize(path))},
         )
         worker.start()
         assert server.script.paused.wait(10)
-        deadline = time.monotonic() + 10
-        while not _uploads(s3) and time.monotonic() < deadline:  # the first part is on its way
-            time.sleep(0.02)
-        assert len(_uploads(s3)) == 1
+        time.sleep(0.05)
+        # The body is spooled locally until it is whole and checked: nothing is uploaded yet.
+        assert _uploads(s3) == []
         assert s3.client.get_object(Bucket=s3.bucket, Key="videos/b.mp4")["Body"].read() == b"old"
         server.script.resume.set()
         worker.join(20)
+    assert checked == [len(payload)]
     body = s3.client.get_object(Bucket=s3.bucket, Key="videos/b.mp4")["Body"].read()
     assert sha256(body) == sha256(payload) and _uploads(s3) == []
 
 
 def test_s3_failed_download_aborts_the_upload(s3: S3Bucket) -> None:
-    payload = os.urandom(18 * 2**20)
+    payload = mp4ish(18 * 2**20)
     script = ServerScript(payload=payload, always_truncate=True, truncate_fraction=0.9)
     with ScriptedServer(script) as server, pytest.raises(DownloadError):
         store_video(
@@ -168,7 +185,7 @@ def test_s3_failed_download_aborts_the_upload(s3: S3Bucket) -> None:
 
 
 def test_s3_truncation_retried_into_one_object(s3: S3Bucket) -> None:
-    payload = os.urandom(10 * 2**20)
+    payload = mp4ish(10 * 2**20)
     with ScriptedServer(ServerScript(payload=payload, truncate_times=1, truncate_fraction=0.7)) as server:
         stored = store_video(
             f"{server.url}/v", s3.url("videos/d.mp4"), storage_options=s3.storage_options, backoff_s=0
@@ -226,3 +243,47 @@ def test_unfixable_urls_fail_at_once(tmp_path: Path) -> None:
         store_video("ftp://example.com/v.mp4?sig=secret", str(tmp_path / "v.mp4"), attempts=5, backoff_s=0)
     assert "secret" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_error_body_served_as_the_video_is_never_published(tmp_path: Path, s3: S3Bucket, where: str) -> None:
+    """A 2xx whose body is a JSON error (the service's quirk) is refused by its Content-Type or its bytes."""
+    error = b'{"error_code": 500001, "error_message": "Internal error reported with HTTP 200"}'
+    dest = str(tmp_path / "v.mp4") if where == "local" else s3.url("videos/v.mp4")
+    options = {} if where == "local" else s3.storage_options
+    for content_type in ("application/json", "application/octet-stream"):
+        with ScriptedServer(ServerScript(payload=error, content_type=content_type)) as server:
+            with pytest.raises(NotAVideoError, match="not a video|not an MP4"):
+                store_video(f"{server.url}/v.mp4", dest, storage_options=options, backoff_s=0)
+    if where == "local":
+        assert not Path(dest).exists() and _leftovers(tmp_path) == []
+    else:
+        assert not s3.fs.exists(s3.path("videos/v.mp4")) and _uploads(s3) == []
+
+
+def test_a_body_that_fails_verification_is_never_published(tmp_path: Path) -> None:
+    dest = tmp_path / "v.mp4"
+    dest.write_bytes(b"previous good video")
+
+    def verify(path: str) -> None:
+        raise VideoProbeError(f"{path}: its frames do not decode")
+
+    with _serve() as server, pytest.raises(NotAVideoError, match="not a playable video"):
+        store_video(f"{server.url}/v.mp4", str(dest), verify=verify)
+    assert dest.read_bytes() == b"previous good video" and _leftovers(tmp_path) == []
+
+
+def test_stale_part_files_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    import multiprocessing
+
+    dest = tmp_path / "clip.mp4"
+    dead = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join()
+    stale = tmp_path / f".clip.mp4.{dead.pid}.abc.part"
+    live = tmp_path / f".clip.mp4.{os.getpid()}.def.part"
+    other = tmp_path / f".other.mp4.{dead.pid}.abc.part"
+    for path in (stale, live, other):
+        path.write_bytes(b"partial")
+    assert remove_stale_parts(str(dest)) == 1
+    assert not stale.exists() and live.exists() and other.exists()

@@ -10,6 +10,7 @@ from .errors import (
     DownloadError,
     ImageValidationError,
     MediaError,
+    NotAVideoError,
     ServiceUrlError,
     SettingsError,
     SourceError,
@@ -26,7 +27,14 @@ from .settings import (
     resolve_auto_ratio,
 )
 from .sources import DEFAULT_PATTERNS, ImageEntry, ImageSource, change_token_of
-from .storage import StoredVideo, guess_content_type, sha256_of, store_video, write_bytes_atomic
+from .storage import (
+    StoredVideo,
+    guess_content_type,
+    remove_stale_parts,
+    sha256_of,
+    store_video,
+    write_bytes_atomic,
+)
 from .validation import ImageInfo, content_sha256, validate_image
 
 __all__ = [
@@ -41,6 +49,7 @@ __all__ = [
     "ImageSource",
     "ImageValidationError",
     "MediaError",
+    "NotAVideoError",
     "ResolvedSettings",
     "ServiceUrlError",
     "SettingsError",
@@ -57,6 +66,7 @@ __all__ = [
     "partition_key_for",
     "poster_uri_for",
     "probe_video",
+    "remove_stale_parts",
     "resolve_auto_ratio",
     "service_image_url",
     "sha256_of",

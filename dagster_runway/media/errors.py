@@ -67,5 +67,9 @@ class DownloadError(MediaError):
     """A video could not be downloaded and stored; nothing was published at the destination."""
 
 
+class NotAVideoError(DownloadError):
+    """What the video URL served is not a playable video (an error page, a truncated or corrupt file)."""
+
+
 class VideoProbeError(MediaError):
     """A stored file is not a readable video."""

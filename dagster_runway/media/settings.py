@@ -130,7 +130,8 @@ class ResolvedSettings(BaseModel):
     """The settings that will be submitted for one image: concrete ratio, always a seed.
 
     ``sources`` lists where the values came from, lowest precedence first (``defaults``, a manifest
-    row, sidecar files), for the UI's lineage metadata.
+    row, sidecar files), for the UI's lineage metadata; ``prompt_source`` says which of them gave the
+    prompt (``service default`` when none did).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -142,6 +143,7 @@ class ResolvedSettings(BaseModel):
     ratio_auto: bool = False
     seed_derived: bool = False
     sources: tuple[str, ...] = ("defaults",)
+    prompt_source: str = "defaults"  # where the prompt came from: "sidecar <path>", "manifest <path>", ...
 
     def request_fields(self) -> dict[str, Any]:
         """The input fields under the API's names (``promptText`` only when set)."""

@@ -21,11 +21,12 @@ root.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -61,6 +62,7 @@ class ImageEntry:
     partition_key: str
     sidecars: tuple[str, ...] = ()  # sidecar paths (fs paths), lowest precedence first
     sidecar_token: str = ""  # change tokens of the sidecars, so an edited prompt can be noticed
+    settings_token: str = ""  # a hash of the image's manifest entries, so an edited manifest row is noticed
 
 
 def compile_patterns(patterns: Iterable[str]) -> re.Pattern[str]:
@@ -122,6 +124,14 @@ def change_token_of(info: Mapping[str, Any]) -> str:
             return f"mtime:{value.isoformat()}|size:{size}"
         return f"mtime:{value}|size:{size}"
     return f"size:{size}"
+
+
+def _settings_token(manifest: _Manifest, relpath: str) -> str:
+    rows = [fields for _, fields in manifest.rows.get(relpath, [])]
+    if not rows and not manifest.defaults:
+        return ""
+    text = json.dumps([manifest.defaults, rows], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _sidecar_candidates(path: str) -> list[str]:
@@ -235,6 +245,7 @@ class ImageSource:
         """Every image of the source, sorted by partition key. Re-lists (bypassing fsspec's listing
         cache) and re-reads the manifest on each call; one listing, no request per image."""
         found = self._find()
+        manifest = self._load_manifest(refresh=True)
         entries: list[ImageEntry] = []
         for path, info in found.items():
             if info.get("type", "file") != "file":
@@ -243,7 +254,10 @@ class ImageSource:
             if not relpath or _hidden(relpath) or not self._matcher.match(relpath):
                 continue
             sidecars = tuple(c for c in _sidecar_candidates(path) if c in found and c != path)
-            entries.append(self._entry(path, relpath, info, sidecars, [found[c] for c in sidecars]))
+            entry = self._entry(path, relpath, info, sidecars, [found[c] for c in sidecars])
+            if manifest is not None:
+                entry = replace(entry, settings_token=_settings_token(manifest, relpath))
+            entries.append(entry)
         entries.sort(key=lambda e: e.partition_key)
         by_key: dict[str, ImageEntry] = {}
         for entry in entries:
@@ -255,10 +269,9 @@ class ImageSource:
                 )
             by_key[entry.partition_key] = entry
         self._entries, self._by_key = entries, by_key
-        self._load_manifest(refresh=True)
-        if self._manifest is not None:
+        if manifest is not None:
             relpaths = {e.relpath for e in entries}
-            self.manifest_unmatched = sorted(p for p in self._manifest.rows if p not in relpaths)
+            self.manifest_unmatched = sorted(p for p in manifest.rows if p not in relpaths)
         return list(entries)
 
     def _entry(
@@ -487,10 +500,12 @@ class ImageSource:
         :class:`ImageValidationError` when ``auto`` needs the size of an image that is not valid.
         """
         layers: list[tuple[str, dict[str, Any]]] = []
+        kinds: list[str] = []
         manifest = self._load_manifest()
         if manifest is not None:
             if manifest.defaults:
                 layers.append((f"{manifest.url} (defaults)", manifest.defaults))
+                kinds.append("manifest")
             rows = manifest.rows.get(entry.relpath, [])
             if len(rows) > 1:
                 raise SettingsError(
@@ -499,9 +514,15 @@ class ImageSource:
                     field="path",
                 )
             layers.extend(rows)
+            kinds.extend("manifest" for _ in rows)
         for sidecar in entry.sidecars:
             layers.append((full_url(self.fs, sidecar), self._read_sidecar(sidecar)))
+            kinds.append("sidecar")
         merged = merge_settings(self.defaults, layers)
+        prompt_source = "defaults" if self.defaults.prompt_text is not None else "service default"
+        for kind, (where, fields) in zip(kinds, layers, strict=True):
+            if fields.get("prompt_text") is not None:
+                prompt_source = f"{kind} {where}"
 
         ratio, ratio_auto = merged.ratio, False
         if ratio == AUTO_RATIO:
@@ -521,6 +542,7 @@ class ImageSource:
             ratio_auto=ratio_auto,
             seed_derived=seed_derived,
             sources=("defaults", *(source for source, fields in layers if fields)),
+            prompt_source=prompt_source,
         )
 
     # -- conveniences ----------------------------------------------------------------------------

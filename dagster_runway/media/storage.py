@@ -1,20 +1,19 @@
 """Streaming, atomic storage of generated videos on any fsspec filesystem.
 
-:func:`store_video` streams the body of a video URL to its destination in 1 MiB pieces (memory stays
-flat whatever the size), hashing it (sha256) and counting it on the way, and publishes the final path
-only once the body is complete and matches ``Content-Length``. A reader never sees a partial file:
+:func:`store_video` streams the body of a video URL in 1 MiB pieces (memory stays flat whatever the
+size), hashing it (sha256) and counting it on the way, checks that it is complete (``Content-Length``)
+and that it is a video (its ``Content-Type``, its MP4 ``ftyp`` box, and an optional ``verify`` such as
+a decoding probe), and only then publishes it under its final name. A reader never sees a partial or
+broken file:
 
 * local disk: the body goes to a hidden temporary file in the destination's own folder
-  (``.name.<random>.part``), which is fsynced and then renamed over the final name with
-  ``os.replace`` (atomic on POSIX), and the folder is fsynced;
-* S3: the body goes straight to the final key as a multipart upload (8 MiB parts). S3 makes an
-  object visible only when ``CompleteMultipartUpload`` (or the single ``PutObject`` of a small file)
-  succeeds, so the final key appears whole or not at all, with no temporary key, no server-side copy
-  of the whole video, and nothing to clean up after a crash but an incomplete upload, which is
-  aborted on every failure (and which a bucket lifecycle rule ``AbortIncompleteMultipartUpload``
-  removes if the process dies). A copy from a temporary key would double the I/O and leave a visible
-  temporary object behind after a crash;
-* other filesystems: a temporary sibling path, then ``fs.mv`` to the final path.
+  (``.name.<pid>.<random>.part``), which is checked, fsynced, then renamed over the final name with
+  ``os.replace`` (atomic on POSIX); :func:`remove_stale_parts` deletes what a killed process left;
+* S3: the body is spooled to a local temporary file, checked, then uploaded as a multipart upload
+  opened with ``autocommit=False``: the object appears only at ``commit()``, and ``discard()`` aborts
+  the upload on any failure (a bucket lifecycle rule ``AbortIncompleteMultipartUpload`` removes one
+  that a killed process left);
+* other filesystems: spooled and checked likewise, uploaded to a temporary sibling, then moved.
 
 A truncated body (the connection closes early, ``httpx.RemoteProtocolError``, or fewer bytes than
 ``Content-Length``), a transport error, or a 408/425/429/5xx answer is retried with exponential
@@ -26,17 +25,19 @@ failure nothing is published and no temporary file or upload is left behind.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import logging
 import mimetypes
 import os
 import random
 import re
+import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 import fsspec
 import httpx
@@ -44,7 +45,7 @@ import httpx
 from dagster_runway._redact import redact_url
 
 from ._fs import full_url, is_local, protocols, url_to_fs
-from .errors import DownloadError, redact_message
+from .errors import DownloadError, MediaError, NotAVideoError, redact_message
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ S3_PART_SIZE = 8 * 1024 * 1024
 RETRY_AFTER_MAX_S = 30.0
 BACKOFF_MAX_S = 10.0
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+_BINARY_TYPES = frozenset({"application/octet-stream", "binary/octet-stream", "application/mp4"})
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 
 
@@ -67,23 +69,21 @@ class StoredVideo:
     attempts: int = 1
 
 
-class _Sink(Protocol):
-    def write(self, data: bytes) -> None: ...
-    def reset(self) -> None: ...
-    def commit(self) -> None: ...
-    def abort(self) -> None: ...
+def part_prefix(path: str) -> str:
+    """The name prefix of the temporary files of ``path`` (``.name.``): each is ``.name.<pid>.<random>.part``."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.")
 
 
 class _LocalSink:
     """A hidden temporary file beside the destination, renamed over it on commit."""
 
     def __init__(self, path: str) -> None:
-        folder, name = os.path.split(path)
         self.path = path
-        self.folder = folder or "."
+        self.folder = os.path.dirname(path) or "."
         os.makedirs(self.folder, exist_ok=True)
-        self.tmp = os.path.join(self.folder, f".{name}.{uuid.uuid4().hex[:12]}.part")
-        self.handle: BinaryIO | None = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        self.local_path = f"{part_prefix(path)}{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
+        self.handle: BinaryIO | None = open(self.local_path, "wb")  # noqa: SIM115 - closed in commit/abort
 
     def write(self, data: bytes) -> None:
         assert self.handle is not None
@@ -94,13 +94,17 @@ class _LocalSink:
         self.handle.seek(0)
         self.handle.truncate()
 
+    def close(self) -> None:
+        """Flush the body to disk, so that it can be checked before the commit."""
+        if self.handle is not None:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            self.handle = None
+
     def commit(self) -> None:
-        assert self.handle is not None
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        self.handle = None
-        os.replace(self.tmp, self.path)
+        self.close()
+        os.replace(self.local_path, self.path)
         with contextlib.suppress(OSError):  # not every platform can fsync a directory
             fd = os.open(self.folder, os.O_RDONLY)
             try:
@@ -114,88 +118,73 @@ class _LocalSink:
                 self.handle.close()
             self.handle = None
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
+            os.unlink(self.local_path)
 
 
-class _S3Sink:
-    """A multipart upload straight to the final key: invisible until completed, aborted on failure."""
+class _SpoolSink:
+    """Any remote filesystem: the body is spooled to a local temporary file (so it can be checked), then
+    uploaded. On S3 the upload is a multipart upload opened with ``autocommit=False``: the object
+    appears only at ``commit()``, and ``discard()`` aborts it. Elsewhere, a temporary sibling is moved
+    over the destination."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, content_type: str) -> None:
         self.fs, self.path, self.content_type = fs, path, content_type
-        self.handle: Any = None
-        self._open()
-
-    def _open(self) -> None:
-        self.handle = self.fs.open(self.path, "wb", block_size=S3_PART_SIZE, ContentType=self.content_type)
+        handle, self.local_path = tempfile.mkstemp(prefix="dagster-runway-", suffix=".part")
+        self.handle: BinaryIO | None = os.fdopen(handle, "wb")
 
     def write(self, data: bytes) -> None:
+        assert self.handle is not None
         self.handle.write(data)
 
-    def _discard(self) -> None:
-        if self.handle is not None:
-            try:
-                self.handle.discard()  # aborts the multipart upload, if one was started
-            finally:
-                self.handle.closed = True  # so neither close() nor the garbage collector commits it
-                self.handle = None
-
     def reset(self) -> None:
-        self._discard()
-        self._open()
+        assert self.handle is not None
+        self.handle.seek(0)
+        self.handle.truncate()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
     def commit(self) -> None:
-        handle = self.handle
+        self.close()
         try:
-            handle.close()  # uploads the last part and completes the upload: the object appears now
+            if {"s3", "s3a"} & set(protocols(self.fs)):
+                self._upload(self.path, autocommit=False)
+            else:
+                folder, _, name = self.path.rpartition("/")
+                temp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.part" if folder else f".{name}.part"
+                self._upload(temp, autocommit=True)
+                self.fs.mv(temp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.local_path)
+
+    def _upload(self, path: str, *, autocommit: bool) -> None:
+        extra = {"ContentType": self.content_type} if {"s3", "s3a"} & set(protocols(self.fs)) else {}
+        remote = self.fs.open(path, "wb", block_size=S3_PART_SIZE, autocommit=autocommit, **extra)
+        try:
+            with open(self.local_path, "rb") as local:
+                while chunk := local.read(S3_PART_SIZE):
+                    remote.write(chunk)
+            if autocommit:
+                remote.close()
+            else:
+                remote.close()  # uploads the last part; nothing is visible yet
+                remote.commit()  # completes the upload: the object appears now
         except BaseException:
             with contextlib.suppress(Exception):
-                handle.discard()
-            handle.closed = True
+                remote.discard()  # aborts the multipart upload
             raise
-        finally:
-            self.handle = None
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._discard()
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.local_path)
 
 
-class _TempRenameSink:
-    """Any other fsspec filesystem: a temporary sibling path, moved over the destination on commit."""
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
-        folder, _, name = path.rpartition("/")
-        self.fs, self.path = fs, path
-        self.tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.part" if folder else f".{name}.part"
-        self.handle: Any = fs.open(self.tmp, "wb")
-
-    def write(self, data: bytes) -> None:
-        self.handle.write(data)
-
-    def reset(self) -> None:
-        self.handle.close()
-        self.handle = self.fs.open(self.tmp, "wb")
-
-    def commit(self) -> None:
-        self.handle.close()
-        self.handle = None
-        self.fs.mv(self.tmp, self.path)
-
-    def abort(self) -> None:
-        if self.handle is not None:
-            with contextlib.suppress(Exception):
-                self.handle.close()
-            self.handle = None
-        with contextlib.suppress(Exception):
-            self.fs.rm(self.tmp)
-
-
-def _open_sink(fs: fsspec.AbstractFileSystem, path: str, content_type: str) -> _Sink:
-    if is_local(fs):
-        return _LocalSink(path)
-    if {"s3", "s3a"} & set(protocols(fs)):
-        return _S3Sink(fs, path, content_type)
-    return _TempRenameSink(fs, path)
+def _open_sink(fs: fsspec.AbstractFileSystem, path: str, content_type: str) -> _LocalSink | _SpoolSink:
+    return _LocalSink(path) if is_local(fs) else _SpoolSink(fs, path, content_type)
 
 
 def guess_content_type(dest: str, default: str = "video/mp4") -> str:
@@ -210,16 +199,52 @@ def write_bytes_atomic(
     storage_options: Mapping[str, Any] | None = None,
     content_type: str | None = None,
 ) -> str:
-    """Write ``data`` to ``dest`` with the same atomic publish as :func:`store_video`; return the URI."""
+    """Write small ``data`` to ``dest`` atomically (a temporary file renamed locally, one PUT on object
+    stores); return the URI."""
     fs, path = url_to_fs(dest, storage_options)
-    sink = _open_sink(fs, path, content_type or guess_content_type(dest, "application/octet-stream"))
-    try:
-        sink.write(data)
-        sink.commit()
-    except BaseException:
-        sink.abort()
-        raise
+    if is_local(fs):
+        sink = _LocalSink(path)
+        try:
+            sink.write(data)
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+    else:
+        extra = {"ContentType": content_type or guess_content_type(dest, "application/octet-stream")}
+        fs.pipe_file(path, data, **(extra if {"s3", "s3a"} & set(protocols(fs)) else {}))
     return full_url(fs, path)
+
+
+def remove_stale_parts(dest: str, storage_options: Mapping[str, Any] | None = None, *, older_than_s: float = 3600) -> int:
+    """Delete temporary files that earlier attempts left beside a local ``dest`` (a kill mid-download):
+    those of processes that are gone, and any older than ``older_than_s``. Returns how many."""
+    fs, path = url_to_fs(dest, storage_options)
+    if not is_local(fs):
+        return 0  # remote uploads are never visible before their commit
+    prefix = part_prefix(path)
+    removed = 0
+    for candidate in glob.glob(glob.escape(prefix) + "*.part"):
+        pid_text = candidate[len(prefix) :].split(".", 1)[0]
+        try:
+            stale = time.time() - os.path.getmtime(candidate) > older_than_s or not _pid_alive(int(pid_text))
+        except (OSError, ValueError):
+            stale = True
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(candidate)
+                removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _Retryable(Exception):
@@ -260,7 +285,7 @@ class _Download:
     ) -> None:
         self.url, self.dest, self.fs, self.path = url, dest, fs, path
         self.shown = f"{redact_url(url)} -> {full_url(fs, path)}"
-        self.sink: _Sink | None = None
+        self.sink: _LocalSink | _SpoolSink | None = None
         self.digest = hashlib.sha256()
         self.received = 0
         self.total: int | None = None
@@ -281,8 +306,13 @@ class _Download:
             and self.etag is not None
             and not self.etag.startswith("W/")
         )
+        served = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if served and not served.startswith("video/") and served not in _BINARY_TYPES:
+            raise NotAVideoError(
+                f"{self.shown}: the video URL answered with Content-Type {served!r}, not a video; nothing was "
+                "stored. Fetch the request's result again; if it persists, the service served an error page"
+            )
         if self.content_type is None:
-            served = response.headers.get("content-type", "").split(";")[0].strip().lower()
             self.content_type = served if served.startswith("video/") else guess_content_type(self.dest)
 
     def attempt(self, http: httpx.Client, chunk_size: int) -> None:
@@ -349,6 +379,7 @@ def store_video(
     backoff_s: float = 0.5,
     content_type: str | None = None,
     chunk_size: int = CHUNK_SIZE,
+    verify: Callable[[str], Any] | None = None,
 ) -> StoredVideo:
     """Stream ``url`` into ``dest`` (a local path or any fsspec URL) and publish it atomically.
 
@@ -358,6 +389,11 @@ def store_video(
     :class:`DownloadError` (with the URL's query redacted) once ``attempts`` are used up or on an
     answer that retrying cannot fix (e.g. 403/404 for an expired link); then nothing is published and
     no temporary file or upload is left.
+
+    Only a video is published: an answer whose Content-Type is neither ``video/*`` nor binary, or
+    whose body lacks the MP4 ``ftyp`` box (for ``.mp4``/``.mov``/``.m4v`` destinations), raises
+    :class:`NotAVideoError`, and so does ``verify(local_path)`` raising a ``MediaError`` (e.g. a probe
+    that fails), called on the complete body before it is published.
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
@@ -395,6 +431,13 @@ def store_video(
                 if delay > 0:
                     time.sleep(delay)
         assert state.sink is not None
+        state.sink.close()
+        _check_signature(state.sink.local_path, state.shown, dest)
+        if verify is not None:
+            try:
+                verify(state.sink.local_path)
+            except MediaError as exc:
+                raise NotAVideoError(f"{state.shown}: the downloaded file is not a playable video ({exc}); nothing was stored") from None
         try:
             state.sink.commit()
         except Exception as exc:
@@ -422,6 +465,18 @@ def store_video(
         content_type=state.content_type or guess_content_type(dest),
         attempts=attempt,
     )
+
+
+def _check_signature(local_path: str, shown: str, dest: str) -> None:
+    if not dest.lower().endswith((".mp4", ".mov", ".m4v")):
+        return
+    with open(local_path, "rb") as handle:
+        head = handle.read(12)
+    if head[4:8] != b"ftyp":
+        raise NotAVideoError(
+            f"{shown}: the downloaded body is not an MP4 (it starts with {head[:12]!r}, with no 'ftyp' box); "
+            "nothing was stored. Fetch the request's result again"
+        )
 
 
 def sha256_of(

@@ -252,9 +252,11 @@ def test_an_error_body_served_as_the_video_is_never_published(tmp_path: Path, s3
     dest = str(tmp_path / "v.mp4") if where == "local" else s3.url("videos/v.mp4")
     options = {} if where == "local" else s3.storage_options
     for content_type in ("application/json", "application/octet-stream"):
-        with ScriptedServer(ServerScript(payload=error, content_type=content_type)) as server:
-            with pytest.raises(NotAVideoError, match="not a video|not an MP4"):
-                store_video(f"{server.url}/v.mp4", dest, storage_options=options, backoff_s=0)
+        with (
+            ScriptedServer(ServerScript(payload=error, content_type=content_type)) as server,
+            pytest.raises(NotAVideoError, match="not a video|not an MP4"),
+        ):
+            store_video(f"{server.url}/v.mp4", dest, storage_options=options, backoff_s=0)
     if where == "local":
         assert not Path(dest).exists() and _leftovers(tmp_path) == []
     else:

@@ -73,14 +73,20 @@ def pipeline_run(emulator, folder: Path, out: Path, home: Path, batch: int) -> t
     from dagster import AssetKey, DagsterInstance
 
     from dagster_runway import RunComfyResource
-    from dagster_runway.pipeline import LocalDaemon, build_runway_pipeline
-    from dagster_runway.pipeline.sensors import decode_cursor
+    from dagster_runway.pipeline import build_runway_pipeline
+    from dagster_runway.pipeline.sensors import summary
+    from dagster_runway.testing import LocalDaemon
 
     home.mkdir(parents=True)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     resource = RunComfyResource(api_token=emulator.token, base_url=emulator.base_url, max_concurrency=16)
     defs = build_runway_pipeline(
-        str(folder), str(out), resource=resource, submit_batch_size=max(batch, 1), collect_batch_size=batch
+        str(folder),
+        str(out),
+        resource=resource,
+        submit_batch_size=max(batch, 1),
+        collect_batch_size=batch,
+        missing_prompt="service_default",
     )
     with DagsterInstance.from_config(str(home)) as instance:
         daemon = LocalDaemon(defs, instance)
@@ -91,10 +97,9 @@ def pipeline_run(emulator, folder: Path, out: Path, home: Path, batch: int) -> t
         while True:
             outcome = daemon.tick("runway_status_sensor")
             runs += len(outcome.run_ids) + len(outcome.failed_run_ids)
-            inflight = (decode_cursor(daemon.cursors.get("runway_status_sensor"), None) or {}).get(
-                "inflight", {}
-            )
-            if not inflight and not outcome.run_ids and not outcome.failed_run_ids:
+            counts = summary(outcome.cursor)
+            busy = counts.get("rebuilding") or any(counts.get(k) for k in ("in_flight", "submit", "collect", "running"))
+            if not busy and not outcome.run_ids and not outcome.failed_run_ids:
                 break
             time.sleep(0.05)
         elapsed = time.perf_counter() - started

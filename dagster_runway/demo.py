@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
             api_token=token or "", **({"base_url": base_url} if base_url else {}), poll_interval=0.5
         )
         output = args.output if "://" in args.output else str(Path(args.output).resolve())
-        defs = build_runway_pipeline(args.images, output, resource=resource, mode=args.mode)
+        defs = build_runway_pipeline(
+            args.images, output, resource=resource, mode=args.mode, missing_prompt="service_default"
+        )
         instance = stack.enter_context(DagsterInstance.get())
         print(f"DAGSTER_HOME={home}")
         rows = _drive(defs, instance, args)
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 def _drive(defs: Any, instance: Any, args: argparse.Namespace) -> list[Row]:
     import logging
 
-    from dagster_runway.pipeline import LocalDaemon
+    from dagster_runway.testing import LocalDaemon
 
     logging.getLogger("dagster").setLevel(logging.WARNING)  # the sensors' tick logs; the table says it all
 
@@ -103,6 +105,8 @@ def _drive(defs: Any, instance: Any, args: argparse.Namespace) -> list[Row]:
     names = [s.name for s in defs.sensors]
     discovery = next(n for n in names if n.endswith("_discovery_sensor"))
     status = next((n for n in names if n.endswith("_status_sensor")), None)
+    from dagster_runway.pipeline.sensors import summary
+
     failed_runs: list[str] = []
     outcome = daemon.tick(discovery)
     failed_runs += outcome.failed_run_ids
@@ -114,38 +118,35 @@ def _drive(defs: Any, instance: Any, args: argparse.Namespace) -> list[Row]:
     while status is not None and time.monotonic() < deadline:
         outcome = daemon.tick(status)
         failed_runs += outcome.failed_run_ids
-        inflight = _inflight(daemon.cursors.get(status))
+        counts = summary(outcome.cursor)
+        busy = counts.get("rebuilding") or any(counts.get(k) for k in ("in_flight", "submit", "collect", "running"))
         launched = len(outcome.run_ids) + len(outcome.failed_run_ids)
-        print(f"status: {inflight} in flight, {launched} collection run(s) launched", flush=True)
-        if inflight == 0 and launched == 0:
+        print(f"status: {counts.get('in_flight', 0)} in flight, {launched} run(s) launched", flush=True)
+        if not busy and launched == 0:
             break
         time.sleep(0.5)
     return _rows(defs, instance, failed_runs)
 
 
-def _inflight(cursor: str | None) -> int:
-    from dagster_runway.pipeline.sensors import decode_cursor
-
-    data = decode_cursor(cursor, None) or {}
-    return len(data.get("inflight", {}))
-
-
 def _rows(defs: Any, instance: Any, failed_runs: list[str]) -> list[Row]:
+    from dagster import AssetKey
+
     from dagster_runway.pipeline import records as rec
-    from dagster_runway.pipeline.collect import CHECK_NAMES
+    from dagster_runway.pipeline.checks import CHECK_NAMES
 
     videos_key = next(k for k in defs.resolve_asset_graph().get_all_asset_keys() if k.path[-1] == "videos")
     partitions_name = f"{'_'.join(videos_key.path[:-1])}_images"
-    reasons: dict[str, str] = {}
-    for run_id in failed_runs:
-        reasons.update(rec.failure_reasons(instance, run_id))
+    requests_key = AssetKey([*videos_key.path[:-1], "requests"])
     rows = []
     for key in instance.get_dynamic_partitions(partitions_name):
-        meta = rec.latest_materialization_metadata(instance, videos_key, key)
-        if meta is None:
-            rows.append(Row(key, "failed: " + reasons.get(key, "no video was produced")))
+        video = rec.latest_video(instance, videos_key, key)
+        if video is None:
+            failure = rec.latest_failure(instance, (requests_key, videos_key), key)
+            why = f"{failure.reason} Next step: {failure.next_step}" if failure else "no video was produced"
+            rows.append(Row(key, "failed: " + why))
             continue
-        statuses = rec.check_statuses(instance, videos_key, list(CHECK_NAMES), key)
+        meta = {f"runway/{k}": v for k, v in video.metadata.items()}
+        statuses = rec.current_check_statuses(instance, videos_key, list(CHECK_NAMES), key)
         passed_count = sum(status == "SUCCEEDED" for status in statuses.values())
         passed = passed_count == len(CHECK_NAMES)
         rows.append(

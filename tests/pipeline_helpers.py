@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,11 @@ from dagster import AssetKey, DagsterInstance, Definitions
 from PIL import Image, ImageDraw
 
 from dagster_runway import RunComfyResource
-from dagster_runway.pipeline import LocalDaemon, build_runway_pipeline
+from dagster_runway.pipeline import build_runway_pipeline
 from dagster_runway.pipeline import records as rec
-from dagster_runway.pipeline.collect import CHECK_NAMES
-from dagster_runway.pipeline.sensors import decode_cursor
+from dagster_runway.pipeline.checks import CHECK_NAMES
+from dagster_runway.pipeline.sensors import summary
+from dagster_runway.testing import LocalDaemon
 
 VIDEOS = AssetKey(["runway", "videos"])
 REQUESTS = AssetKey(["runway", "requests"])
@@ -51,6 +53,7 @@ def write_images(folder: Path, valid: int = 4, invalid: bool = True) -> dict[str
 
 
 def make_defs(emulator: Any, source: str, output: str, **options: Any) -> Definitions:
+    options.setdefault("missing_prompt", "service_default")
     resource = RunComfyResource(
         api_token=emulator.token,
         base_url=emulator.base_url,
@@ -61,30 +64,41 @@ def make_defs(emulator: Any, source: str, output: str, **options: Any) -> Defini
     return build_runway_pipeline(source, output, resource=resource, **options)
 
 
+def status_summary(daemon: LocalDaemon) -> dict[str, Any]:
+    return summary(daemon.cursor("runway_status_sensor"))
+
+
 def run_until_idle(daemon: LocalDaemon, max_ticks: int = 200) -> list[str]:
-    """Tick the status sensor until nothing is in flight and nothing launches; return failed run ids."""
+    """Tick the status sensor until nothing is in flight, owed or launched; return failed run ids."""
     failed: list[str] = []
     for _ in range(max_ticks):
         outcome = daemon.tick("runway_status_sensor")
         failed += outcome.failed_run_ids
-        inflight = len(
-            (decode_cursor(daemon.cursors.get("runway_status_sensor"), None) or {}).get("inflight", {})
-        )
-        if inflight == 0 and not outcome.run_ids and not outcome.failed_run_ids:
+        counts = status_summary(daemon)
+        busy = counts.get("rebuilding") or any(counts.get(k) for k in ("in_flight", "submit", "collect", "running"))
+        if not busy and not outcome.run_ids and not outcome.failed_run_ids:
             return failed
-    raise AssertionError("the pipeline did not settle")
+        time.sleep(0.02)
+    raise AssertionError(f"the pipeline did not settle: {status_summary(daemon)}")
 
 
 def video_metadata(instance: DagsterInstance, key: str) -> dict[str, Any] | None:
-    return rec.latest_materialization_metadata(instance, VIDEOS, key)
+    """The latest video materialization's ``runway/*`` metadata as plain values, with full keys."""
+    video = rec.latest_video(instance, VIDEOS, key)
+    return None if video is None else {f"runway/{k}": v for k, v in video.metadata.items()}
 
 
 def check_statuses(instance: DagsterInstance, key: str) -> dict[str, str]:
-    return rec.check_statuses(instance, VIDEOS, list(CHECK_NAMES), key)
+    """Per-partition check status as the UI's check Partitions tab counts it (current results only)."""
+    return rec.current_check_statuses(instance, VIDEOS, list(CHECK_NAMES), key)
 
 
 def failure_reasons(instance: DagsterInstance, run_id: str) -> dict[str, str]:
-    return rec.failure_reasons(instance, run_id)
+    return rec.step_failure_reasons(instance, run_id)
+
+
+def latest_failure(instance: DagsterInstance, key: str) -> rec.FailureRecord | None:
+    return rec.latest_failure(instance, (REQUESTS, VIDEOS), key)
 
 
 def video_materialization_count(instance: DagsterInstance) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dagster_runway.pipeline.collect import CHECK_NAMES
+from dagster_runway.pipeline.checks import CHECK_NAMES
 from tests.graphql_client import DOCUMENTS
 from tests.pipeline_helpers import write_images
 
@@ -37,7 +37,12 @@ def test_graphql_documents_match_dagster_graphql_schema() -> None:
 @pytest.mark.deployment
 def test_images_become_videos_on_a_real_deployment(deploy, tmp_path: Path) -> None:
     images = write_images(tmp_path / "images", valid=6, invalid=False)
-    deployment = deploy(source=tmp_path / "images", output=tmp_path / "videos", time_scale=0.01)
+    deployment = deploy(
+        source=tmp_path / "images",
+        output=tmp_path / "videos",
+        time_scale=0.01,
+        env={"RUNWAY_MISSING_PROMPT": "service_default", "RUNWAY_OPTIONS": '{"status_interval_s": 5}'},
+    )
     gql = deployment.graphql
     started = time.monotonic()
 

@@ -1,4 +1,4 @@
-"""The deferred pipeline end to end on a real instance: sensors tick, runs launch, checks run."""
+"""The deferred pipeline end to end on a real instance: sensors tick, runs launch, checks run, money is counted."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, instance_for_test
 
-from dagster_runway.pipeline import LocalDaemon
-from dagster_runway.pipeline.sensors import decode_cursor
+from dagster_runway import _compat
+from dagster_runway.emulator import FaultRule
+from dagster_runway.pipeline import metadata as md
+from dagster_runway.testing import LocalDaemon
 
 from .pipeline_helpers import (
     CHECK_NAMES,
@@ -19,13 +21,17 @@ from .pipeline_helpers import (
     VIDEOS,
     check_statuses,
     failure_reasons,
+    latest_failure,
     make_defs,
     png_bytes,
     run_until_idle,
+    status_summary,
     video_materialization_count,
     video_metadata,
     write_images,
 )
+
+PASSED = {name: "SUCCEEDED" for name in CHECK_NAMES}
 
 
 @pytest.fixture
@@ -34,169 +40,83 @@ def instance() -> DagsterInstance:
         yield instance
 
 
-def test_end_to_end_valid_images_become_checked_videos_and_invalid_ones_fail_before_submit(
+def _settle(daemon: LocalDaemon) -> list[str]:
+    daemon.tick("runway_discovery_sensor")
+    return run_until_idle(daemon)
+
+
+def test_valid_images_become_checked_videos_and_invalid_ones_fail_before_paying(
     tmp_path: Path, emulator, instance: DagsterInstance
 ) -> None:
     files = write_images(tmp_path / "images", valid=4, invalid=True)
-    out = tmp_path / "videos"
-    defs = make_defs(emulator, str(tmp_path / "images"), str(out))
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
     daemon = LocalDaemon(defs, instance)
 
     discovery = daemon.tick("runway_discovery_sensor")
-    assert discovery.new_partitions == 6
-    # The submit run fails (two bad images), but only after submitting the four good ones.
-    assert len(discovery.failed_run_ids) == 1
+    assert discovery.new_partitions == 6 and discovery.run_ids == []  # the status sensor decides what to submit
+    failed_runs = run_until_idle(daemon)
+    assert len(failed_runs) == 1  # the submit run fails for the two bad images, after submitting the four good ones
     assert emulator.ledger().billed_submissions == 4
 
-    failed = run_until_idle(daemon)
-    assert failed == []
-
     keys = instance.get_dynamic_partitions(PARTITIONS)
-    assert len(keys) == 6
-    videos = {key: video_metadata(instance, key) for key in keys}
-    good = {k for k, v in videos.items() if v is not None}
-    assert len(good) == 4
+    good = {k for k in keys if video_metadata(instance, k)}
+    assert good == set(keys) - {"too-wide.png", "not-an-image.png"}
     for key in good:
-        meta = videos[key]
-        assert Path(meta["runway/video_uri"]).exists()
-        assert Path(meta["runway/poster"]).exists()
-        assert meta["runway/video_codec"] == "h264"
-        assert meta["runway/request_id"]
-        assert meta["runway/source_sha256"]
-        assert isinstance(meta["runway/cost_usd"], float) and meta["runway/cost_usd"] > 0
-        assert check_statuses(instance, key) == {name: "SUCCEEDED" for name in CHECK_NAMES}
-    assert set(keys) - good == {"too-wide.png", "not-an-image.png"}
-    requested = {r.partition_key for r in instance.fetch_materializations(REQUESTS, limit=100).records}
-    assert requested == good
-    reasons = failure_reasons(instance, discovery.failed_run_ids[0])
-    assert set(reasons) == {"too-wide.png", "not-an-image.png"}
-    assert "aspect ratio 3.00" in reasons["too-wide.png"] and "crop" in reasons["too-wide.png"]
-    assert str(files["not-an-image.png"]) in reasons["not-an-image.png"]
+        meta = video_metadata(instance, key)
+        assert Path(meta["runway/video_uri"]).exists() and Path(meta["runway/poster"]).exists()
+        assert meta["runway/video_codec"] == "h264" and meta["runway/request_id"]
+        assert meta["runway/cost_usd"] > 0 and meta["runway/source_sha256"]
+        assert check_statuses(instance, key) == PASSED  # current: linked to this very materialization
+    wide = latest_failure(instance, "too-wide.png")
+    assert wide.failure_class == "invalid_input" and "aspect ratio 3.00" in wide.reason and "crop" in wide.reason
+    junk = latest_failure(instance, "not-an-image.png")
+    assert str(files["not-an-image.png"]) in junk.reason
+    assert set(failure_reasons(instance, failed_runs[0])) == {"too-wide.png", "not-an-image.png"}
+    assert status_summary(daemon)["done"] == 4 and status_summary(daemon)["failed"] == 2
 
-    # Re-running everything bills nothing and rewrites nothing.
-    mtimes = {key: os.stat(videos[key]["runway/video_uri"]).st_mtime_ns for key in good}
+    # Materializing everything again bills nothing, rewrites nothing, and still ends materialized and checked.
+    mtimes = {k: os.stat(video_metadata(instance, k)["runway/video_uri"]).st_mtime_ns for k in good}
     count = video_materialization_count(instance)
-    submit = defs.resolve_job_def("runway_submit_job")
-    collect = defs.resolve_job_def("runway_collect_job")
-    for key in good:
+    submit, collect = defs.resolve_job_def("runway_submit_job"), defs.resolve_job_def("runway_collect_job")
+    for key in sorted(good):
         assert submit.execute_in_process(instance=instance, partition_key=key).success
         assert collect.execute_in_process(instance=instance, partition_key=key).success
     assert emulator.ledger().billed_submissions == 4
-    assert video_materialization_count(instance) == count
-    assert {key: os.stat(videos[key]["runway/video_uri"]).st_mtime_ns for key in good} == mtimes
+    assert video_materialization_count(instance) == count + len(good)
+    for key in good:
+        meta = video_metadata(instance, key)
+        assert meta["runway/state"] == md.VERIFIED and meta["runway/verified_unchanged"] is True
+        assert os.stat(meta["runway/video_uri"]).st_mtime_ns == mtimes[key]
+        assert check_statuses(instance, key) == PASSED
+    reused = instance.fetch_materializations(REQUESTS, limit=1).records[0].asset_materialization
+    assert reused.metadata["runway/state"].value == md.REUSED and "runway/input" in reused.metadata
+    assert run_until_idle(daemon) == [] and emulator.ledger().billed_submissions == 4
 
 
-def test_changed_image_bills_exactly_one_new_submission(tmp_path: Path, emulator, instance: DagsterInstance):
+def test_a_changed_image_is_regenerated_once_when_asked(tmp_path: Path, emulator, instance: DagsterInstance):
     files = write_images(tmp_path / "images", valid=3, invalid=False)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), on_change="regenerate")
     daemon = LocalDaemon(defs, instance)
-    daemon.tick("runway_discovery_sensor")
-    assert run_until_idle(daemon) == []
-    assert emulator.ledger().billed_submissions == 3
+    assert _settle(daemon) == [] and emulator.ledger().billed_submissions == 3
+    before = video_metadata(instance, "img01.png")["runway/request_id"]
 
     time.sleep(0.01)
     files["img01.png"].write_bytes(png_bytes(180, 320, (250, 10, 10)))
-    outcome = daemon.tick("runway_discovery_sensor")
-    assert outcome.new_partitions == 0 and len(outcome.run_ids) == 1
+    assert daemon.tick("runway_discovery_sensor").new_partitions == 0
     assert run_until_idle(daemon) == []
     assert emulator.ledger().billed_submissions == 4
-
-    # A tick with nothing new changes nothing.
-    outcome = daemon.tick("runway_discovery_sensor")
-    assert outcome.run_ids == [] and outcome.failed_run_ids == []
-    assert emulator.ledger().billed_submissions == 4
+    assert video_metadata(instance, "img01.png")["runway/request_id"] != before
+    assert _settle(daemon) == [] and emulator.ledger().billed_submissions == 4
 
 
-def test_status_sensor_cursor_is_rebuilt_from_the_event_log(
-    tmp_path: Path, emulator, instance: DagsterInstance
-):
-    write_images(tmp_path / "images", valid=3, invalid=False)
-    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
-    daemon = LocalDaemon(defs, instance)
-    emulator.pause()
-    daemon.tick("runway_discovery_sensor")
-    first = daemon.tick("runway_status_sensor")
-    assert first.run_ids == []
-    daemon.cursors["runway_status_sensor"] = "not a cursor"  # lost or corrupt
-    emulator.resume()
-    assert run_until_idle(daemon) == []
-    keys = instance.get_dynamic_partitions(PARTITIONS)
-    assert all(video_metadata(instance, key) for key in keys)
-    # Losing the cursor again, after everything was collected, collects nothing twice.
-    count = video_materialization_count(instance)
-    daemon.cursors["runway_status_sensor"] = None
-    assert run_until_idle(daemon) == []
-    assert video_materialization_count(instance) == count
-    assert emulator.ledger().billed_submissions == 3
-
-
-def test_many_completions_are_batched_into_few_runs(tmp_path: Path, emulator, instance: DagsterInstance):
-    write_images(tmp_path / "images", valid=12, invalid=False)
-    defs = make_defs(
-        emulator,
-        str(tmp_path / "images"),
-        str(tmp_path / "videos"),
-        submit_batch_size=5,
-        collect_batch_size=5,
-    )
-    daemon = LocalDaemon(defs, instance)
-    discovery = daemon.tick("runway_discovery_sensor")
-    assert len(discovery.run_ids) == 3  # 12 new images in batches of 5
-    time.sleep(0.2)
-    outcome = daemon.tick("runway_status_sensor")
-    assert len(outcome.run_ids) == 3  # 12 completions, 3 collection runs
-    assert run_until_idle(daemon) == []
-    assert video_materialization_count(instance) == 12
-
-
-def test_failed_generation_fails_its_partition_visibly_and_others_go_on(
-    tmp_path: Path, emulator, instance: DagsterInstance
-) -> None:
-    from dagster_runway.emulator import FaultRule
-
-    write_images(tmp_path / "images", valid=3, invalid=False)
-    emulator.add_fault(
-        FaultRule(kind="generation_failed", endpoint="any", times=1, failure_code="SAFETY.INPUT.IMAGE")
-    )
-    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
-    daemon = LocalDaemon(defs, instance)
-    daemon.tick("runway_discovery_sensor")
-    failed_runs = run_until_idle(daemon)
-    assert len(failed_runs) == 1
-    reasons = failure_reasons(instance, failed_runs[0])
-    assert len(reasons) == 1
-    ((bad_key, reason),) = reasons.items()
-    assert "SAFETY.INPUT.IMAGE" in reason and "do not retry" in reason
-    keys = instance.get_dynamic_partitions(PARTITIONS)
-    assert {k for k in keys if video_metadata(instance, k)} == set(keys) - {bad_key}
-    # The UI's "failed" partitions: attempted in a failed run and not materialized since.
-    attempts = instance.event_log_storage.get_latest_asset_partition_materialization_attempts_without_materializations(
-        VIDEOS
-    )
-    failed = {p for p, (run_id, _) in attempts.items() if instance.get_run_by_id(run_id).is_failure}
-    assert failed == {bad_key}
-    # Running the partition again is how a user asks for a new attempt: a failed request is not reused.
-    submit = defs.resolve_job_def("runway_submit_job")
-    assert submit.execute_in_process(instance=instance, partition_key=bad_key).success
-    assert emulator.ledger().billed_submissions == 4
-    assert run_until_idle(daemon) == []
-    assert video_metadata(instance, bad_key) is not None
-    # The status sensor recorded the request's progress on the requests asset.
-    observed = instance.fetch_observations(REQUESTS, limit=100).records
-    assert {r.asset_observation.metadata["runway/status"].value for r in observed} >= {"completed"}
-
-
-def test_a_changed_image_marks_its_video_stale_without_paying(
-    tmp_path: Path, emulator, instance: DagsterInstance
-):
+def test_a_changed_image_marks_its_video_stale_without_paying(tmp_path: Path, emulator, instance: DagsterInstance):
     from dagster._core.definitions.data_version import StaleStatus
     from dagster._utils.test.data_versions import get_stale_status_resolver
 
     files = write_images(tmp_path / "images", valid=2, invalid=False)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))  # on_change="mark_stale"
     daemon = LocalDaemon(defs, instance)
-    daemon.tick("runway_discovery_sensor")
-    assert run_until_idle(daemon) == []
+    assert _settle(daemon) == []
 
     def status(key: str) -> tuple[StaleStatus, StaleStatus]:
         resolver = get_stale_status_resolver(instance, list(defs.resolve_asset_graph().assets_defs))
@@ -206,43 +126,11 @@ def test_a_changed_image_marks_its_video_stale_without_paying(
     assert status("img00.png") == fresh
     time.sleep(0.01)
     files["img00.png"].write_bytes(png_bytes(320, 180, (0, 250, 0)))
-    outcome = daemon.tick("runway_discovery_sensor")
-    assert outcome.run_ids == [] and outcome.events == 1
+    assert daemon.tick("runway_discovery_sensor").events == 1
+    assert run_until_idle(daemon) == []
     assert status("img00.png") == (StaleStatus.STALE, StaleStatus.STALE)
     assert status("img01.png") == fresh
     assert emulator.ledger().billed_submissions == 2
-
-
-def test_an_ambiguous_submit_is_recorded_and_never_silently_paid_again(
-    tmp_path: Path, emulator, instance: DagsterInstance
-) -> None:
-    from dagster_runway.emulator import FaultRule
-
-    write_images(tmp_path / "images", valid=1, invalid=False)
-    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
-    emulator.add_fault(FaultRule(kind="reset", endpoint="submit", times=1, after_accept=True))
-    daemon = LocalDaemon(defs, instance)
-    outcome = daemon.tick("runway_discovery_sensor")
-    assert len(outcome.failed_run_ids) == 1
-    assert emulator.ledger().billed_submissions == 1  # accepted, but the answer was lost
-    reason = failure_reasons(instance, outcome.failed_run_ids[0])["img00.png"]
-    assert "may have been accepted and billed" in reason
-
-    submit = defs.resolve_job_def("runway_submit_job")
-    again = submit.execute_in_process(instance=instance, partition_key="img00.png", raise_on_error=False)
-    assert not again.success
-    assert "force_after_ambiguous" in failure_reasons(instance, again.run_id)["img00.png"]
-    assert emulator.ledger().billed_submissions == 1
-
-    forced = submit.execute_in_process(
-        instance=instance,
-        partition_key="img00.png",
-        run_config={"ops": {"runway_requests": {"config": {"force_after_ambiguous": True}}}},
-    )
-    assert forced.success
-    assert emulator.ledger().billed_submissions == 2
-    assert run_until_idle(daemon) == []
-    assert video_metadata(instance, "img00.png") is not None
 
 
 def test_an_edited_sidecar_prompt_counts_as_a_change(tmp_path: Path, emulator, instance: DagsterInstance):
@@ -250,16 +138,153 @@ def test_an_edited_sidecar_prompt_counts_as_a_change(tmp_path: Path, emulator, i
     (tmp_path / "images" / "img00.txt").write_text("a slow dolly-in")
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), on_change="regenerate")
     daemon = LocalDaemon(defs, instance)
-    daemon.tick("runway_discovery_sensor")
-    assert run_until_idle(daemon) == []
+    assert _settle(daemon) == []
     assert video_metadata(instance, "img00.png")["runway/prompt_text"] == "a slow dolly-in"
 
     (tmp_path / "images" / "img00.txt").write_text("a fast whip pan")
-    outcome = daemon.tick("runway_discovery_sensor")
-    assert len(outcome.run_ids) == 1
-    assert run_until_idle(daemon) == []
+    assert _settle(daemon) == []
     assert emulator.ledger().billed_submissions == 3
     assert video_metadata(instance, "img00.png")["runway/prompt_text"] == "a fast whip pan"
+
+
+def test_a_fixed_bad_input_is_submitted_whatever_on_change_says(tmp_path: Path, emulator, instance: DagsterInstance):
+    write_images(tmp_path / "images", valid=1, invalid=True)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))  # on_change="mark_stale"
+    daemon = LocalDaemon(defs, instance)
+    _settle(daemon)
+    assert latest_failure(instance, "too-wide.png").failure_class == "invalid_input"
+    assert _settle(daemon) == [] and emulator.ledger().billed_submissions == 1  # nothing retried as is
+
+    (tmp_path / "images" / "too-wide.png").write_bytes(png_bytes(400, 200))  # cropped to exactly 2:1 ... still out
+    _settle(daemon)
+    assert emulator.ledger().billed_submissions == 1
+    (tmp_path / "images" / "too-wide.png").write_bytes(png_bytes(390, 200))  # inside 1:2..2:1 now
+    assert _settle(daemon) == []
+    assert emulator.ledger().billed_submissions == 2
+    assert video_metadata(instance, "too-wide.png") is not None
+
+
+def test_lost_sensor_memory_is_rebuilt_from_the_event_log_without_paying_or_collecting_twice(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
+    write_images(tmp_path / "images", valid=3, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
+    daemon = LocalDaemon(defs, instance)
+    emulator.pause()
+    daemon.tick("runway_discovery_sensor")
+    daemon.tick("runway_status_sensor")  # submits; everything stays queued
+    assert emulator.ledger().billed_submissions == 3
+    _forget(instance)  # memory and cursors wiped, as if the instance's key-value store were lost
+    emulator.resume()
+    assert run_until_idle(daemon) == []
+    keys = instance.get_dynamic_partitions(PARTITIONS)
+    assert all(video_metadata(instance, key) for key in keys)
+    count = video_materialization_count(instance)
+    _forget(instance)
+    assert _settle(daemon) == []
+    assert video_materialization_count(instance) == count
+    assert emulator.ledger().billed_submissions == 3
+
+
+def _forget(instance: DagsterInstance) -> None:
+    for sensor in ("runway_discovery_sensor", "runway_status_sensor"):
+        _compat.kv_set(instance, f"dagster_runway/runway_images/{sensor}", "")
+        _compat.kv_set(instance, f"dagster_runway/local_daemon/cursor/{sensor}", "")
+
+
+def test_many_partitions_are_batched_into_few_runs(tmp_path: Path, emulator, instance: DagsterInstance):
+    write_images(tmp_path / "images", valid=12, invalid=False)
+    defs = make_defs(
+        emulator, str(tmp_path / "images"), str(tmp_path / "videos"), submit_batch_size=5, collect_batch_size=5
+    )
+    daemon = LocalDaemon(defs, instance)
+    daemon.tick("runway_discovery_sensor")
+    first = daemon.tick("runway_status_sensor")
+    assert len(first.run_ids) == 3  # 12 new images, submitted in runs of 5
+    time.sleep(0.3)
+    second = daemon.tick("runway_status_sensor")
+    assert len(second.run_ids) == 3  # 12 finished requests, collected in runs of 5
+    assert run_until_idle(daemon) == []
+    assert video_materialization_count(instance) == 12
+
+
+def test_a_safety_rejection_fails_its_partition_with_the_fix_and_is_not_paid_again(
+    tmp_path: Path, emulator, instance: DagsterInstance
+) -> None:
+    write_images(tmp_path / "images", valid=3, invalid=False)
+    emulator.add_fault(FaultRule(kind="generation_failed", endpoint="any", times=1, failure_code="SAFETY.INPUT.IMAGE"))
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
+    daemon = LocalDaemon(defs, instance)
+    failed_runs = _settle(daemon)
+    assert len(failed_runs) == 1
+    ((bad, reason),) = failure_reasons(instance, failed_runs[0]).items()
+    assert "SAFETY.INPUT.IMAGE" in reason and "change the image or its prompt" in reason
+    failure = latest_failure(instance, bad)
+    assert failure.failure_class == "generation_safety" and failure.request_id
+    keys = instance.get_dynamic_partitions(PARTITIONS)
+    assert {k for k in keys if video_metadata(instance, k)} == set(keys) - {bad}
+    # The UI's failed partitions: attempted in a failed run and not materialized since.
+    attempts = instance.event_log_storage.get_latest_asset_partition_materialization_attempts_without_materializations(
+        VIDEOS
+    )
+    assert {p for p, (run_id, _) in attempts.items() if instance.get_run_by_id(run_id).is_failure} == {bad}
+
+    # Neither the sensor nor a plain materialization pays for the same rejected input again...
+    assert _settle(daemon) == [] and emulator.ledger().billed_submissions == 3
+    submit = defs.resolve_job_def("runway_submit_job")
+    again = submit.execute_in_process(instance=instance, partition_key=bad, raise_on_error=False)
+    assert not again.success and "force_resubmit" in failure_reasons(instance, again.run_id)[bad]
+    assert emulator.ledger().billed_submissions == 3
+    # ...unless asked to.
+    config = {"ops": {"runway_requests": {"config": {"force_resubmit": True}}}}
+    assert submit.execute_in_process(instance=instance, partition_key=bad, run_config=config).success
+    assert emulator.ledger().billed_submissions == 4
+    assert run_until_idle(daemon) == [] and video_metadata(instance, bad) is not None
+    observed = instance.fetch_observations(REQUESTS, limit=100).records
+    assert {r.asset_observation.metadata["runway/status"].value for r in observed if "runway/status" in r.asset_observation.metadata} >= {"completed"}
+
+
+def test_an_internal_failure_is_retried_by_the_status_sensor_when_allowed(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
+    write_images(tmp_path / "images", valid=2, invalid=False)
+    emulator.add_fault(
+        FaultRule(kind="generation_failed", endpoint="any", times=1, failure_code="INTERNAL.BAD_OUTPUT.CODE01")
+    )
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), retry_failed_generations=1)
+    daemon = LocalDaemon(defs, instance)
+    failed_runs = _settle(daemon)
+    assert len(failed_runs) == 1  # the collect that found the failure; the sensor then resubmitted it
+    keys = instance.get_dynamic_partitions(PARTITIONS)
+    assert all(video_metadata(instance, k) for k in keys)
+    assert emulator.ledger().billed_submissions == 3  # one retry, billed once
+    retried = [k for k in keys if video_metadata(instance, k)["runway/attempt"] == 2]
+    assert len(retried) == 1
+
+
+def test_an_ambiguous_submit_is_flagged_and_never_silently_paid_again(
+    tmp_path: Path, emulator, instance: DagsterInstance
+) -> None:
+    write_images(tmp_path / "images", valid=1, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
+    emulator.add_fault(FaultRule(kind="reset", endpoint="submit", times=1, after_accept=True))
+    daemon = LocalDaemon(defs, instance)
+    failed = _settle(daemon)
+    assert len(failed) == 1 and emulator.ledger().billed_submissions == 1  # accepted, but the answer was lost
+    failure = latest_failure(instance, "img00.png")
+    assert failure.failure_class == "ambiguous" and "may have been accepted and billed" in failure.reason
+    assert "force_after_ambiguous: true" in failure.next_step and "seed" in failure.next_step
+
+    assert _settle(daemon) == []  # the sensor does not retry it
+    submit = defs.resolve_job_def("runway_submit_job")
+    again = submit.execute_in_process(instance=instance, partition_key="img00.png", raise_on_error=False)
+    assert not again.success and "force_after_ambiguous" in failure_reasons(instance, again.run_id)["img00.png"]
+    assert emulator.ledger().billed_submissions == 1
+
+    config = {"ops": {"runway_requests": {"config": {"force_after_ambiguous": True}}}}
+    assert submit.execute_in_process(instance=instance, partition_key="img00.png", run_config=config).success
+    assert emulator.ledger().billed_submissions == 2
+    assert run_until_idle(daemon) == [] and video_metadata(instance, "img00.png") is not None
 
 
 def test_an_expired_request_fails_its_partition_with_the_fix(tmp_path: Path, emulator_factory, instance):
@@ -267,14 +292,42 @@ def test_an_expired_request_fails_its_partition_with_the_fix(tmp_path: Path, emu
     write_images(tmp_path / "images", valid=1, invalid=False)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
     daemon = LocalDaemon(defs, instance)
+    emulator.pause()
     daemon.tick("runway_discovery_sensor")
+    daemon.tick("runway_status_sensor")  # submitted, still queued
+    emulator.resume()
     time.sleep(1.0)  # the request and its video expire before anyone collects them
     failed = run_until_idle(daemon)
     assert len(failed) == 1
-    reason = failure_reasons(instance, failed[0])["img00.png"]
-    assert "expired" in reason and "materialize the requests partition again" in reason
-    observed = instance.fetch_observations(REQUESTS, limit=10).records
-    assert observed[0].asset_observation.metadata["runway/status"].value == "expired"
+    failure = latest_failure(instance, "img00.png")
+    assert failure.failure_class == "expired" and "materialize runway/requests" in failure.next_step
+    assert emulator.ledger().billed_submissions == 1
+
+
+def test_the_spend_cap_refuses_before_paying_and_the_rest_goes_when_it_is_raised(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
+    write_images(tmp_path / "images", valid=4, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), max_spend_usd=0.5)
+    daemon = LocalDaemon(defs, instance)
+    _settle(daemon)
+    assert emulator.ledger().billed_submissions == 2
+    keys = instance.get_dynamic_partitions(PARTITIONS)
+    capped = [k for k in keys if video_metadata(instance, k) is None]
+    assert len(capped) == 2
+    failure = latest_failure(instance, capped[0])
+    assert failure.failure_class == "spend_cap" and "spend cap reached: $0.50 of $0.50" in failure.reason
+    assert "raise max_spend_usd" in failure.next_step
+    assert _settle(daemon) == [] and emulator.ledger().billed_submissions == 2  # nothing more while capped
+    done = [k for k in keys if k not in capped]
+    assert video_metadata(instance, done[0])["runway/spend_cap_usd"] == 0.5
+
+    raised = LocalDaemon(
+        make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), max_spend_usd=2.0), instance
+    )
+    assert _settle(raised) == []
+    assert emulator.ledger().billed_submissions == 4
+    assert all(video_metadata(instance, k) for k in keys)
 
 
 def test_status_sensor_polls_round_robin_inside_its_budget(tmp_path: Path, emulator_factory, instance):
@@ -285,18 +338,21 @@ def test_status_sensor_polls_round_robin_inside_its_budget(tmp_path: Path, emula
     write_images(tmp_path / "images", valid=6, invalid=False)
     resource = RunComfyResource(api_token=emulator.token, base_url=emulator.base_url, max_concurrency=1)
     defs = build_runway_pipeline(
-        str(tmp_path / "images"), str(tmp_path / "videos"), resource=resource, sensor_budget_s=1.0
+        str(tmp_path / "images"),
+        str(tmp_path / "videos"),
+        resource=resource,
+        sensor_budget_s=4.0,
+        missing_prompt="service_default",
     )
     daemon = LocalDaemon(defs, instance)
     emulator.pause()
     daemon.tick("runway_discovery_sensor")
+    daemon.tick("runway_status_sensor")  # submits the six
     daemon.tick("runway_status_sensor")
-    first = decode_cursor(daemon.cursors["runway_status_sensor"], None)
-    assert len(first["inflight"]) == 6
-    assert 0 < first["rr"] < 6  # the budget cut the tick short; the next one starts where it stopped
+    first = status_summary(daemon)
+    assert first["in_flight"] == 6 and 0 < first["polled"] < 6  # the budget cut the tick short
     daemon.tick("runway_status_sensor")
-    second = decode_cursor(daemon.cursors["runway_status_sensor"], None)
-    assert second["rr"] > first["rr"]
+    assert status_summary(daemon)["polled"] > 0  # the next one goes on from there
     emulator.resume()
     assert run_until_idle(daemon, max_ticks=100) == []
     assert video_materialization_count(instance) == 6

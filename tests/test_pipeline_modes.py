@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, instance_for_test, materialize
 
-from dagster_runway.pipeline import LocalDaemon
+from dagster_runway.testing import LocalDaemon
 
 from .pipeline_helpers import PARTITIONS, VIDEOS, make_defs, run_until_idle, video_metadata, write_images
 
@@ -123,14 +123,14 @@ def test_s3_source_and_output_through_moto(tmp_path: Path, emulator, s3, instanc
     daemon = LocalDaemon(defs, instance)
     discovery = daemon.tick("runway_discovery_sensor")
     assert discovery.new_partitions == 4
+    assert len(run_until_idle(daemon)) == 1  # the submit run fails for the two bad images
     assert emulator.ledger().billed_submissions == 2
-    assert run_until_idle(daemon) == []
     made = [k for k in instance.get_dynamic_partitions(PARTITIONS) if video_metadata(instance, k)]
     assert len(made) == 2
     for key in made:
-        uri = video_metadata(instance, key)["runway/video_uri"]
-        assert uri.startswith("s3://")
-        head = s3.client.head_object(Bucket=s3.bucket, Key=uri.split(s3.bucket + "/", 1)[1])
+        link = video_metadata(instance, key)["runway/video_uri"]  # opens from the UI: the object on the endpoint
+        assert link.startswith(f"{s3.endpoint_url}/{s3.bucket}/videos/")
+        head = s3.client.head_object(Bucket=s3.bucket, Key=link.split(s3.bucket + "/", 1)[1])
         assert head["ContentType"] == "video/mp4" and head["ContentLength"] > 1000
 
 
@@ -156,8 +156,8 @@ def test_discovery_of_20000_images_finishes_well_inside_a_tick(tmp_path: Path, e
     print(f"discovery tick over 20,000 images: {elapsed:.2f}s")
     added = result.dynamic_partitions_requests[0].partition_keys
     assert len(added) == 20_000 and len(set(added)) == 20_000
-    assert len(result.run_requests) == 20_000 // 50
-    assert len(result.cursor) < 1_000_000
+    assert result.run_requests == []  # the status sensor submits what is owed
+    assert len(result.cursor) < 200  # a summary: the sensor's memory is in the instance's key-value store
 
 
 def test_definitions_py_validates_with_the_dagster_cli(tmp_path: Path):

@@ -1,4 +1,10 @@
-"""The pipeline's assets: source images (external), requests (submit) and videos (collect)."""
+"""The pipeline's assets: source images (external), requests (submit) and videos (collect), with checks."""
+
+
+
+import time
+from collections.abc import Iterator
+from typing import Any
 
 from dagster import (
     AssetExecutionContext,
@@ -6,18 +12,18 @@ from dagster import (
     BackfillPolicy,
     Config,
     DagsterExecutionInterruptedError,
-    Failure,
-    MetadataValue,
     multi_asset,
 )
 from pydantic import Field
 
 from dagster_runway._redact import redact_url
-from dagster_runway.client import RunComfyClient
-from dagster_runway.errors import RunComfyError
-from dagster_runway.pipeline.collect import check_specs, iter_collect
-from dagster_runway.pipeline.config import RunwayPipeline
-from dagster_runway.pipeline.submit import SubmitBatch
+from dagster_runway.pipeline import checks as ck
+from dagster_runway.pipeline import failures as fl
+from dagster_runway.pipeline import metadata as md
+from dagster_runway.pipeline import records as rec
+from dagster_runway.pipeline.collect import CollectBatch, verify_stored
+from dagster_runway.pipeline.config import RunwayPipelineConfig
+from dagster_runway.pipeline.submit import Ready, SubmitBatch
 from dagster_runway.resource import RunComfyResource
 
 KINDS = {"runway", "video"}
@@ -26,7 +32,7 @@ KINDS = {"runway", "video"}
 class SubmitConfig(Config):
     partitions: list[str] = Field(
         default_factory=list,
-        description="Submit only these partitions of the run's range (the discovery sensor sets this); empty "
+        description="Submit only these partitions of the run's range (the status sensor sets this); empty "
         "means every partition in the range.",
     )
     force_after_ambiguous: bool = Field(
@@ -34,56 +40,53 @@ class SubmitConfig(Config):
         description="Submit even where an earlier submit of the same input may have been billed (its answer "
         "was lost). Check your RunComfy generations first.",
     )
+    force_resubmit: bool = Field(
+        default=False,
+        description="Submit again even where the same input's last generation failed for a reason a retry is "
+        "unlikely to fix (a safety rejection). Each attempt is billed.",
+    )
 
 
-class CollectConfig(Config):
+class CollectConfig(SubmitConfig):
     partitions: list[str] = Field(
         default_factory=list,
         description="Collect only these partitions of the run's range (the status sensor sets this); empty "
         "means every partition in the range.",
     )
-    force_after_ambiguous: bool = Field(
-        default=False, description="Blocking mode: submit even after an ambiguous earlier submit."
-    )
 
 
-def images_spec(pipeline: RunwayPipeline) -> AssetSpec:
+def images_spec(pipeline: RunwayPipelineConfig) -> AssetSpec:
     return AssetSpec(
         pipeline.images_key,
-        description=f"Still images found in {redact_url(pipeline.source_url)} ({', '.join(pipeline.patterns)}), one dynamic "
-        "partition each. The discovery sensor observes them; each observation's data version is the image's "
-        "change token, so a changed image makes its video stale.",
+        description=f"Still images found in {redact_url(pipeline.source)} ({', '.join(pipeline.patterns)}), one "
+        "dynamic partition each. The discovery sensor observes them; each observation's data version is the "
+        "image's version (its bytes, sidecars and manifest row), so a changed image makes its video stale.",
         group_name=pipeline.group_name,
         kinds={*KINDS, "image"},
         partitions_def=pipeline.partitions_def,
     )
 
 
-def _failure(what: str, failures: list[tuple[str, str]], total: int) -> Failure:
-    lines = "\n".join(f"- {key}: {reason}" for key, reason in failures)
-    return Failure(
-        description=f"{len(failures)} of {total} partitions could not {what}:\n{lines}",
-        metadata={"failed_partitions": MetadataValue.json({key: reason for key, reason in failures})},
-    )
-
-
 def _selected(context: AssetExecutionContext, only: list[str]) -> list[str]:
     keys = list(context.partition_keys)
-    return [k for k in keys if k in set(only)] if only else keys
+    wanted = set(only)
+    return [k for k in keys if k in wanted] if only else keys
 
 
-def _cancel_on_interrupt(
-    batch: SubmitBatch, pipeline: RunwayPipeline, context: AssetExecutionContext
-) -> None:
-    if pipeline.cancel_on_termination and batch.submitted_ids:
+def _resource(context: AssetExecutionContext, pipeline: RunwayPipelineConfig) -> RunComfyResource:
+    return getattr(context.resources, pipeline.resource_key)
+
+
+def _cancel_on_interrupt(batch: SubmitBatch, pipeline: RunwayPipelineConfig, context: AssetExecutionContext) -> None:
+    if pipeline.cancel_on_termination and batch.answered:
         cancelled = batch.cancel_submitted()
         context.log.warning(
-            f"Run terminated: cancelled {len(cancelled)} queued request(s) of {len(batch.submitted_ids)} "
-            "submitted by this run; running ones cannot be cancelled and will finish."
+            f"Run terminated: cancelled {len(cancelled)} queued request(s) of the {len(batch.answered)} this run "
+            "submitted (refunded); running ones cannot be cancelled and will finish."
         )
 
 
-def build_requests_asset(pipeline: RunwayPipeline):
+def build_requests_asset(pipeline: RunwayPipelineConfig):
     @multi_asset(
         name=f"{pipeline.name}_requests",
         specs=[
@@ -91,7 +94,8 @@ def build_requests_asset(pipeline: RunwayPipeline):
                 pipeline.requests_key,
                 deps=[pipeline.images_key],
                 description="One RunComfy request per image: validated, then reused or submitted (billed). "
-                "Each materialization records the request id the moment it is known, with the full input.",
+                "Every submit is claimed in the journal before it is sent; each materialization records the "
+                "request id and the full input.",
                 group_name=pipeline.group_name,
                 kinds=KINDS,
                 partitions_def=pipeline.partitions_def,
@@ -102,11 +106,15 @@ def build_requests_asset(pipeline: RunwayPipeline):
         pool=pipeline.pool,
         required_resource_keys={pipeline.resource_key},
     )
-    def _requests(context: AssetExecutionContext, config: SubmitConfig):
-        resource: RunComfyResource = getattr(context.resources, pipeline.resource_key)
+    def _requests(context: AssetExecutionContext, config: SubmitConfig) -> Iterator[Any]:
         keys = _selected(context, config.partitions)
         batch = SubmitBatch(
-            pipeline, resource, context, keys, force_after_ambiguous=config.force_after_ambiguous
+            pipeline,
+            _resource(context, pipeline),
+            context,
+            keys,
+            force_after_ambiguous=config.force_after_ambiguous,
+            force_resubmit=config.force_resubmit,
         )
         try:
             yield from batch.run()
@@ -114,21 +122,34 @@ def build_requests_asset(pipeline: RunwayPipeline):
             _cancel_on_interrupt(batch, pipeline, context)
             raise
         if batch.failures:
-            raise _failure("be submitted", [(f.key, f.reason) for f in batch.failures], len(keys))
+            raise fl.run_failure("be submitted", batch.failures, len(keys))
 
     return _requests
 
 
-def build_videos_asset(pipeline: RunwayPipeline):
-    deps = (
-        [pipeline.requests_key, pipeline.images_key] if pipeline.mode == "deferred" else [pipeline.images_key]
+def _request_record(ready: Ready) -> rec.RequestRecord:
+    prepared, claim = ready.prepared, ready.claim
+    return rec.RequestRecord(
+        partition=prepared.key,
+        request_id=ready.request_id,
+        fingerprint=prepared.fingerprint,
+        attempt=claim.attempt,
+        source_version=prepared.source_version,
+        storage_id=0,
+        timestamp=time.time(),
+        metadata={**md.read_metadata(prepared.metadata()), "submitted_at": claim.answered_at or claim.claimed_at},
     )
+
+
+def build_videos_asset(pipeline: RunwayPipelineConfig):
+    deferred = pipeline.mode == "deferred"
     description = (
-        "The generated video of each image, streamed into "
-        f"{redact_url(pipeline.output_url)} with a poster frame, probed and checked. "
+        f"The generated video of each image, stored in {redact_url(pipeline.output)} with a poster frame, probed "
+        "and checked. "
         + (
-            "Collected when the status sensor sees its request finish."
-            if pipeline.mode == "deferred"
+            "Collected when the status sensor sees its request finish; a run that targets it waits for a "
+            "request still rendering."
+            if deferred
             else "Submitted, awaited and collected in one step (blocking mode)."
         )
     )
@@ -138,7 +159,7 @@ def build_videos_asset(pipeline: RunwayPipeline):
         specs=[
             AssetSpec(
                 pipeline.videos_key,
-                deps=deps,
+                deps=[pipeline.requests_key, pipeline.images_key] if deferred else [pipeline.images_key],
                 description=description,
                 group_name=pipeline.group_name,
                 kinds=KINDS,
@@ -146,48 +167,46 @@ def build_videos_asset(pipeline: RunwayPipeline):
                 skippable=True,
             )
         ],
-        check_specs=check_specs(pipeline),
-        can_subset=True,  # check results are yielded per partition, as events, not as outputs
+        check_specs=ck.check_specs(pipeline),
+        can_subset=True,  # the checks run alone (the verify job) as well as with each video
         backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=pipeline.collect_batch_size),
-        pool=pipeline.pool if pipeline.mode == "blocking" else None,
+        pool=None if deferred else pipeline.pool,
         required_resource_keys={pipeline.resource_key},
     )
-    def _videos(context: AssetExecutionContext, config: CollectConfig):
-        resource: RunComfyResource = getattr(context.resources, pipeline.resource_key)
+    def _videos(context: AssetExecutionContext, config: CollectConfig) -> Iterator[Any]:
+        resource = _resource(context, pipeline)
         keys = _selected(context, config.partitions)
-        failures: list[tuple[str, str]] = []
-        if pipeline.mode == "blocking":
+        if pipeline.videos_key not in context.selected_asset_keys:
+            yield from verify_stored(pipeline, context, keys, resource)
+            return
+        failures: list[fl.PartitionFailure] = []
+        requests = None
+        if not deferred:
             batch = SubmitBatch(
-                pipeline, resource, context, keys, force_after_ambiguous=config.force_after_ambiguous
+                pipeline,
+                resource,
+                context,
+                keys,
+                force_after_ambiguous=config.force_after_ambiguous,
+                force_resubmit=config.force_resubmit,
             )
             try:
                 yield from batch.run()
-                failures.extend((f.key, f.reason) for f in batch.failures)
-                keys = [k for k in keys if k in batch.ready]
-                _wait_all(resource.get_client(), batch, resource.wait_timeout, failures)
             except DagsterExecutionInterruptedError:
                 _cancel_on_interrupt(batch, pipeline, context)
                 raise
-            keys = [k for k in keys if k not in {key for key, _ in failures}]
-        source = pipeline.source()
-        tokens = {}
-        for key in keys:
-            entry = source.entry_for_key(key, refresh=True)
-            tokens[key] = entry.change_token if entry else None
-        yield from iter_collect(
-            pipeline, context.instance, resource.get_client(), keys, tokens, failures, context.log
-        )
+            failures.extend(batch.failures)
+            requests = {key: _request_record(ready) for key, ready in batch.ready.items()}
+            keys = [k for k in keys if k in requests]
+        collect = CollectBatch(pipeline, resource, context, keys, requests=requests)
+        try:
+            yield from collect.run()
+        except DagsterExecutionInterruptedError:
+            if not deferred:
+                _cancel_on_interrupt(batch, pipeline, context)
+            raise
+        failures.extend(collect.failures)
         if failures:
-            raise _failure("be collected", failures, len(_selected(context, config.partitions)))
+            raise fl.run_failure("be collected", failures, len(_selected(context, config.partitions)))
 
     return _videos
-
-
-def _wait_all(
-    client: RunComfyClient, batch: SubmitBatch, timeout: float, failures: list[tuple[str, str]]
-) -> None:
-    for key, (_, request_id) in batch.ready.items():
-        try:
-            client.wait(request_id, timeout=timeout)
-        except RunComfyError as exc:
-            failures.append((key, str(exc)))

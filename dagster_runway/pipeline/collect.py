@@ -1,89 +1,472 @@
-"""Collect finished requests: fetch the result, store the video, probe it, check it, record lineage."""
+"""Collect finished requests: fetch the result, store the video, probe it, check it, record lineage.
+
+Every partition a collect run targets ends materialized or explicitly failed:
+
+- a video already stored from the same request, and intact, is recorded again as *verified
+  unchanged* (same data version, so nothing downstream turns stale) and its checks run again;
+- a request still rendering is waited for (a backfill over the videos may start before the renders
+  end; the status sensor only launches collects of finished requests);
+- a finished request's video is downloaded, checked to be a playable video, and only then published;
+- anything else fails the partition with its class and next step (see ``failures``).
+
+Check evaluations are linked to the materialization they judge, so the UI's per-partition check
+status is current.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
-import warnings
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import fsspec
-from dagster import (
-    AssetCheckEvaluation,
-    AssetCheckSeverity,
-    AssetCheckSpec,
-    AssetMaterialization,
-    MetadataValue,
-    PreviewWarning,
-)
+from dagster import AssetMaterialization, AssetRecordsFilter, DagsterInstance, MetadataValue
 
+from dagster_runway import _compat
+from dagster_runway import journal as jn
 from dagster_runway._redact import redact_url
-from dagster_runway.client import RunComfyClient, failure_error
+from dagster_runway.client import failure_error
 from dagster_runway.errors import RequestNotFoundError, RunComfyError
-from dagster_runway.media import MediaError, extract_poster, probe_video, sha256_of, store_video
+from dagster_runway.media import (
+    MediaError,
+    NotAVideoError,
+    VideoProbe,
+    VideoProbeError,
+    extract_poster,
+    probe_video,
+    remove_stale_parts,
+    sha256_of,
+    store_video,
+)
+from dagster_runway.pipeline import checks as ck
+from dagster_runway.pipeline import failures as fl
+from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import records as rec
-from dagster_runway.pipeline.config import RunwayPipeline
-from dagster_runway.schema import RequestResult, ratio_size
+from dagster_runway.pipeline.config import RunwayPipelineConfig
+from dagster_runway.resource import RunComfyResource
+from dagster_runway.schema import RequestResult
 from dagster_runway.version import __version__
-
-PLAYABLE = "video_playable"
-DURATION = "duration_matches_request"
-ASPECT = "aspect_matches_ratio"
-CHECKSUM = "checksum_at_rest"
-SOURCE_UNCHANGED = "source_unchanged"
-
-_CHECKS: dict[str, tuple[bool, str]] = {
-    PLAYABLE: (True, "The video decodes, is H.264, and has frames."),
-    DURATION: (True, "The video lasts as long as the request asked, within a tolerance."),
-    ASPECT: (True, "The video's pixel aspect matches the requested ratio."),
-    CHECKSUM: (False, "The stored object's sha256 still matches the one recorded when it was written."),
-    SOURCE_UNCHANGED: (False, "The source image has not changed since the video was made."),
-}
-
-CHECK_NAMES = tuple(_CHECKS)
-
-
-def check_specs(pipeline: RunwayPipeline) -> list[AssetCheckSpec]:
-    # Partitioned checks (one result per video) are a preview feature of Dagster 1.13; we rely on it
-    # knowingly, so its warning is not passed on to every user at load time.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PreviewWarning)
-        return _check_specs(pipeline)
-
-
-def _check_specs(pipeline: RunwayPipeline) -> list[AssetCheckSpec]:
-    return [
-        AssetCheckSpec(
-            name,
-            asset=pipeline.videos_key,
-            blocking=blocking,
-            description=description,
-            partitions_def=pipeline.partitions_def,
-        )
-        for name, (blocking, description) in _CHECKS.items()
-    ]
 
 
 @dataclass(frozen=True)
-class Collected:
-    key: str
-    events: list[Any]
-    failed_checks: list[str]
+class Stored:
+    """A video just published, and what was measured of it before it was published."""
+
+    uri: str
+    size: int
+    sha256: str
+    probe: VideoProbe
 
 
-class CollectFailure(Exception):
-    """A partition that could not be collected; the message says why and what to do."""
+class CollectBatch:
+    """The collect step for a set of partitions; ``run()`` yields its events as they happen."""
+
+    def __init__(
+        self,
+        pipeline: RunwayPipelineConfig,
+        resource: RunComfyResource,
+        context: Any,
+        keys: Sequence[str],
+        *,
+        requests: Mapping[str, rec.RequestRecord] | None = None,
+        wait_s: float | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.resource = resource
+        self.instance: DagsterInstance = context.instance
+        self.run_id: str | None = getattr(context, "run_id", None)
+        self.log = context.log
+        self.keys = list(keys)
+        self.requests = dict(requests) if requests is not None else None
+        self.wait_s = resource.wait_timeout if wait_s is None else wait_s
+        self.failures: list[fl.PartitionFailure] = []
+        self.collected: list[str] = []
+        self._tokens: dict[str, str | None] | None = None
+
+    # The step
+
+    def run(self) -> Iterator[Any]:
+        client = self.resource.get_client()
+        pending: dict[str, rec.RequestRecord] = {}
+        for key in self.keys:
+            record = self._request(key)
+            if record is None:
+                yield from self._fail(
+                    fl.PartitionFailure(
+                        key,
+                        fl.NO_REQUEST,
+                        "no request has been submitted for this partition yet.",
+                        "materialize runway/requests for it (or turn on the status sensor, which submits it).",
+                    ),
+                    None,
+                )
+                continue
+            video = rec.latest_video(self.instance, self.pipeline.videos_key, key)
+            if video is not None and video.request_id == record.request_id and self._intact(video):
+                yield from self._verified(key, record, video)
+                continue
+            try:
+                result = client.result(record.request_id)
+            except RunComfyError as exc:
+                yield from self._result_failure(key, record, exc)
+                continue
+            if result.status.is_pending:
+                pending[key] = record
+                continue
+            yield from self._finished(key, record, result)
+        if pending:
+            yield from self._wait_and_collect(pending)
+
+    def _request(self, key: str) -> rec.RequestRecord | None:
+        if self.requests is not None:
+            return self.requests.get(key)
+        return rec.latest_request(self.instance, self.pipeline.requests_key, key)
+
+    def _wait_and_collect(self, pending: dict[str, rec.RequestRecord]) -> Iterator[Any]:
+        """Wait (polling, all at once) for requests still queued or rendering, then collect each."""
+        self.log.info(f"Waiting up to {self.wait_s:.0f}s for {len(pending)} request(s) still rendering")
+        deadline = time.monotonic() + self.wait_s
+        waiting = dict(pending)
+        client = self.resource.get_client()
+        while waiting and time.monotonic() < deadline:
+            statuses = _poll(self.resource, [r.request_id for r in waiting.values()], deadline - time.monotonic())
+            for key, record in list(waiting.items()):
+                status = statuses.get(record.request_id)
+                if isinstance(status, RequestNotFoundError):
+                    del waiting[key]
+                    yield from self._result_failure(key, record, status)
+                elif status is not None and not isinstance(status, Exception) and status.status.is_terminal:
+                    del waiting[key]
+                    try:
+                        result = client.result(record.request_id)
+                    except RunComfyError as exc:
+                        yield from self._result_failure(key, record, exc)
+                        continue
+                    yield from self._finished(key, record, result)
+            if waiting:
+                time.sleep(min(self.resource.poll_interval, max(0.0, deadline - time.monotonic())))
+        for key, record in waiting.items():
+            yield from self._fail(
+                fl.PartitionFailure(
+                    key,
+                    fl.STILL_RUNNING,
+                    f"request {record.request_id} was still rendering after {self.wait_s:.0f}s.",
+                    "nothing to do: the status sensor collects it when it finishes (or materialize this "
+                    "partition again later).",
+                    retryable=True,
+                    request_id=record.request_id,
+                ),
+                record.source_version,
+            )
+
+    def _finished(self, key: str, record: rec.RequestRecord, result: RequestResult) -> Iterator[Any]:
+        error = failure_error(result)
+        if error is not None:
+            yield from self._result_failure(key, record, error)
+            return
+        assert result.video_url is not None
+        try:
+            stored = self._store(key, result.video_url)
+        except NotAVideoError as exc:
+            yield from self._fail(
+                fl.PartitionFailure(
+                    key,
+                    fl.BAD_OUTPUT,
+                    f"request {record.request_id}: {exc}",
+                    "nothing to do: the status sensor collects it again; if it keeps failing, report the "
+                    "request id to RunComfy.",
+                    retryable=True,
+                    request_id=record.request_id,
+                ),
+                record.source_version,
+            )
+            return
+        except (MediaError, OSError) as exc:
+            yield from self._fail(
+                fl.PartitionFailure(
+                    key,
+                    fl.DOWNLOAD,
+                    f"request {record.request_id}: {exc}",
+                    "nothing to do: the status sensor collects it again in a later run.",
+                    retryable=True,
+                    request_id=record.request_id,
+                ),
+                record.source_version,
+            )
+            return
+        yield from self._collected(key, record, result, stored)
+
+    def _result_failure(self, key: str, record: rec.RequestRecord, exc: RunComfyError) -> Iterator[Any]:
+        if exc.request_id is None:
+            exc.request_id = record.request_id
+        yield from self._fail(
+            fl.from_result_error(
+                key, exc, attempt=record.attempt, retries_allowed=self.pipeline.retry_failed_generations
+            ),
+            record.source_version,
+        )
+
+    # Storing and recording
+
+    def _store(self, key: str, video_url: str) -> Stored:
+        pipeline = self.pipeline
+        options = dict(pipeline.output_storage_options)
+        video_uri = pipeline.video_uri(key)
+        remove_stale_parts(video_uri, options)
+        probes: list[VideoProbe] = []
+
+        def verify(local_path: str) -> None:
+            probe = probe_video(local_path)
+            if not probe.decodable:
+                raise VideoProbeError(f"its frames do not decode: {probe.decode_error}")
+            probes.append(probe)
+
+        video = store_video(video_url, video_uri, storage_options=options, verify=verify)
+        return Stored(uri=video.uri, size=video.size, sha256=video.sha256, probe=probes[-1])
+
+    def _collected(
+        self, key: str, record: rec.RequestRecord, result: RequestResult, stored: Stored
+    ) -> Iterator[Any]:
+        pipeline = self.pipeline
+        options = dict(pipeline.output_storage_options)
+        poster_uri = pipeline.poster_uri(key)
+        preview: str | None = None
+        try:
+            extract_poster(stored.uri, poster_uri, options)
+            preview = _poster_markdown(poster_uri, options)
+        except (MediaError, OSError) as exc:
+            self.log.warning(f"{key}: no poster frame for {stored.uri}: {exc}")
+        probe = stored.probe
+        metadata = {
+            "dagster/uri": MetadataValue.path(stored.uri),
+            **md.RunwayMetadata(
+                state=md.COLLECTED,
+                video_uri=md.uri_value(stored.uri, options),
+                video_size_bytes=stored.size,
+                video_sha256=stored.sha256,
+                result_url=MetadataValue.url(redact_url(str(result.video_url))),
+                probe=MetadataValue.json(
+                    {
+                        "codec": probe.codec,
+                        "width": probe.width,
+                        "height": probe.height,
+                        "fps": probe.fps,
+                        "duration_s": probe.duration_s,
+                        "frames": probe.frames,
+                        "container": probe.container,
+                    }
+                ),
+                video_codec=probe.codec,
+                video_size=f"{probe.width}x{probe.height}",
+                video_fps=round(probe.fps, 3),
+                video_duration_s=round(probe.duration_s, 3),
+                video_frames=probe.frames,
+                poster=md.uri_value(poster_uri, options) if preview else None,
+                poster_preview=MetadataValue.md(preview) if preview else None,
+                cost_usd=result.cost,
+                package_version=__version__,
+                **_timings(result),
+            ),
+            **_request_lineage(record),
+        }
+        description = f"Video of request {record.request_id}" + (
+            f" ({result.cost:.2f} USD)" if result.cost is not None else ""
+        )
+        yield AssetMaterialization(
+            asset_key=pipeline.videos_key,
+            partition=key,
+            description=description,
+            metadata=metadata,
+            tags=self._provenance(key, record, stored.sha256),
+        )
+        self.collected.append(key)
+        if result.cost is not None:
+            self._settle(record, result.cost)
+        inputs = self._check_inputs(key, record, stored.sha256, probe, None)
+        yield from ck.evaluate(inputs, key, self._target(key))
+
+    def _verified(self, key: str, record: rec.RequestRecord, video: rec.VideoRecord) -> Iterator[Any]:
+        """Record the stored video again, unchanged (same data version), and run its checks again."""
+        self.log.info(f"{key}: the video of request {record.request_id} is stored and intact; re-recorded unchanged")
+        yield AssetMaterialization(
+            asset_key=self.pipeline.videos_key,
+            partition=key,
+            description=f"Verified unchanged: the video of request {record.request_id} is stored and intact.",
+            metadata={
+                **video.raw_metadata,
+                **md.RunwayMetadata(state=md.VERIFIED, verified_unchanged=True),
+            },
+            tags=video.tags,
+        )
+        self.collected.append(key)
+        yield from self.evaluate_stored(key, video, record)
+
+    def evaluate_stored(
+        self, key: str, video: rec.VideoRecord, record: rec.RequestRecord | None
+    ) -> Iterator[Any]:
+        """The checks of a stored video, measured now, linked to its latest materialization."""
+        probe, error = None, None
+        try:
+            probe = probe_video(self.pipeline.video_uri(key), dict(self.pipeline.output_storage_options))
+        except (MediaError, OSError) as exc:
+            error = str(exc)
+        fields = record.fields if record is not None else dict(video.metadata.get("input") or {})
+        source_token = video.metadata.get("source_change_token")
+        inputs = self._check_inputs(key, record, video.video_sha256, probe, error, fields=fields, source_token=source_token)
+        yield from ck.evaluate(inputs, key, self._target(key))
+
+    def _check_inputs(
+        self,
+        key: str,
+        record: rec.RequestRecord | None,
+        recorded_sha256: str | None,
+        probe: VideoProbe | None,
+        probe_error: str | None,
+        *,
+        fields: Mapping[str, Any] | None = None,
+        source_token: str | None = None,
+    ) -> ck.CheckInputs:
+        at_rest, at_rest_error = None, None
+        try:
+            at_rest = sha256_of(self.pipeline.video_uri(key), dict(self.pipeline.output_storage_options))
+        except (MediaError, OSError) as exc:
+            at_rest_error = str(exc)
+        return ck.CheckInputs(
+            probe=probe,
+            probe_error=probe_error,
+            fields=fields if fields is not None else (record.fields if record else {}),
+            recorded_sha256=recorded_sha256,
+            sha256_at_rest=at_rest,
+            at_rest_error=at_rest_error,
+            source_change_token=source_token
+            if source_token is not None
+            else (record.metadata.get("source_change_token") if record else None),
+            current_change_token=self.current_change_token(key),
+            pipeline=self.pipeline,
+        )
+
+    def current_change_token(self, key: str) -> str | None:
+        if self._tokens is None:
+            wanted = set(self.keys)
+            self._tokens = {
+                entry.partition_key: entry.change_token
+                for entry in self.pipeline.image_source().list()
+                if entry.partition_key in wanted
+            }
+        return self._tokens.get(key)
+
+    def _target(self, key: str) -> _compat.AssetCheckEvaluationTargetMaterializationData | None:
+        """The materialization just recorded for ``key`` in this run (events are stored as they are yielded)."""
+        records = self.instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=self.pipeline.videos_key, asset_partitions=[key]), limit=1
+        ).records
+        if not records or (self.run_id is not None and records[0].run_id != self.run_id):
+            return None
+        latest = records[0]
+        return _compat.AssetCheckEvaluationTargetMaterializationData(
+            storage_id=latest.storage_id, run_id=latest.run_id, timestamp=latest.timestamp
+        )
+
+    def _provenance(self, key: str, record: rec.RequestRecord, video_sha256: str) -> dict[str, str]:
+        """The video's inputs: its source image (so a changed image shows it stale) and, when deferred, its request."""
+        pipeline = self.pipeline
+        inputs = {
+            pipeline.images_key: (
+                str(record.source_version),
+                rec.latest_observation_storage_id(self.instance, pipeline.images_key, key),
+            )
+        }
+        if pipeline.mode == "deferred":
+            inputs[pipeline.requests_key] = (record.fingerprint[:16], record.storage_id or None)
+        return rec.provenance_tags(inputs, video_sha256[:16])
+
+    def _settle(self, record: rec.RequestRecord, cost: float) -> None:
+        journal = jn.Journal(self.pipeline.journal_url, self.pipeline.journal_options)
+        with contextlib.suppress(Exception):  # the estimate stays counted: the cap errs on the safe side
+            claim = journal.read(record.fingerprint, record.attempt)
+            if claim is not None and claim.request_id == record.request_id:
+                journal.settle(claim, cost)
+
+    def _intact(self, video: rec.VideoRecord) -> bool:
+        try:
+            at_rest = sha256_of(self.pipeline.video_uri(video.partition), dict(self.pipeline.output_storage_options))
+        except (MediaError, OSError):
+            return False
+        return at_rest == video.video_sha256
+
+    def _fail(self, failure: fl.PartitionFailure, source_version: str | None) -> Iterator[Any]:
+        self.log.error(f"{failure.key}: {failure.message}")
+        self.failures.append(failure)
+        yield failure.observation(self.pipeline.videos_key, source_version)
 
 
-def _poster_markdown(poster_bytes: bytes) -> str:
-    encoded = base64.b64encode(poster_bytes).decode()
-    return f"![poster](data:image/jpeg;base64,{encoded})"
+def verify_stored(pipeline: RunwayPipelineConfig, context: Any, keys: Sequence[str], resource: RunComfyResource) -> Iterator[Any]:
+    """The checks alone, on every stored video of ``keys`` (the verify job): nothing is regenerated."""
+    batch = CollectBatch(pipeline, resource, context, keys)
+    for key in keys:
+        video = rec.latest_video(batch.instance, pipeline.videos_key, key)
+        if video is None:
+            context.log.info(f"{key}: no video stored yet; nothing to check")
+            continue
+        record = rec.latest_request(batch.instance, pipeline.requests_key, key) if pipeline.mode == "deferred" else None
+        if record is not None and record.request_id != video.request_id:
+            record = None
+        yield from batch.evaluate_stored(key, video, record)
 
 
-def _thumbnail(poster_uri: str, storage_options: dict[str, Any]) -> bytes:
+def _request_lineage(record: rec.RequestRecord) -> dict[str, Any]:
+    """The request's metadata carried onto the video: what was asked, from which image, by which request."""
+    meta = record.metadata
+    input_fields = record.fields
+    values = md.RunwayMetadata(
+        request_id=record.request_id,
+        fingerprint=record.fingerprint,
+        attempt=record.attempt,
+        model=meta.get("model"),
+        input=MetadataValue.json(input_fields),
+        prompt_text=meta.get("prompt_text"),
+        prompt_source=meta.get("prompt_source"),
+        ratio=input_fields.get("ratio"),
+        duration_s=input_fields.get("duration"),
+        seed=str(input_fields.get("seed")) if input_fields.get("seed") is not None else None,
+        settings_from=meta.get("settings_from"),
+        source_path=MetadataValue.path(str(meta.get("source_path"))) if meta.get("source_path") else None,
+        source_sha256=meta.get("source_sha256"),
+        source_change_token=meta.get("source_change_token"),
+        source_version=meta.get("source_version"),
+        submitted_at=MetadataValue.timestamp(meta["submitted_at"]) if meta.get("submitted_at") else None,
+        estimated_cost_usd=meta.get("estimated_cost_usd"),
+        spend_usd=meta.get("spend_usd"),
+        spend_cap_usd=meta.get("spend_cap_usd"),
+    )
+    return dict(**values)
+
+
+def _timings(result: RequestResult) -> dict[str, Any]:
+    def seconds(value: datetime | None) -> float | None:
+        return value.timestamp() if value else None
+
+    created, started, finished = seconds(result.created_at), seconds(result.started_at), seconds(result.finished_at)
+    timings: dict[str, Any] = {}
+    if started is not None:
+        timings["started_at"] = MetadataValue.timestamp(started)
+        if created is not None:
+            timings["queue_s"] = round(started - created, 3)
+    if finished is not None:
+        timings["finished_at"] = MetadataValue.timestamp(finished)
+        if started is not None:
+            timings["render_s"] = round(finished - started, 3)
+    return timings
+
+
+def _poster_markdown(poster_uri: str, storage_options: Mapping[str, Any]) -> str:
+    """A 160-pixel thumbnail of the poster, inline as a data URI (the UI cannot load a local file)."""
     from PIL import Image
 
     with fsspec.open(poster_uri, "rb", **storage_options) as handle:
@@ -91,272 +474,13 @@ def _thumbnail(poster_uri: str, storage_options: dict[str, Any]) -> bytes:
         image.thumbnail((160, 160))
         out = io.BytesIO()
         image.convert("RGB").save(out, format="JPEG", quality=70)
-        return out.getvalue()
+    return f"![poster](data:image/jpeg;base64,{base64.b64encode(out.getvalue()).decode()})"
 
 
-def _iso(value: datetime | None) -> float | None:
-    return value.timestamp() if value else None
+def _poll(resource: RunComfyResource, request_ids: list[str], budget: float) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        async with resource.get_async_client() as client:
+            return await client.status_many(request_ids, deadline=max(1.0, budget))
 
+    return asyncio.run(main())
 
-def evaluate_checks(
-    pipeline: RunwayPipeline,
-    key: str,
-    *,
-    probe: Any,
-    fields: dict[str, Any],
-    recorded_sha256: str,
-    video_uri: str,
-    source_change_token: str | None,
-    current_change_token: str | None,
-) -> list[AssetCheckEvaluation]:
-    """The five checks of one stored video, each with what it measured."""
-    options = dict(pipeline.output_storage_options)
-    want_duration = float(fields["duration"])
-    want_w, want_h = ratio_size(fields["ratio"])
-    want_aspect = want_w / want_h
-    aspect = probe.width / probe.height if probe.height else 0.0
-    aspect_error = abs(aspect - want_aspect) / want_aspect
-    try:
-        at_rest = sha256_of(video_uri, options)
-    except (MediaError, OSError) as exc:
-        at_rest = f"unreadable: {exc}"
-
-    results = {
-        PLAYABLE: (
-            probe.decodable and probe.codec == "h264" and probe.frames > 0,
-            {
-                "codec": probe.codec,
-                "frames": probe.frames,
-                "decodable": probe.decodable,
-                "container": probe.container,
-            },
-        ),
-        DURATION: (
-            abs(probe.duration_s - want_duration) <= pipeline.duration_tolerance_s,
-            {
-                "duration_s": round(probe.duration_s, 3),
-                "requested_s": want_duration,
-                "tolerance_s": pipeline.duration_tolerance_s,
-            },
-        ),
-        ASPECT: (
-            aspect_error <= pipeline.aspect_tolerance,
-            {
-                "width": probe.width,
-                "height": probe.height,
-                "aspect": round(aspect, 4),
-                "requested_ratio": fields["ratio"],
-                "relative_error": round(aspect_error, 4),
-            },
-        ),
-        CHECKSUM: (
-            at_rest == recorded_sha256,
-            {"recorded_sha256": recorded_sha256, "sha256_at_rest": at_rest},
-        ),
-        SOURCE_UNCHANGED: (
-            source_change_token is not None and source_change_token == current_change_token,
-            {
-                "change_token_at_submit": source_change_token or "(unknown)",
-                "change_token_now": current_change_token or "(image missing)",
-            },
-        ),
-    }
-    return [
-        AssetCheckEvaluation(
-            asset_key=pipeline.videos_key,
-            check_name=name,
-            passed=passed,
-            metadata={"partition": key, **metadata},
-            partition=key,
-            severity=AssetCheckSeverity.ERROR if _CHECKS[name][0] else AssetCheckSeverity.WARN,
-            blocking=_CHECKS[name][0],
-            description=_CHECKS[name][1],
-        )
-        for name, (passed, metadata) in results.items()
-    ]
-
-
-def fetch_result(client: RunComfyClient, request_id: str) -> RequestResult:
-    """The finished result of a request, or ``CollectFailure`` saying why there is none."""
-    try:
-        result = client.result(request_id)
-    except RequestNotFoundError as exc:
-        raise CollectFailure(
-            f"request {request_id} has expired or is unknown ({exc.message}); materialize the "
-            "requests partition again to resubmit."
-        ) from None
-    if result.status.is_pending:
-        raise CollectFailure(
-            f"request {request_id} is still {result.status.value}; the status sensor will "
-            "collect it when it finishes."
-        )
-    error = failure_error(result)
-    if error is not None:
-        raise CollectFailure(f"{error} To retry, materialize the requests partition again.")
-    return result
-
-
-def collect_one(
-    pipeline: RunwayPipeline,
-    instance: Any,
-    key: str,
-    record: rec.RequestRecord,
-    result: RequestResult,
-    *,
-    current_change_token: str | None,
-) -> Collected:
-    """Store, probe and check the video of one finished request; return the events to log."""
-    options = dict(pipeline.output_storage_options)
-    video_uri = pipeline.video_uri(key)
-    poster_uri = pipeline.poster_uri(key)
-    assert result.video_url is not None
-    try:
-        stored = store_video(result.video_url, video_uri, storage_options=options)
-        probe = probe_video(video_uri, options)
-        extract_poster(video_uri, poster_uri, options)
-        thumbnail = _thumbnail(poster_uri, options)
-    except (MediaError, OSError) as exc:
-        raise CollectFailure(f"request {record.request_id}: {exc}") from None
-
-    meta = record.metadata
-    fields = dict(meta.get(rec.INPUT) or {})
-    created = _iso(result.created_at)
-    started = _iso(result.started_at)
-    finished = _iso(result.finished_at)
-    submitted = meta.get(rec.SUBMITTED_AT)
-    timings: dict[str, Any] = {}
-    if submitted is not None:
-        timings["runway/submitted_at"] = MetadataValue.timestamp(submitted)
-    if started is not None:
-        timings["runway/started_at"] = MetadataValue.timestamp(started)
-        if created is not None:
-            timings["runway/queue_s"] = round(started - created, 3)
-    if finished is not None:
-        timings["runway/finished_at"] = MetadataValue.timestamp(finished)
-        if started is not None:
-            timings["runway/render_s"] = round(finished - started, 3)
-
-    metadata: dict[str, Any] = {
-        "dagster/uri": MetadataValue.path(video_uri),
-        rec.REQUEST_ID: record.request_id,
-        rec.FINGERPRINT: record.fingerprint,
-        "runway/model": meta.get("runway/model"),
-        rec.INPUT: MetadataValue.json(fields),
-        "runway/prompt_text": fields.get("promptText", "(service default)"),
-        "runway/ratio": fields.get("ratio"),
-        "runway/duration_s": fields.get("duration"),
-        "runway/seed": fields.get("seed"),
-        rec.SOURCE_PATH: MetadataValue.path(str(meta.get(rec.SOURCE_PATH))),
-        rec.SOURCE_SHA256: meta.get(rec.SOURCE_SHA256),
-        rec.SOURCE_CHANGE_TOKEN: meta.get(rec.SOURCE_CHANGE_TOKEN),
-        "runway/video_uri": MetadataValue.path(video_uri),
-        "runway/video_size_bytes": stored.size,
-        rec.VIDEO_SHA256: stored.sha256,
-        "runway/result_url": MetadataValue.url(redact_url(result.video_url)),
-        "runway/probe": MetadataValue.json(
-            {
-                "codec": probe.codec,
-                "width": probe.width,
-                "height": probe.height,
-                "fps": probe.fps,
-                "duration_s": probe.duration_s,
-                "frames": probe.frames,
-                "container": probe.container,
-            }
-        ),
-        "runway/video_codec": probe.codec,
-        "runway/video_size": f"{probe.width}x{probe.height}",
-        "runway/video_fps": round(probe.fps, 3),
-        "runway/video_duration_s": round(probe.duration_s, 3),
-        "runway/video_frames": probe.frames,
-        "runway/poster": MetadataValue.path(poster_uri),
-        "runway/poster_preview": MetadataValue.md(_poster_markdown(thumbnail)),
-        "runway/cost_usd": result.cost if result.cost is not None else "(not reported)",
-        "runway/package_version": __version__,
-        **timings,
-    }
-    materialization = AssetMaterialization(
-        asset_key=pipeline.videos_key,
-        partition=key,
-        description=f"Video of request {record.request_id}",
-        metadata={k: v for k, v in metadata.items() if v is not None},
-        tags=_provenance(pipeline, instance, key, record, stored.sha256),
-    )
-    checks = evaluate_checks(
-        pipeline,
-        key,
-        probe=probe,
-        fields=fields,
-        recorded_sha256=stored.sha256,
-        video_uri=video_uri,
-        source_change_token=meta.get(rec.SOURCE_CHANGE_TOKEN),
-        current_change_token=current_change_token,
-    )
-    failed = [c.check_name for c in checks if not c.passed and c.blocking]
-    return Collected(key, [materialization, *checks], failed)
-
-
-def _provenance(
-    pipeline: RunwayPipeline, instance: Any, key: str, record: rec.RequestRecord, video_sha256: str
-) -> dict[str, str]:
-    """The video's inputs: its source image (so a changed image shows it stale) and, when deferred, its request."""
-    inputs = {
-        pipeline.images_key: (
-            str(record.metadata.get(rec.SOURCE_VERSION)),
-            rec.latest_observation_storage_id(instance, pipeline.images_key, key),
-        )
-    }
-    if pipeline.mode == "deferred":
-        inputs[pipeline.requests_key] = ((record.fingerprint or "")[:16], record.storage_id)
-    return rec.provenance_tags(inputs, video_sha256[:16])
-
-
-def already_collected(pipeline: RunwayPipeline, instance: Any, key: str, request_id: str) -> bool:
-    """Whether the latest video of ``key`` came from ``request_id`` and is still intact at rest."""
-    latest = rec.latest_materialization_metadata(instance, pipeline.videos_key, key)
-    if not latest or latest.get(rec.REQUEST_ID) != request_id:
-        return False
-    try:
-        return sha256_of(pipeline.video_uri(key), dict(pipeline.output_storage_options)) == latest.get(
-            rec.VIDEO_SHA256
-        )
-    except (MediaError, OSError):
-        return False
-
-
-def iter_collect(
-    pipeline: RunwayPipeline,
-    instance: Any,
-    client: RunComfyClient,
-    keys: list[str],
-    change_tokens: dict[str, str | None],
-    failures: list[tuple[str, str]],
-    log: Any,
-) -> Iterator[Any]:
-    """Collect each key whose latest request finished; append ``(key, reason)`` for those that cannot be."""
-    for key in keys:
-        record = rec.latest_request_record(instance, pipeline.submit_key, key)
-        if record is None or not record.request_id:
-            failures.append(
-                (
-                    key,
-                    "no request was submitted for this partition; materialize the requests partition first.",
-                )
-            )
-            continue
-        if already_collected(pipeline, instance, key, record.request_id):
-            log.info(
-                f"{key}: video of request {record.request_id} is already stored and intact; nothing rewritten"
-            )
-            continue
-        try:
-            result = fetch_result(client, record.request_id)
-            collected = collect_one(
-                pipeline, instance, key, record, result, current_change_token=change_tokens.get(key)
-            )
-        except (CollectFailure, RunComfyError) as exc:
-            failures.append((key, str(exc)))
-            continue
-        yield from collected.events
-        if collected.failed_checks:
-            log.warning(f"{key}: blocking checks failed: {', '.join(collected.failed_checks)}")

@@ -1,52 +1,138 @@
-"""The settings of one pipeline, shared by its assets, sensors and checks."""
+"""The pipeline's options: one pydantic model, the single source for the factory, the Component and the docs."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
 from dagster import AssetKey, DynamicPartitionsDefinition
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dagster_runway.media import GenerationSettings, ImageSource, poster_uri_for
+from dagster_runway.media import DEFAULT_PATTERNS, GenerationSettings, ImageSource, poster_uri_for
 
 Mode = Literal["deferred", "blocking"]
 OnChange = Literal["regenerate", "mark_stale"]
+MissingPrompt = Literal["fail", "warn", "service_default"]
 
 
-@dataclass(frozen=True)
-class RunwayPipeline:
-    """Everything the factory was told; the definitions are built from it."""
+class RunwayPipelineConfig(BaseModel):
+    """Everything that shapes one image-to-video pipeline. ``build_runway_pipeline`` and the ``dg``
+    Component take these fields; the README's option table is generated from them."""
 
-    source_url: str
-    output_url: str
-    patterns: tuple[str, ...]
-    source_storage_options: Mapping[str, Any]
-    output_storage_options: Mapping[str, Any]
-    defaults: GenerationSettings
-    manifest: str | None
-    resource_key: str
-    mode: Mode
-    key_prefix: tuple[str, ...]
-    group_name: str
-    partitions_name: str
-    on_change: OnChange
-    pool: str | None
-    submit_batch_size: int
-    collect_batch_size: int
-    discovery_interval_s: int
-    status_interval_s: int
-    sensor_budget_s: float
-    cancel_on_termination: bool
-    presign_expires_s: int
-    public_base_url: str | None
-    duration_tolerance_s: float
-    aspect_tolerance: float
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = Field(description="Where the images are: a local folder, `s3://bucket/prefix`, or any fsspec URL.")
+    output: str = Field(description="Where videos, poster frames and the journal go (a local folder or `s3://`).")
+    patterns: tuple[str, ...] = Field(
+        default=DEFAULT_PATTERNS,
+        description="Glob patterns of images, relative to `source`, matched case-insensitively.",
+    )
+    source_storage_options: dict[str, Any] = Field(
+        default_factory=dict, description='fsspec options of the source, e.g. `{"endpoint_url": ...}`.'
+    )
+    output_storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options of the output (and of the journal by default)."
+    )
+    defaults: GenerationSettings = Field(
+        default_factory=lambda: GenerationSettings(ratio="auto"),
+        description="Settings under every sidecar and manifest row. The API's defaults, except "
+        "`ratio: auto`: each video takes the supported ratio closest to its image.",
+    )
+    manifest: str | None = Field(
+        default=None, description="A CSV or JSON file of per-image settings, relative to `source` or absolute."
+    )
+    missing_prompt: MissingPrompt = Field(
+        default="fail",
+        description="When no prompt is given for an image: `fail` its partition before paying, `warn` and "
+        "submit, or `service_default` (accept the service's default prompt, a scene of a car in a forest).",
+    )
+    resource_key: str = Field(default="runcomfy", description="Resource key of the `RunComfyResource`.")
+    mode: Mode = Field(
+        default="deferred",
+        description="`deferred`: submit, sense, collect; no worker waits while a video renders. `blocking`: "
+        "one step submits, waits and collects.",
+    )
+    key_prefix: tuple[str, ...] = Field(
+        default=("runway",), description="Asset key prefix: `<prefix>/images`, `<prefix>/requests`, `<prefix>/videos`."
+    )
+    group_name: str = Field(default="runway", description="The asset group shown in the UI.")
+    partitions_name: str | None = Field(
+        default=None, description="Name of the dynamic partitions (default `<prefix>_images`)."
+    )
+    on_change: OnChange = Field(
+        default="mark_stale",
+        description="A changed image (or sidecar) whose video exists: `mark_stale` shows the video stale in "
+        "the UI; `regenerate` submits it again. A partition with no video is always submitted again.",
+    )
+    pool: str | None = Field(
+        default="runcomfy_api", description="Dagster concurrency pool of the steps that submit (paid calls)."
+    )
+    submit_batch_size: int = Field(default=50, ge=1, description="Partitions per submit run (sensors, backfills).")
+    collect_batch_size: int = Field(default=25, ge=1, description="Partitions per collect run (sensors, backfills).")
+    discovery_interval_s: int = Field(default=30, ge=1, description="Seconds between discovery sensor ticks.")
+    status_interval_s: int = Field(default=15, ge=1, description="Seconds between status sensor ticks.")
+    sensor_budget_s: float = Field(
+        default=40.0, gt=0, le=55, description="Time budget of one sensor tick, under Dagster's 60 s timeout."
+    )
+    cancel_on_termination: bool = Field(
+        default=True, description="When a run is terminated, cancel the queued requests it submitted."
+    )
+    presign_expires_s: int = Field(
+        default=3600, ge=60, description="Expiry of presigned URLs given to the service for object-store images."
+    )
+    public_base_url: str | None = Field(
+        default=None, description="HTTPS base URL under which a local source folder is served, if it is."
+    )
+    duration_tolerance_s: float = Field(default=0.25, ge=0, description="Tolerance of the duration check.")
+    aspect_tolerance: float = Field(default=0.02, ge=0, description="Relative tolerance of the aspect check.")
+    journal: str | None = Field(
+        default=None,
+        description="Where the submission journal lives (default `<output>/.runway`). Every paid submit is "
+        "claimed there before it is sent; keep it on storage that every run and host shares.",
+    )
+    journal_storage_options: dict[str, Any] | None = Field(
+        default=None, description="fsspec options of the journal (default: `output_storage_options`)."
+    )
+    max_spend_usd: float | None = Field(
+        default=None, gt=0, description="Spend cap in USD, checked atomically before each submit; none by default."
+    )
+    spend_window_h: float | None = Field(
+        default=None, gt=0, description="Make `max_spend_usd` a rolling cap over this many hours (else all-time)."
+    )
+    estimated_usd_per_second: float = Field(
+        default=0.05, ge=0, description="Price estimate per output second, counted until a result states the cost."
+    )
+    retry_failed_generations: int = Field(
+        default=0,
+        ge=0,
+        description="Resubmit a generation that failed with a retryable code (`INTERNAL.*`) up to this many "
+        "times, from the status sensor. Each attempt is billed.",
+    )
+    max_run_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Runs the status sensor launches for one partition and stage (submit or collect) before it "
+        "records the partition as failed.",
+    )
+
+    @field_validator("key_prefix", mode="before")
+    @classmethod
+    def _prefix(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> RunwayPipelineConfig:
+        if not self.key_prefix or not all(self.key_prefix):
+            raise ValueError("key_prefix must be a non-empty string or sequence of non-empty strings")
+        if self.spend_window_h is not None and self.max_spend_usd is None:
+            raise ValueError("spend_window_h needs max_spend_usd: set the cap the window applies to")
+        return self
+
+    # Derived names and objects
 
     @cached_property
     def partitions_def(self) -> DynamicPartitionsDefinition:
-        return DynamicPartitionsDefinition(name=self.partitions_name)
+        return DynamicPartitionsDefinition(name=self.partitions_name or f"{self.name}_images")
 
     @property
     def images_key(self) -> AssetKey:
@@ -66,12 +152,21 @@ class RunwayPipeline:
 
     @property
     def submit_key(self) -> AssetKey:
-        """The asset whose events carry the request records: the requests asset, or in blocking mode the videos."""
+        """The asset that a submit materializes: the requests asset, or in blocking mode the videos."""
         return self.requests_key if self.mode == "deferred" else self.videos_key
 
-    def source(self) -> ImageSource:
+    @property
+    def journal_url(self) -> str:
+        return self.journal or f"{self.output.rstrip('/')}/.runway"
+
+    @property
+    def journal_options(self) -> dict[str, Any]:
+        options = self.output_storage_options if self.journal_storage_options is None else self.journal_storage_options
+        return dict(options)
+
+    def image_source(self) -> ImageSource:
         return ImageSource(
-            self.source_url,
+            self.source,
             patterns=self.patterns,
             storage_options=dict(self.source_storage_options),
             defaults=self.defaults,
@@ -79,7 +174,7 @@ class RunwayPipeline:
         )
 
     def video_uri(self, partition_key: str) -> str:
-        return f"{self.output_url.rstrip('/')}/{partition_key}.mp4"
+        return f"{self.output.rstrip('/')}/{partition_key}.mp4"
 
     def poster_uri(self, partition_key: str) -> str:
         return poster_uri_for(self.video_uri(partition_key))

@@ -1,192 +1,307 @@
-"""What the pipeline knows about each partition, read back from Dagster's event log.
+"""What the event log says about each partition: its request, its video, its failure, its image.
 
-The event log is the only state: a request id is written there (as metadata on an asset event)
-the moment a submit returns, and everything later (reuse, polling, collection, checks) reads it
-back from there. So a lost sensor cursor, a crashed run or a re-run never pays twice.
+The journal is the record of money; the event log is Dagster's record of what each partition is.
+Everything here reads it back as plain dataclasses, one partition at a time or in pages after a
+storage id (for the status sensor's reconciliation).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, EventLogRecord
+from dagster import (
+    AssetCheckKey,
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterEventType,
+    DagsterInstance,
+    EventLogRecord,
+)
 
-# Metadata keys. They are part of the public surface: users query them.
-REQUEST_ID = "runway/request_id"
-FINGERPRINT = "runway/fingerprint"
-STATE = "runway/state"
-SUBMITTED_AT = "runway/submitted_at"
-INPUT = "runway/input"
-SOURCE_PATH = "runway/source_path"
-SOURCE_SHA256 = "runway/source_sha256"
-SOURCE_CHANGE_TOKEN = "runway/source_change_token"
-SOURCE_VERSION = "runway/source_version"
-VIDEO_SHA256 = "runway/video_sha256"
-
-# Values of ``runway/state`` in request records.
-SUBMITTED = "submitted"
-REUSED = "reused"
-AMBIGUOUS = "ambiguous"
-
-
-def fingerprint(model_id: str, image_sha256: str, fields: Mapping[str, Any]) -> str:
-    """Identity of one paid generation: the model, the image's bytes and every input field.
-
-    ``fields`` are the input without ``promptImage`` (whose URL changes with every presign).
-    """
-    canonical = json.dumps(
-        {"model": model_id, "image_sha256": image_sha256, "fields": dict(fields)},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
+from dagster_runway import _compat
+from dagster_runway.pipeline import metadata as md
+from dagster_runway.version import __version__
 
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """The latest request recorded for a partition."""
+    """The request that stands for a partition: submitted by it, or reused from the same fingerprint."""
 
     partition: str
-    request_id: str | None
-    fingerprint: str | None
-    state: str
-    submitted_at: float | None
+    request_id: str
+    fingerprint: str
+    attempt: int
+    source_version: str | None
     storage_id: int
     timestamp: float
-    metadata: Mapping[str, Any]
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # plain values, keyed by RunwayMetadata field
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return dict(self.metadata.get("input") or {})
 
 
-def _value(metadata: Mapping[str, Any], key: str) -> Any:
-    entry = metadata.get(key)
-    return getattr(entry, "value", entry)
+@dataclass(frozen=True)
+class VideoRecord:
+    partition: str
+    request_id: str | None
+    video_sha256: str | None
+    storage_id: int
+    run_id: str
+    timestamp: float
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+    raw_metadata: Mapping[str, Any] = field(default_factory=dict)  # as stored, with MetadataValue types
 
 
-def _to_record(partition: str, event: EventLogRecord) -> RequestRecord | None:
-    asset_event = event.asset_materialization or event.asset_observation
-    if asset_event is None:
+@dataclass(frozen=True)
+class FailureRecord:
+    """Why a partition failed, as recorded where it failed (an observation with ``runway/state: failed``)."""
+
+    partition: str
+    failure_class: str
+    reason: str
+    next_step: str
+    retryable: bool
+    source_version: str | None
+    request_id: str | None
+    storage_id: int
+    timestamp: float
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _request(partition: str, record: EventLogRecord) -> RequestRecord | None:
+    event = record.asset_materialization
+    if event is None:
         return None
-    metadata = {key: _value(asset_event.metadata, key) for key in asset_event.metadata}
-    if FINGERPRINT not in metadata:
+    meta = md.read_metadata(event.metadata)
+    if not meta.get("request_id") or not meta.get("fingerprint"):
         return None
     return RequestRecord(
         partition=partition,
-        request_id=metadata.get(REQUEST_ID),
-        fingerprint=metadata.get(FINGERPRINT),
-        state=str(metadata.get(STATE) or SUBMITTED),
-        submitted_at=metadata.get(SUBMITTED_AT),
-        storage_id=event.storage_id,
-        timestamp=event.timestamp,
-        metadata=metadata,
+        request_id=meta["request_id"],
+        fingerprint=meta["fingerprint"],
+        attempt=int(meta.get("attempt") or 1),
+        source_version=meta.get("source_version"),
+        storage_id=record.storage_id,
+        timestamp=record.timestamp,
+        metadata=meta,
     )
 
 
-def latest_request_record(
-    instance: DagsterInstance, asset_key: AssetKey, partition: str
-) -> RequestRecord | None:
-    """The newest request record of a partition: a materialization or an observation with a fingerprint."""
-    records_filter = AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition])
-    candidates: list[RequestRecord] = []
-    for fetch in (instance.fetch_materializations, instance.fetch_observations):
-        for event in fetch(records_filter, limit=5).records:
-            record = _to_record(partition, event)
-            if record is not None:
-                candidates.append(record)
-                break
-    return max(candidates, key=lambda r: r.storage_id, default=None)
-
-
-def latest_materialization_metadata(
-    instance: DagsterInstance, asset_key: AssetKey, partition: str
-) -> dict[str, Any] | None:
-    """Plain metadata values of a partition's latest materialization, or ``None``."""
-    records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1
-    ).records
-    if not records or records[0].asset_materialization is None:
+def _video(partition: str, record: EventLogRecord) -> VideoRecord | None:
+    event = record.asset_materialization
+    if event is None:
         return None
-    metadata = records[0].asset_materialization.metadata
-    return {key: _value(metadata, key) for key in metadata}
+    meta = md.read_metadata(event.metadata)
+    return VideoRecord(
+        partition=partition,
+        request_id=meta.get("request_id"),
+        video_sha256=meta.get("video_sha256"),
+        storage_id=record.storage_id,
+        run_id=record.run_id,
+        timestamp=record.timestamp,
+        metadata=meta,
+        tags=dict(event.tags or {}),
+        raw_metadata=dict(event.metadata),
+    )
 
 
-def iter_submissions(
-    instance: DagsterInstance, asset_key: AssetKey, after_storage_id: int, limit: int = 1000
-) -> tuple[list[RequestRecord], int, bool]:
-    """Submissions (request materializations) after ``after_storage_id``, oldest first.
+def _failure(partition: str, record: EventLogRecord) -> FailureRecord | None:
+    event = record.asset_observation
+    if event is None:
+        return None
+    meta = md.read_metadata(event.metadata)
+    if meta.get("state") != md.FAILED:
+        return None
+    return FailureRecord(
+        partition=partition,
+        failure_class=str(meta.get("failure_class") or "unknown"),
+        reason=event.description or "",
+        next_step=str(meta.get("next_step") or ""),
+        retryable=bool(meta.get("retryable")),
+        source_version=meta.get("source_version"),
+        request_id=meta.get("request_id"),
+        storage_id=record.storage_id,
+        timestamp=record.timestamp,
+        metadata=meta,
+    )
 
-    Returns them, the new high-water mark, and whether more remain past this page.
-    """
-    records_filter = AssetRecordsFilter(asset_key=asset_key, after_storage_id=after_storage_id or None)
-    result = instance.fetch_materializations(records_filter, limit=limit, ascending=True)
-    found = []
-    high = after_storage_id
-    for event in result.records:
-        high = max(high, event.storage_id)
-        record = _to_record(event.partition_key, event) if event.partition_key else None
-        if record is not None and record.request_id:
-            found.append(record)
-    return found, high, len(result.records) == limit
+
+def _filter(asset_key: AssetKey, partition: str) -> AssetRecordsFilter:
+    return AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition])
 
 
-def image_version(change_token: str, sidecar_token: str = "") -> str:
-    """A short data version of an image: its change token (ETag, mtime, size) and its sidecars'."""
-    return hashlib.sha256(f"{change_token}|{sidecar_token}".encode()).hexdigest()[:12]
+def latest_request(instance: DagsterInstance, asset_key: AssetKey, partition: str) -> RequestRecord | None:
+    """The partition's newest request materialization that carries a request id."""
+    for record in instance.fetch_materializations(_filter(asset_key, partition), limit=5).records:
+        found = _request(partition, record)
+        if found is not None:
+            return found
+    return None
+
+
+def latest_video(instance: DagsterInstance, asset_key: AssetKey, partition: str) -> VideoRecord | None:
+    records = instance.fetch_materializations(_filter(asset_key, partition), limit=1).records
+    return _video(partition, records[0]) if records else None
+
+
+def latest_failure(
+    instance: DagsterInstance, asset_keys: tuple[AssetKey, ...], partition: str, limit: int = 20
+) -> FailureRecord | None:
+    """The newest failure recorded on the partition of any of ``asset_keys``."""
+    found: list[FailureRecord] = []
+    for asset_key in asset_keys:
+        for record in instance.fetch_observations(_filter(asset_key, partition), limit=limit).records:
+            failure = _failure(partition, record)
+            if failure is not None:
+                found.append(failure)
+                break
+    return max(found, key=lambda f: f.storage_id, default=None)
+
+
+def latest_observation_storage_id(instance: DagsterInstance, asset_key: AssetKey, partition: str) -> int | None:
+    records = instance.fetch_observations(_filter(asset_key, partition), limit=1).records
+    return records[0].storage_id if records else None
+
+
+# Pages of events, for the status sensor's reconciliation
+
+
+@dataclass(frozen=True)
+class Page:
+    requests: list[RequestRecord]
+    videos: list[VideoRecord]
+    failures: list[FailureRecord]
+    images: list[tuple[str, str, int]]  # (partition, data version, storage id)
+    high_water: int
+    more: bool
+
+
+def page_after(
+    instance: DagsterInstance,
+    *,
+    requests_key: AssetKey,
+    videos_key: AssetKey,
+    images_key: AssetKey,
+    after: int,
+    limit: int = 1000,
+) -> Page:
+    """The pipeline's events after storage id ``after``, oldest first, at most ``limit`` of each kind."""
+    requests: list[RequestRecord] = []
+    videos: list[VideoRecord] = []
+    failures: list[FailureRecord] = []
+    images: list[tuple[str, str, int]] = []
+    high, more = after, False
+    highs = []
+    for asset_key, fetch in (
+        (requests_key, instance.fetch_materializations),
+        (videos_key, instance.fetch_materializations),
+        (requests_key, instance.fetch_observations),
+        (videos_key, instance.fetch_observations),
+        (images_key, instance.fetch_observations),
+    ):
+        result = fetch(
+            AssetRecordsFilter(asset_key=asset_key, after_storage_id=after or None), limit=limit, ascending=True
+        )
+        page_more = len(result.records) == limit
+        for record in result.records:
+            partition = record.partition_key
+            if partition is None:
+                continue
+            if record.asset_materialization is not None:
+                if asset_key == requests_key:
+                    if (request := _request(partition, record)) is not None:
+                        requests.append(request)
+                elif (video := _video(partition, record)) is not None:
+                    videos.append(video)
+            elif asset_key == images_key:
+                version = (record.asset_observation.tags or {}).get(_compat.DATA_VERSION_TAG)
+                if version:
+                    images.append((partition, version, record.storage_id))
+            elif (failure := _failure(partition, record)) is not None:
+                failures.append(failure)
+        if page_more:
+            more = True
+            highs.append(result.records[-1].storage_id)
+        elif result.records:
+            high = max(high, result.records[-1].storage_id)
+    # With a full page of one kind, stop at the lowest last id of the full pages, so nothing is skipped.
+    high_water = min(highs) if highs else high
+    keep = lambda storage_id: storage_id <= high_water  # noqa: E731
+    return Page(
+        requests=[r for r in requests if keep(r.storage_id)],
+        videos=[v for v in videos if keep(v.storage_id)],
+        failures=[f for f in failures if keep(f.storage_id)],
+        images=[i for i in images if keep(i[2])],
+        high_water=high_water,
+        more=more,
+    )
+
+
+# Provenance
+
+
+def image_version(change_token: str, sidecar_token: str = "", settings_token: str = "") -> str:
+    """A short data version of an image and what decides its settings (sidecars, manifest row)."""
+    return hashlib.sha256(f"{change_token}|{sidecar_token}|{settings_token}".encode()).hexdigest()[:12]
 
 
 def provenance_tags(inputs: Mapping[AssetKey, tuple[str, int | None]], data_version: str) -> dict[str, str]:
-    """Data-version tags for a hand-made materialization, so that Dagster can tell when it goes stale.
+    """Data-version tags for a materialization reported by the step, so Dagster can tell when it goes stale.
 
     ``inputs`` maps each input asset to the data version read and the storage id of the event it was
     read from, as the framework's own materializations record them.
     """
-    from dagster._core.definitions.data_version import (
-        CODE_VERSION_TAG,
-        DATA_VERSION_TAG,
-        NULL_EVENT_POINTER,
-        get_input_data_version_tag,
-        get_input_event_pointer_tag,
-    )
-
-    from dagster_runway.version import __version__
-
-    tags = {CODE_VERSION_TAG: __version__, DATA_VERSION_TAG: data_version}
+    tags = {_compat.CODE_VERSION_TAG: __version__, _compat.DATA_VERSION_TAG: data_version}
     for key, (version, storage_id) in inputs.items():
-        tags[get_input_data_version_tag(key)] = version
-        tags[get_input_event_pointer_tag(key)] = str(storage_id) if storage_id else NULL_EVENT_POINTER
+        tags[_compat.get_input_data_version_tag(key)] = version
+        tags[_compat.get_input_event_pointer_tag(key)] = str(storage_id) if storage_id else _compat.NULL_EVENT_POINTER
     return tags
 
 
-def latest_observation_storage_id(
-    instance: DagsterInstance, asset_key: AssetKey, partition: str
-) -> int | None:
-    records = instance.fetch_observations(
-        AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1
-    ).records
-    return records[0].storage_id if records else None
+# For the demo, the tests and users: what the UI shows
 
 
 def check_statuses(
     instance: DagsterInstance, asset_key: AssetKey, check_names: list[str], partition: str
-) -> dict:
-    """The latest status of each check on one partition (``SUCCEEDED``, ``FAILED``, ...), as the UI shows it."""
-    from dagster import AssetCheckKey
-
+) -> dict[str, str]:
+    """The latest status of each check on one partition (``SUCCEEDED``, ``FAILED``, ...)."""
     infos = instance.event_log_storage.get_asset_check_partition_info(
         [AssetCheckKey(asset_key, name) for name in check_names], partition_keys=[partition]
     )
     return {info.check_key.name: info.latest_execution_status.value for info in infos}
 
 
-def failure_reasons(instance: DagsterInstance, run_id: str) -> dict[str, str]:
-    """Why each partition of a failed run failed, from its step failure's ``failed_partitions``."""
-    from dagster import DagsterEventType
+def current_check_statuses(
+    instance: DagsterInstance, asset_key: AssetKey, check_names: list[str], partition: str
+) -> dict[str, str]:
+    """Like ``check_statuses``, but a result counts only if it judged the latest materialization, as
+    the UI's per-partition check view counts it; anything else reads ``MISSING``."""
+    infos = instance.event_log_storage.get_asset_check_partition_info(
+        [AssetCheckKey(asset_key, name) for name in check_names], partition_keys=[partition]
+    )
+    statuses = {}
+    for info in infos:
+        current = (
+            info.latest_materialization_storage_id is not None
+            and info.latest_target_materialization_storage_id == info.latest_materialization_storage_id
+        )
+        statuses[info.check_key.name] = info.latest_execution_status.value if current else "MISSING"
+    for name in check_names:
+        statuses.setdefault(name, "MISSING")
+    return statuses
 
+
+def step_failure_reasons(instance: DagsterInstance, run_id: str) -> dict[str, str]:
+    """Why each partition of a failed run failed, from its step failures' ``failed_partitions``."""
     reasons: dict[str, str] = {}
     for record in instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records:
-        data = record.event_log_entry.dagster_event.step_failure_data
-        metadata = (data.user_failure_data.metadata if data and data.user_failure_data else None) or {}
-        reasons.update(_value(metadata, "failed_partitions") or {})
+        data = record.event_log_entry.dagster_event.step_failure_data  # type: ignore[union-attr]
+        failure_metadata = (data.user_failure_data.metadata if data and data.user_failure_data else None) or {}
+        value = failure_metadata.get("failed_partitions")
+        reasons.update(getattr(value, "value", value) or {})
     return reasons

@@ -1,193 +1,164 @@
-"""The discovery sensor (new and changed images) and the status sensor (in-flight requests)."""
+"""The discovery sensor (new and changed images) and the status sensor (polls and reconciles).
+
+Both keep their memory in the instance's key-value store, and both rebuild it when it is lost: the
+discovery sensor by observing every image again, the status sensor from the event log. Their cursors
+hold only a readable summary. Neither pays for anything: runs do, through the journal.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import time
 import zlib
-from collections.abc import Sequence
 from typing import Any
 
 from dagster import (
     AssetObservation,
+    DagsterRunStatus,
     DefaultSensorStatus,
     JobDefinition,
-    MetadataValue,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
-    SkipReason,
     sensor,
 )
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-    PARTITION_NAME_TAG,
-)
 
+from dagster_runway import _compat
 from dagster_runway.errors import RequestNotFoundError, RunComfyError
+from dagster_runway.pipeline import failures as fl
+from dagster_runway.pipeline import metadata as md
+from dagster_runway.pipeline import reconcile as rc
 from dagster_runway.pipeline import records as rec
-from dagster_runway.pipeline.config import RunwayPipeline
+from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.resource import RunComfyResource
 from dagster_runway.schema import RequestStatus
 
+NOT_FINISHED = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
+# A run still not finished after this long is taken as lost (its worker died unnoticed).
+STALE_RUN_S = 6 * 3600.0
+LAUNCHED_BY = "runway/launched_by"
 
-def encode_cursor(data: dict[str, Any]) -> str:
-    """Compact cursor: JSON, zlib-compressed, base64. Thousands of partitions fit in tens of KB."""
-    return base64.b64encode(zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6)).decode()
 
-
-def decode_cursor(cursor: str | None, log: Any) -> dict[str, Any] | None:
-    """The cursor's data, or ``None`` when there is none or it cannot be read (then it is rebuilt)."""
-    if not cursor:
+def load_memory(instance: Any, key: str) -> dict[str, Any] | None:
+    raw = _compat.kv_get(instance, key)
+    if not raw:
         return None
     try:
-        data = json.loads(zlib.decompress(base64.b64decode(cursor)))
-        return data if isinstance(data, dict) else None
+        data = json.loads(zlib.decompress(base64.b64decode(raw)))
     except (ValueError, zlib.error):
-        log.warning("The sensor cursor could not be read; rebuilding it from the event log.")
         return None
+    return data if isinstance(data, dict) else None
 
 
-def batch_run_requests(
-    keys: Sequence[str],
-    order: dict[str, int],
-    *,
-    max_batch: int,
-    prefix: str,
-    config_for: Any,
-    fingerprint: dict[str, str],
-) -> list[RunRequest]:
-    """Group partitions into few runs: each run covers a contiguous stretch of the partition order.
+def save_memory(instance: Any, key: str, data: dict[str, Any]) -> int:
+    raw = base64.b64encode(zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6)).decode()
+    _compat.kv_set(instance, key, raw)
+    return len(raw)
 
-    Dagster runs one partition or one range, so a batch is a range of consecutive partitions, all of
-    them selected (a range with gaps would mark its unselected partitions as attempted in the UI),
-    and at most ``max_batch`` long. The run key is a hash of the keys and their request ids (or
-    change tokens), so a tick that repeats itself launches nothing new.
+
+def memory_key(pipeline: RunwayPipelineConfig, sensor_name: str) -> str:
+    return f"dagster_runway/{pipeline.partitions_def.name}/{sensor_name}"
+
+
+def _op_config(op_name: str, partitions: list[str], **extra: Any) -> dict[str, Any]:
+    return {"ops": {op_name: {"config": {"partitions": partitions, **extra}}}}
+
+
+# Discovery
+
+
+def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: JobDefinition | None, op_name: str):
+    """Lists the source each tick; adds a partition per new image and observes every new or changed one.
+
+    In deferred mode the status sensor decides what to submit; in blocking mode this sensor also
+    requests a videos run for each new image (and, with ``on_change="regenerate"``, each changed one).
     """
-    ordered = sorted(keys, key=lambda k: order.get(k, 1 << 60))
-    batches: list[list[str]] = []
-    for key in ordered:
-        previous = batches[-1][-1] if batches else None
-        if (
-            previous is not None
-            and len(batches[-1]) < max_batch
-            and order.get(key) == order.get(previous, -2) + 1
-        ):
-            batches[-1].append(key)
-        else:
-            batches.append([key])
-    requests = []
-    for batch in batches:
-        digest = hashlib.sha256(
-            "\n".join(f"{k}={fingerprint.get(k, '')}" for k in batch).encode()
-        ).hexdigest()[:20]
-        single = len(batch) == 1
-        # Partition tags set here, so the run request needs no resolving against the partition store.
-        tags = (
-            {PARTITION_NAME_TAG: batch[0]}
-            if single
-            else {ASSET_PARTITION_RANGE_START_TAG: batch[0], ASSET_PARTITION_RANGE_END_TAG: batch[-1]}
-        )
-        requests.append(
-            RunRequest(
-                run_key=f"{prefix}:{digest}",
-                partition_key=batch[0] if single else None,
-                run_config=config_for(batch),
-                tags={**tags, "runway/partition_count": str(len(batch))},
-            )
-        )
-    return requests
-
-
-def _op_config(op_name: str, partitions: list[str]) -> dict[str, Any]:
-    return {"ops": {op_name: {"config": {"partitions": partitions}}}}
-
-
-def build_discovery_sensor(pipeline: RunwayPipeline, job: JobDefinition, op_name: str):
-    """Lists the source each tick; adds a partition per new image and requests its submit run."""
+    name = f"{pipeline.name}_discovery_sensor"
 
     @sensor(
-        name=f"{pipeline.name}_discovery_sensor",
-        job=job,
+        name=name,
+        job=videos_job,
         minimum_interval_seconds=pipeline.discovery_interval_s,
         default_status=DefaultSensorStatus.STOPPED,
-        description=f"Lists {pipeline.source_url} for images; each new image becomes a partition of "
-        f"{pipeline.images_key.to_user_string()} and is sent to be submitted. A changed image is "
-        + (
-            "submitted again."
-            if pipeline.on_change == "regenerate"
-            else "marked stale (its video is not remade)."
-        ),
+        description=f"Lists {pipeline.source} for images. Each new image becomes a partition of "
+        f"{pipeline.images_key.to_user_string()}, and each new or changed image is observed with its version "
+        "(a changed image makes its video stale).",
     )
-    def _discovery(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+    def _discovery(context: SensorEvaluationContext) -> SensorResult:
         started = time.monotonic()
-        known: dict[str, str] = (decode_cursor(context.cursor, context.log) or {}).get("tokens", {})
-        existing = context.instance.get_dynamic_partitions(pipeline.partitions_name)
-        existing_set = set(existing)
-        entries = pipeline.source().list()
-
-        tokens: dict[str, str] = {}
+        key = memory_key(pipeline, name)
+        known: dict[str, str] = (load_memory(context.instance, key) or {}).get("versions", {})
+        existing = set(context.instance.get_dynamic_partitions(pipeline.partitions_def.name))
+        entries = pipeline.image_source().list()
+        versions: dict[str, str] = {}
         new: list[str] = []
         changed: list[str] = []
         observations = []
         for entry in entries:
-            key = entry.partition_key
-            version = rec.image_version(entry.change_token, entry.sidecar_token)
-            tokens[key] = version
-            before = known.get(key)
-            if key not in existing_set:
-                new.append(key)
-            elif before == version or (before is None and known):
+            partition = entry.partition_key
+            version = rec.image_version(entry.change_token, entry.sidecar_token, entry.settings_token)
+            versions[partition] = version
+            if partition not in existing:
+                new.append(partition)
+            elif known.get(partition) == version:
                 continue
-            elif before is not None:
-                changed.append(key)
-            else:
-                continue  # no cursor: the partition is known, and nothing says it changed
+            elif partition in known:
+                changed.append(partition)
             observations.append(
                 AssetObservation(
                     asset_key=pipeline.images_key,
-                    partition=key,
+                    partition=partition,
                     metadata={
-                        rec.SOURCE_PATH: MetadataValue.path(entry.url),
-                        "runway/size_bytes": entry.size,
-                        rec.SOURCE_CHANGE_TOKEN: entry.change_token,
+                        **md.RunwayMetadata(
+                            source_path=md.uri_value(entry.url, pipeline.source_storage_options),
+                            source_size_bytes=entry.size,
+                            source_change_token=entry.change_token,
+                            source_version=version,
+                        )
                     },
-                    tags={"dagster/data_version": version},
+                    tags={_compat.DATA_VERSION_TAG: version},
                 )
             )
-
-        order = {key: i for i, key in enumerate([*existing, *new])}
-        to_submit = new + (changed if pipeline.on_change == "regenerate" else [])
-        run_requests = batch_run_requests(
-            to_submit,
-            order,
-            max_batch=pipeline.submit_batch_size,
-            prefix="submit",
-            config_for=lambda batch: _op_config(op_name, batch),
-            fingerprint=tokens,
-        )
-        elapsed = time.monotonic() - started
+        run_requests: list[RunRequest] = []
+        if pipeline.mode == "blocking":
+            order = [*context.instance.get_dynamic_partitions(pipeline.partitions_def.name), *new]
+            wanted = new + (changed if pipeline.on_change == "regenerate" else [])
+            run_requests = rc.batch_run_requests(
+                wanted,
+                order,
+                max_batch=pipeline.collect_batch_size,
+                prefix="videos",
+                identity=versions.__getitem__,
+                config_for=lambda batch: _op_config(op_name, batch),
+            )
+        save_memory(context.instance, key, {"versions": versions})
         context.log.info(
-            f"Listed {len(entries)} images in {elapsed:.2f}s: {len(new)} new, {len(changed)} changed; "
-            f"{len(run_requests)} run(s) requested."
+            f"Listed {len(entries)} images in {time.monotonic() - started:.2f}s: {len(new)} new, {len(changed)} "
+            f"changed, {len(observations)} observed."
         )
         return SensorResult(
             run_requests=run_requests,
             dynamic_partitions_requests=[pipeline.partitions_def.build_add_request(new)] if new else [],
             asset_events=observations,
-            cursor=encode_cursor({"tokens": tokens}),
+            cursor=json.dumps({"images": len(entries), "new": len(new), "changed": len(changed)}),
         )
 
     return _discovery
 
 
-def _poll(
-    resource: RunComfyResource, ids: list[str], budget: float
-) -> dict[str, RequestStatus | RunComfyError]:
+# Status and reconciliation
+
+
+def _poll(resource: RunComfyResource, ids: list[str], budget: float) -> dict[str, RequestStatus | RunComfyError]:
     async def main() -> dict[str, RequestStatus | RunComfyError]:
         async with resource.get_async_client() as client:
             return await client.status_many(ids, deadline=budget)
@@ -195,101 +166,257 @@ def _poll(
     return asyncio.run(main())
 
 
-def build_status_sensor(pipeline: RunwayPipeline, job: JobDefinition, op_name: str):
-    """Polls every in-flight request inside a time budget; launches collection runs for finished ones."""
+class StatusTick:
+    """One tick of the status sensor: read what is new, poll what is in flight, launch what is owed."""
 
-    @sensor(
-        name=f"{pipeline.name}_status_sensor",
-        job=job,
-        minimum_interval_seconds=pipeline.status_interval_s,
-        default_status=DefaultSensorStatus.STOPPED,
-        required_resource_keys={pipeline.resource_key},
-        description="Polls the status of every in-flight RunComfy request (concurrently, round-robin, inside a "
-        f"time budget) and launches batched runs of {pipeline.videos_key.to_user_string()} for finished ones. "
-        "No worker waits while a video renders.",
-    )
-    def _status(context: SensorEvaluationContext) -> SensorResult | SkipReason:
-        started = time.monotonic()
-        resource: RunComfyResource = getattr(context.resources, pipeline.resource_key)
-        state = decode_cursor(context.cursor, context.log) or {"after": 0, "inflight": {}, "rr": 0}
-        inflight: dict[str, dict[str, Any]] = state["inflight"]
-        rebuilding = not state["after"]
+    def __init__(
+        self,
+        pipeline: RunwayPipelineConfig,
+        context: SensorEvaluationContext,
+        resource: RunComfyResource,
+        *,
+        sensor_name: str,
+        submit_job: str,
+        collect_job: str,
+        submit_op: str,
+        collect_op: str,
+    ) -> None:
+        self.pipeline, self.context, self.resource = pipeline, context, resource
+        self.instance = context.instance
+        self.sensor_name = sensor_name
+        self.submit_job, self.collect_job = submit_job, collect_job
+        self.submit_op, self.collect_op = submit_op, collect_op
+        self.started = time.monotonic()
+        self.memory = rc.SensorMemory.from_json(load_memory(self.instance, self.memory_key) or {})
+        self.events: list[Any] = []
+        self.policy = rc.Policy(pipeline.on_change, pipeline.retry_failed_generations, pipeline.max_spend_usd)
 
-        # 1. New submissions from the event log (all of it when the cursor is new or lost).
-        after = state["after"]
-        while time.monotonic() - started < pipeline.sensor_budget_s / 3:
-            found, after, more = rec.iter_submissions(context.instance, pipeline.requests_key, after)
-            for record in found:
-                inflight[record.partition] = {"id": record.request_id, "s": "submitted"}
-            if not more:
-                break
-        if rebuilding:
-            for key in list(inflight):
-                latest = rec.latest_materialization_metadata(context.instance, pipeline.videos_key, key)
-                if latest and latest.get(rec.REQUEST_ID) == inflight[key]["id"]:
-                    del inflight[key]
+    @property
+    def memory_key(self) -> str:
+        return memory_key(self.pipeline, self.sensor_name)
 
-        # 2. Poll, round-robin from where the last tick stopped, within the budget.
-        keys = sorted(inflight)
-        start = state.get("rr", 0) % len(keys) if keys else 0
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def run(self) -> SensorResult:
+        pipeline = self.pipeline
+        self.ingest(pipeline.sensor_budget_s / 3)
+        if not self.memory.caught_up:
+            size = save_memory(self.instance, self.memory_key, self.memory.to_json())
+            summary = {"rebuilding": True, "high_water": self.memory.high_water, "memory_bytes": size}
+            self.context.log.info(f"Reading the event log to rebuild what is owed: up to storage id {self.memory.high_water}")
+            return SensorResult(cursor=json.dumps(summary))
+        order = list(self.instance.get_dynamic_partitions(pipeline.partitions_def.name))
+        for key in order:
+            self.memory.state(key)
+        polled = self.poll(order, pipeline.sensor_budget_s - self.elapsed() - 2.0)
+        run_requests, counts = self.owed(order)
+        size = save_memory(self.instance, self.memory_key, self.memory.to_json())
+        summary = {**counts, "polled": polled, "high_water": self.memory.high_water, "memory_bytes": size}
+        self.context.log.info(
+            f"{len(order)} partitions: {counts}; polled {polled} in {self.elapsed():.2f}s; {len(run_requests)} run(s) "
+            "requested."
+        )
+        return SensorResult(run_requests=run_requests, asset_events=self.events, cursor=json.dumps(summary))
+
+    def ingest(self, budget_s: float) -> None:
+        """Apply the event log's new records to the memory, page by page, within ``budget_s``."""
+        memory, pipeline = self.memory, self.pipeline
+        while True:
+            page = rec.page_after(
+                self.instance,
+                requests_key=pipeline.requests_key,
+                videos_key=pipeline.videos_key,
+                images_key=pipeline.images_key,
+                after=memory.high_water,
+            )
+            events: list[tuple[int, Any]] = [
+                *((r.storage_id, r) for r in page.requests),
+                *((v.storage_id, v) for v in page.videos),
+                *((f.storage_id, f) for f in page.failures),
+                *((i[2], i) for i in page.images),
+            ]
+            for _, event in sorted(events, key=lambda pair: pair[0]):
+                if isinstance(event, rec.RequestRecord):
+                    memory.state(event.partition).saw_request(
+                        event.request_id, event.attempt, event.source_version, event.storage_id
+                    )
+                elif isinstance(event, rec.VideoRecord):
+                    memory.state(event.partition).saw_video(event.request_id, event.storage_id)
+                elif isinstance(event, rec.FailureRecord):
+                    memory.state(event.partition).saw_failure(
+                        rc.Failure(
+                            failure_class=event.failure_class,
+                            source_version=event.source_version,
+                            storage_id=event.storage_id,
+                            request_id=event.request_id,
+                            retry_at=event.metadata.get("retry_at"),
+                            cap_usd=event.metadata.get("spend_cap_usd"),
+                        )
+                    )
+                else:
+                    partition, version, _ = event
+                    state = memory.state(partition)
+                    if state.image_version != version:
+                        state.image_version, state.submit_runs, state.collect_runs = version, 0, 0
+            memory.high_water = page.high_water
+            if not page.more:
+                memory.caught_up = True
+                return
+            if self.elapsed() > budget_s:
+                return
+
+    def poll(self, order: list[str], budget_s: float) -> int:
+        """Poll requests in flight, round-robin from where the last tick stopped; observe changes."""
+        states = self.memory.partitions
+        keys = [k for k in order if rc.stage(states[k], self.policy) == "in_flight"]
+        if not keys or budget_s <= 0:
+            return 0
+        start = self.memory.round_robin % len(keys)
         keys = keys[start:] + keys[:start]
-        remaining = pipeline.sensor_budget_s - (time.monotonic() - started)
-        answers = _poll(resource, [inflight[k]["id"] for k in keys], max(1.0, remaining)) if keys else {}
-        by_id = {inflight[k]["id"]: k for k in keys}
+        by_id = {states[k].request_id: k for k in keys}
+        answers = _poll(self.resource, list(by_id), max(1.0, budget_s))
         polled = 0
-        finished: list[str] = []
-        observations = []
         for request_id, answer in answers.items():
             key = by_id[request_id]
-            polled += 1
-            entry = inflight[key]
+            state = states[key]
             if isinstance(answer, RequestNotFoundError):
-                new_state, position = "expired", None
+                status, position = "expired", None
             elif isinstance(answer, RunComfyError):
-                context.log.warning(f"{key}: polling request {request_id} failed for now: {answer}")
+                self.context.log.warning(f"{key}: polling request {request_id} failed for now: {answer}")
                 continue
             else:
-                new_state, position = answer.status.value, answer.queue_position
-            if (new_state, position) != (entry["s"], entry.get("q")):
-                observations.append(
+                status, position = answer.status.value, answer.queue_position
+            polled += 1
+            if status != state.status:
+                self.events.append(
                     AssetObservation(
-                        asset_key=pipeline.requests_key,
+                        asset_key=self.pipeline.requests_key,
                         partition=key,
-                        description=f"Request {request_id} is {new_state}"
+                        description=f"Request {request_id} is {status}"
                         + (f" (queue position {position})" if position is not None else ""),
                         metadata={
-                            rec.REQUEST_ID: request_id,
-                            "runway/status": new_state,
-                            **({"runway/queue_position": position} if position is not None else {}),
+                            **md.RunwayMetadata(request_id=request_id, status=status, queue_position=position)
                         },
                     )
                 )
-                entry["s"], entry["q"] = new_state, position
-            if new_state in ("completed", "succeeded", "failed", "cancelled", "expired"):
-                finished.append(key)
+                state.status, state.queue_position = status, position
+        self.memory.round_robin = start + polled
+        return polled
 
-        # 3. Finished requests: batched collection runs, one run key per set of requests.
-        order = {
-            k: i for i, k in enumerate(context.instance.get_dynamic_partitions(pipeline.partitions_name))
-        }
-        run_requests = batch_run_requests(
-            finished,
-            order,
-            max_batch=pipeline.collect_batch_size,
-            prefix="collect",
-            config_for=lambda batch: _op_config(op_name, batch),
-            fingerprint={k: inflight[k]["id"] for k in finished},
+    def owed(self, order: list[str]) -> tuple[list[RunRequest], dict[str, int]]:
+        """Launch a run for every partition owed a submit or a collect that no run in progress covers."""
+        pipeline, states = self.pipeline, self.memory.partitions
+        runs = self.instance.get_run_records(RunsFilter(statuses=NOT_FINISHED))
+        coverage = rc.covered(
+            runs,
+            order=order,
+            requests_key=pipeline.requests_key,
+            videos_key=pipeline.videos_key,
+            submit_job=self.submit_job,
+            collect_job=self.collect_job,
+            stale_after_s=STALE_RUN_S,
         )
-        for key in finished:
-            del inflight[key]
-        context.log.info(
-            f"Polled {polled} of {len(keys)} in-flight requests in {time.monotonic() - started:.2f}s; "
-            f"{len(finished)} finished -> {len(run_requests)} collection run(s)."
+        counts = {"done": 0, "failed": 0, "in_flight": 0, "submit": 0, "collect": 0, "running": 0}
+        owed: dict[str, list[str]] = {"submit": [], "collect": []}
+        for key in order:
+            state = states[key]
+            where = rc.stage(state, self.policy)
+            if where in ("submit", "collect"):
+                if key in (coverage.submit if where == "submit" else coverage.collect):
+                    counts["running"] += 1
+                    continue
+                launched = state.submit_runs if where == "submit" else state.collect_runs
+                if launched >= pipeline.max_run_attempts:
+                    self._exhausted(key, state, where, launched)
+                    counts["failed"] += 1
+                    continue
+                if where == "submit":
+                    state.submit_runs += 1
+                else:
+                    state.collect_runs += 1
+                owed[where].append(key)
+            counts[where] += 1
+        requests = [
+            *rc.batch_run_requests(
+                owed["submit"],
+                order,
+                max_batch=pipeline.submit_batch_size,
+                prefix="submit",
+                identity=lambda k: f"{states[k].image_version}|{states[k].request_id}|{states[k].submit_runs}",
+                config_for=lambda batch: _op_config(self.submit_op, batch),
+                tags={LAUNCHED_BY: self.sensor_name},
+                job_name=self.submit_job,
+            ),
+            *rc.batch_run_requests(
+                owed["collect"],
+                order,
+                max_batch=pipeline.collect_batch_size,
+                prefix="collect",
+                identity=lambda k: f"{states[k].request_id}|{states[k].collect_runs}",
+                config_for=lambda batch: _op_config(self.collect_op, batch),
+                tags={LAUNCHED_BY: self.sensor_name},
+                job_name=self.collect_job,
+            ),
+        ]
+        return requests, counts
+
+    def _exhausted(self, key: str, state: rc.PartitionState, where: str, launched: int) -> None:
+        """Record that the runs launched for a partition kept ending without a result."""
+        failure = fl.PartitionFailure(
+            key,
+            fl.RUNS_EXHAUSTED,
+            f"{launched} {where} runs launched for this partition ended without recording a result.",
+            f"look at the last {where} run of this partition in the Runs tab for the cause; fix it, then "
+            f"materialize {'runway/requests' if where == 'submit' else 'runway/videos'} for this partition.",
+            request_id=state.request_id,
         )
-        return SensorResult(
-            run_requests=run_requests,
-            asset_events=observations,
-            cursor=encode_cursor({"after": after, "inflight": inflight, "rr": start + polled}),
-        )
+        self.events.append(failure.observation(self.pipeline.videos_key, state.image_version))
+        state.failure = rc.Failure(fl.RUNS_EXHAUSTED, state.image_version, 2**62, state.request_id)
+
+
+def build_status_sensor(
+    pipeline: RunwayPipelineConfig,
+    submit_job: JobDefinition,
+    collect_job: JobDefinition,
+    submit_op: str,
+    collect_op: str,
+):
+    """Polls every request in flight and launches the runs every partition is owed, from durable records."""
+    name = f"{pipeline.name}_status_sensor"
+
+    @sensor(
+        name=name,
+        jobs=[submit_job, collect_job],
+        minimum_interval_seconds=pipeline.status_interval_s,
+        default_status=DefaultSensorStatus.STOPPED,
+        required_resource_keys={pipeline.resource_key},
+        description="Reconciles every partition from durable records: submits what has no request, polls "
+        f"requests in flight (inside a time budget, round-robin) and collects finished ones into "
+        f"{pipeline.videos_key.to_user_string()}; relaunches runs that died, within max_run_attempts. No "
+        "worker waits while a video renders.",
+    )
+    def _status(context: SensorEvaluationContext) -> SensorResult:
+        resource: RunComfyResource = getattr(context.resources, pipeline.resource_key)
+        return StatusTick(
+            pipeline,
+            context,
+            resource,
+            sensor_name=name,
+            submit_job=submit_job.name,
+            collect_job=collect_job.name,
+            submit_op=submit_op,
+            collect_op=collect_op,
+        ).run()
 
     return _status
+
+
+def summary(cursor: str | None) -> dict[str, Any]:
+    """The status sensor's cursor: counts of partitions per stage, for the demo and for humans."""
+    try:
+        data = json.loads(cursor or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+

@@ -1,24 +1,35 @@
 """Validate, reuse or submit: the only place where credits are spent.
 
-For each partition: find the image, validate it from its header, resolve its settings, hash it,
-and compute the fingerprint of the generation. A live or finished request with the same
-fingerprint is reused. Otherwise the image is submitted, concurrently with the async client, and
-each request id is yielded as an asset event the moment it arrives, so that it is durable in the
-event log before anything else can fail.
+For each partition: find its image, validate it, resolve its settings, hash it, and compute the
+fingerprint of the generation. Then the journal decides, before anything is paid:
+
+- an earlier request of the same fingerprint (this partition's, or a copy's) is reused, unless it
+  failed for a reason a retry can help, or was cancelled or lost;
+- a claim that another live run holds is waited for, then reused;
+- a claim whose answer was lost is ambiguous: the partition fails until the user forces a submit;
+- otherwise the next attempt is claimed (with its estimated cost, against the spend cap) and sent.
+
+Submits run concurrently on the async client in a worker thread. Each answer is written to the
+journal by the worker the moment it arrives, then yielded as an asset event by the step, so a kill
+at any point leaves either a journal entry with the request id or a claim flagged ambiguous.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from dagster import AssetMaterialization, AssetObservation, MetadataValue
+from dagster import AssetMaterialization, AssetObservation, DagsterInstance, MetadataValue
 
+from dagster_runway import journal as jn
 from dagster_runway._redact import redact_url
 from dagster_runway.errors import (
     AmbiguousSubmitError,
@@ -35,11 +46,25 @@ from dagster_runway.media import (
     service_image_url,
     validate_image,
 )
+from dagster_runway.pipeline import failures as fl
+from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import records as rec
-from dagster_runway.pipeline.config import RunwayPipeline
+from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.resource import RunComfyResource
-from dagster_runway.schema import ImageToVideoInput, RequestState, Submission
+from dagster_runway.schema import DEFAULT_PROMPT_TEXT, ImageToVideoInput, RequestState, Submission
 from dagster_runway.version import __version__
+
+
+def generation_fingerprint(model_id: str, image_sha256: str, fields: dict[str, Any]) -> str:
+    """The identity of one paid generation: the model, the image's bytes and every input field.
+
+    This is *the* fingerprint: the journal is keyed by it, reuse matches on it, and every message
+    about a possibly billed submit names it. ``fields`` exclude ``promptImage``, whose URL changes.
+    """
+    canonical = json.dumps(
+        {"model": model_id, "image_sha256": image_sha256, "fields": fields}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -55,43 +80,43 @@ class Prepared:
     fields: dict[str, Any]
     fingerprint: str
     settings_sources: tuple[str, ...]
+    prompt_source: str
+    model_id: str
+
+    @property
+    def source_version(self) -> str:
+        return rec.image_version(self.entry.change_token, self.entry.sidecar_token, self.entry.settings_token)
+
+    @property
+    def estimate_usd_seconds(self) -> int:
+        return int(self.fields["duration"])
 
     def metadata(self) -> dict[str, Any]:
         """Lineage of the input: what goes to the service, from which file."""
+        prompt = self.fields.get("promptText")
         return {
-            rec.FINGERPRINT: self.fingerprint,
-            rec.INPUT: MetadataValue.json(self.fields),
-            "runway/prompt_text": self.fields.get("promptText", "(service default)"),
-            "runway/ratio": self.fields["ratio"],
-            "runway/duration_s": self.fields["duration"],
-            "runway/seed": self.fields["seed"],
-            "runway/settings_from": ", ".join(self.settings_sources),
-            rec.SOURCE_PATH: MetadataValue.path(self.entry.url),
-            rec.SOURCE_SHA256: self.sha256,
-            rec.SOURCE_CHANGE_TOKEN: self.entry.change_token,
-            rec.SOURCE_VERSION: rec.image_version(self.entry.change_token, self.entry.sidecar_token),
-            "runway/source_size_bytes": self.entry.size,
-            "runway/source_pixels": f"{self.width}x{self.height} {self.image_format}",
-            "runway/package_version": __version__,
+            **md.RunwayMetadata(
+                fingerprint=self.fingerprint,
+                model=self.model_id,
+                input=MetadataValue.json(self.fields),
+                prompt_text=prompt if prompt is not None else DEFAULT_PROMPT_TEXT,
+                prompt_source=self.prompt_source,
+                ratio=self.fields["ratio"],
+                duration_s=self.fields["duration"],
+                seed=str(self.fields["seed"]),
+                settings_from=", ".join(self.settings_sources),
+                source_path=MetadataValue.path(self.entry.url),
+                source_sha256=self.sha256,
+                source_change_token=self.entry.change_token,
+                source_version=self.source_version,
+                source_size_bytes=self.entry.size,
+                source_pixels=f"{self.width}x{self.height} {self.image_format}",
+                package_version=__version__,
+            )
         }
 
 
-@dataclass(frozen=True)
-class PartitionFailure:
-    key: str
-    reason: str
-    kind: str  # "invalid_input", "ambiguous", "api", "not_found"
-
-
-def resolve_entries(source: ImageSource, keys: Sequence[str]) -> dict[str, ImageEntry]:
-    """The source entry of each key (one listing of the source)."""
-    wanted = set(keys)
-    return {entry.partition_key: entry for entry in source.list() if entry.partition_key in wanted}
-
-
-def prepare(
-    pipeline: RunwayPipeline, source: ImageSource, key: str, entry: ImageEntry, model_id: str
-) -> Prepared:
+def prepare(pipeline: RunwayPipelineConfig, source: ImageSource, key: str, entry: ImageEntry, model_id: str) -> Prepared:
     """Check one image and settle its input. Raises ``MediaError`` naming the file, the rule and the fix."""
     info = validate_image(source.fs, entry.path, size=entry.size)
     sha256 = content_sha256(source.fs, entry.path)
@@ -105,259 +130,477 @@ def prepare(
         image_format=info.format,
         sha256=sha256,
         fields=fields,
-        fingerprint=rec.fingerprint(model_id, sha256, fields),
+        fingerprint=generation_fingerprint(model_id, sha256, fields),
         settings_sources=tuple(settings.sources),
+        prompt_source=settings.prompt_source,
+        model_id=model_id,
     )
 
 
-def submission_metadata(
-    prepared: Prepared, submission: Submission, submitted_at: float, image_url: str, model_id: str
-) -> dict[str, Any]:
-    return {
-        rec.REQUEST_ID: submission.request_id,
-        rec.STATE: rec.SUBMITTED,
-        rec.SUBMITTED_AT: MetadataValue.timestamp(submitted_at),
-        "runway/model": model_id,
-        "runway/prompt_image": redact_url(image_url),
-        **prepared.metadata(),
-    }
+@dataclass
+class Plan:
+    """One submit to make."""
+
+    prepared: Prepared
+    model_input: ImageToVideoInput
+    image_url: str
+    attempt: int
 
 
-def _submit_concurrently(
-    resource: RunComfyResource,
-    jobs: list[tuple[Prepared, ImageToVideoInput]],
-    out: queue.Queue,
-    stop: threading.Event,
-) -> None:
-    """Submit every job with the async client; put ``(prepared, submission | error, time)`` on ``out``."""
+@dataclass(frozen=True)
+class Ready:
+    """A partition whose request is known: submitted now, or reused."""
 
-    async def main() -> None:
-        async with resource.get_async_client() as client:
+    prepared: Prepared
+    claim: jn.Claim
 
-            async def one(prepared: Prepared, model_input: ImageToVideoInput) -> None:
-                if stop.is_set():
-                    return
-                try:
-                    submission = await client.submit(model_input)
-                    out.put((prepared, submission, time.time()))
-                except RunComfyError as exc:
-                    if isinstance(exc, AuthenticationError | InsufficientCreditsError):
-                        stop.set()  # every other submit would fail the same way
-                    out.put((prepared, exc, time.time()))
-
-            await asyncio.gather(*(one(p, i) for p, i in jobs))
-
-    try:
-        asyncio.run(main())
-    finally:
-        out.put(None)
+    @property
+    def request_id(self) -> str:
+        assert self.claim.request_id is not None
+        return self.claim.request_id
 
 
 class SubmitBatch:
-    """Runs the submit step for a set of partitions and yields its events as they happen."""
+    """The submit step for a set of partitions; ``run()`` yields its events as they happen."""
 
     def __init__(
         self,
-        pipeline: RunwayPipeline,
+        pipeline: RunwayPipelineConfig,
         resource: RunComfyResource,
         context: Any,
         keys: Sequence[str],
         *,
         force_after_ambiguous: bool = False,
+        force_resubmit: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.resource = resource
-        self.instance = context.instance
+        self.instance: DagsterInstance = context.instance
+        self.run_id: str | None = getattr(context, "run_id", None)
         self.log = context.log
         self.keys = list(keys)
         self.force_after_ambiguous = force_after_ambiguous
-        self.failures: list[PartitionFailure] = []
-        self.ready: dict[str, tuple[Prepared, str]] = {}  # key -> (prepared, request_id)
-        self.submitted_ids: list[str] = []
+        self.force_resubmit = force_resubmit
+        self.journal = jn.Journal(pipeline.journal_url, pipeline.journal_options)
+        self.owner = jn.Owner.current(self.run_id)
+        self.failures: list[fl.PartitionFailure] = []
+        self.ready: dict[str, Ready] = {}
+        self.answered: dict[str, jn.Claim] = {}  # every request this run received an answer for, by id
+        self._lock = threading.Lock()
+
+    @property
+    def cap(self) -> jn.SpendCap | None:
+        pipeline = self.pipeline
+        if pipeline.max_spend_usd is None:
+            return None
+        window = pipeline.spend_window_h * 3600 if pipeline.spend_window_h else None
+        return jn.SpendCap(pipeline.max_spend_usd, window)
+
+    @property
+    def claim_timeout_s(self) -> float:
+        """Longer than any submit can take: past this, a claim with no answer has no live sender."""
+        resource = self.resource
+        return resource.retry_deadline + resource.request_timeout + resource.connect_timeout + 30
+
+    # The step
 
     def run(self) -> Iterator[AssetMaterialization | AssetObservation]:
-        pipeline, key_ = self.pipeline, self.pipeline.submit_key
-        source = pipeline.source()
-        entries = resolve_entries(source, self.keys)
-        jobs: list[tuple[Prepared, ImageToVideoInput]] = []
-        urls: dict[str, str] = {}
+        pipeline = self.pipeline
+        source = pipeline.image_source()
+        wanted = set(self.keys)
+        entries = {entry.partition_key: entry for entry in source.list() if entry.partition_key in wanted}
+        plans: list[Plan] = []
         for key in self.keys:
             entry = entries.get(key)
             if entry is None:
-                self._fail(
-                    key,
-                    f"no image in {redact_url(pipeline.source_url)} maps to partition {key!r}; "
-                    "it was moved or deleted. Restore it, or delete the partition.",
-                    "not_found",
+                yield from self._fail(
+                    fl.PartitionFailure(
+                        key,
+                        fl.IMAGE_MISSING,
+                        f"no image in {redact_url(pipeline.source)} maps to partition {key!r}; it was moved or deleted.",
+                        "restore the image, or delete the partition.",
+                    ),
+                    None,
                 )
                 continue
             try:
                 prepared = prepare(pipeline, source, key, entry, self.resource.model_id)
             except (MediaError, ValueError) as exc:
-                self._fail(key, str(exc), "invalid_input")
-                continue
-            previous = rec.latest_request_record(self.instance, key_, key)
-            if previous is not None and previous.fingerprint == prepared.fingerprint:
-                if previous.state == rec.AMBIGUOUS and not self.force_after_ambiguous:
-                    self._fail(
+                version = rec.image_version(entry.change_token, entry.sidecar_token, entry.settings_token)
+                yield from self._fail(
+                    fl.PartitionFailure(
                         key,
-                        "an earlier submit of this exact input may have been accepted and billed (its answer was "
-                        "lost). Check your RunComfy generations; to submit anyway, run again with config "
-                        "force_after_ambiguous: true.",
-                        "ambiguous",
-                    )
-                    continue
-                reusable = previous.request_id and previous.state != rec.AMBIGUOUS
-                if reusable:
-                    try:
-                        reusable = self._reusable(previous.request_id)
-                    except RunComfyError as exc:
-                        self._fail(
-                            key, f"could not check earlier request {previous.request_id}: {exc}", "api"
-                        )
-                        continue
-                if reusable:
-                    self.log.info(
-                        f"{key}: reusing request {previous.request_id} (same fingerprint); nothing billed"
-                    )
-                    self.ready[key] = (prepared, previous.request_id)
-                    yield AssetObservation(
-                        asset_key=key_,
-                        partition=key,
-                        description="Reused an earlier request with the same fingerprint; nothing was billed.",
-                        metadata={
-                            rec.REQUEST_ID: previous.request_id,
-                            rec.STATE: rec.REUSED,
-                            rec.FINGERPRINT: prepared.fingerprint,
-                        },
-                    )
-                    continue
-            try:
-                image_url = service_image_url(
-                    source.fs,
-                    entry.path,
-                    presign_expires_s=pipeline.presign_expires_s,
-                    public_base_url=pipeline.public_base_url,
-                    relpath=entry.relpath,
+                        fl.INVALID_INPUT,
+                        str(exc),
+                        "fix the image or its settings as the message says; the partition is submitted again "
+                        "when they change.",
+                    ),
+                    version,
                 )
-            except MediaError as exc:
-                self._fail(key, str(exc), "invalid_input")
                 continue
-            try:
-                model_input = ImageToVideoInput.model_validate({"promptImage": image_url, **prepared.fields})
-            except ValueError as exc:
-                self._fail(key, f"{entry.url}: the input breaks the model's schema: {exc}", "invalid_input")
+            missing = self._missing_prompt(prepared)
+            if missing is not None:
+                yield from self._fail(missing, prepared.source_version)
                 continue
-            urls[key] = image_url
-            jobs.append((prepared, model_input))
+            yield from self._decide(prepared, source, plans)
+        if plans:
+            yield from self._submit(plans)
 
-        if jobs:
-            yield from self._submit(jobs, urls)
-
-    def _submit(self, jobs: list[tuple[Prepared, ImageToVideoInput]], urls: dict[str, str]):
-        out: queue.Queue = queue.Queue()
-        stop = threading.Event()
-        worker = threading.Thread(
-            target=_submit_concurrently,
-            args=(self.resource, jobs, out, stop),
-            name="runway-submit",
-            daemon=True,
+    def _missing_prompt(self, prepared: Prepared) -> fl.PartitionFailure | None:
+        if "promptText" in prepared.fields or self.pipeline.missing_prompt == "service_default":
+            return None
+        if self.pipeline.missing_prompt == "warn":
+            self.log.warning(
+                f"{prepared.key}: no prompt is given for {prepared.entry.url}; the service's default prompt "
+                f"applies: {DEFAULT_PROMPT_TEXT[:60]}..."
+            )
+            return None
+        stem = prepared.entry.url.rsplit(".", 1)[0]
+        return fl.PartitionFailure(
+            prepared.key,
+            fl.MISSING_PROMPT,
+            f"{prepared.entry.url}: no prompt is given, and the service's default prompt is a specific scene "
+            f'("{DEFAULT_PROMPT_TEXT[:70]}..."); nothing was submitted.',
+            f"give a prompt in a sidecar ({stem}.txt), a manifest row (promptText), or the pipeline's "
+            'defaults (GenerationSettings(prompt_text=...)); or set missing_prompt="service_default" to accept '
+            'the default, or "warn".',
         )
-        worker.start()
+
+    def _decide(self, prepared: Prepared, source: ImageSource, plans: list[Plan]) -> Iterator[Any]:
+        """Reuse, wait, fail or plan a submit for one partition, from its fingerprint's journal entries."""
+        key, fingerprint = prepared.key, prepared.fingerprint
         try:
-            while True:
-                item = out.get()
-                if item is None:
-                    break
-                prepared, answer, at = item
-                key = prepared.key
-                if isinstance(answer, Submission):
-                    self.submitted_ids.append(answer.request_id)
-                    self.ready[key] = (prepared, answer.request_id)
-                    metadata = submission_metadata(prepared, answer, at, urls[key], self.resource.model_id)
-                    yield self._record(key, metadata, f"Submitted request {answer.request_id}.")
-                elif isinstance(answer, AmbiguousSubmitError):
-                    self._fail(key, str(answer), "ambiguous")
-                    yield AssetObservation(
-                        asset_key=self.pipeline.submit_key,
-                        partition=key,
-                        description=str(answer),
-                        metadata={
-                            rec.STATE: rec.AMBIGUOUS,
-                            rec.FINGERPRINT: prepared.fingerprint,
-                            rec.SUBMITTED_AT: MetadataValue.timestamp(at),
-                        },
-                    )
-                else:
-                    self._fail(key, str(answer), "api")
-            for prepared, _ in jobs:
-                if prepared.key not in self.ready and not any(f.key == prepared.key for f in self.failures):
-                    self._fail(
-                        prepared.key,
-                        "not submitted: an earlier submit in this run failed for the whole "
-                        "account (authentication or credits); fix that and run again.",
-                        "api",
-                    )
-        finally:
-            stop.set()
-            worker.join(timeout=30)
+            latest = self.journal.latest(fingerprint)
+        except Exception as exc:  # noqa: BLE001 - storage errors: fail this partition, pay nothing
+            yield from self._fail(self._journal_error(prepared, exc), prepared.source_version)
+            return
+        next_attempt = 1
+        if latest is not None:
+            if latest.state == jn.CLAIMED:
+                latest = self._settle_open_claim(prepared, latest)
+            next_attempt = latest.attempt + 1
+            if latest.state == jn.SUBMITTED:
+                verdict = self._reuse_verdict(prepared, latest)
+                if verdict is None:
+                    yield self._record(Ready(prepared, latest), md.REUSED)
+                    return
+                if isinstance(verdict, fl.PartitionFailure):
+                    yield from self._fail(verdict, prepared.source_version)
+                    return
+                self.log.info(f"{key}: earlier request {latest.request_id} {verdict}; submitting attempt {next_attempt}")
+            elif latest.state in (jn.AMBIGUOUS, jn.CLAIMED) and not self.force_after_ambiguous:
+                yield from self._fail(self._ambiguous(prepared, latest), prepared.source_version)
+                return
+        try:
+            image_url = service_image_url(
+                source.fs,
+                prepared.entry.path,
+                presign_expires_s=self.pipeline.presign_expires_s,
+                public_base_url=self.pipeline.public_base_url,
+                relpath=prepared.entry.relpath,
+            )
+            model_input = ImageToVideoInput.model_validate({"promptImage": image_url, **prepared.fields})
+        except (MediaError, ValueError) as exc:
+            yield from self._fail(
+                fl.PartitionFailure(key, fl.INVALID_INPUT, str(exc), "fix the image or settings as the message says."),
+                prepared.source_version,
+            )
+            return
+        plans.append(Plan(prepared, model_input, image_url, next_attempt))
 
-    def _reusable(self, request_id: str) -> bool:
-        """Whether an earlier request can stand for this one: still running, or finished well.
+    def _settle_open_claim(self, prepared: Prepared, claim: jn.Claim) -> jn.Claim:
+        """A claim with no answer yet: wait while its owner may still answer; else repair it from the
+        event log if the answer was recorded there; else it stays open (ambiguous)."""
+        remaining = self.claim_timeout_s - (time.time() - claim.claimed_at)
+        if remaining > 0:
+            if self._owner_alive(claim.owner):
+                self.log.info(
+                    f"{prepared.key}: {claim.owner.describe()} is submitting this input now; waiting for its answer"
+                )
+            claim = jn.wait_for_answer(self.journal, claim, owner_alive=self._owner_alive, timeout_s=remaining)
+        if claim.state != jn.CLAIMED:
+            return claim
+        recorded = rec.latest_request(self.instance, self.pipeline.submit_key, prepared.key)
+        if (
+            recorded is not None
+            and recorded.fingerprint == claim.fingerprint
+            and recorded.attempt == claim.attempt
+        ):
+            return self.journal.record_submitted(claim, recorded.request_id)
+        return claim
 
-        A failed, cancelled or expired request is not reused: running the partition again is how a
-        user asks for a new attempt.
-        """
+    def _owner_alive(self, owner: jn.Owner) -> bool:
+        """Whether a claim's owner may still be sending: its process runs, or its run is not finished."""
+        if owner.process_alive() is False:
+            return False
+        if owner.run_id:
+            run = self.instance.get_run_by_id(owner.run_id)
+            if run is not None and run.is_finished:
+                return False
+        return True
+
+    def _reuse_verdict(self, prepared: Prepared, claim: jn.Claim) -> None | str | fl.PartitionFailure:
+        """``None`` to reuse the claim's request, a reason to submit a new attempt, or a failure."""
+        request_id = claim.request_id
+        assert request_id is not None
+        video = rec.latest_video(self.instance, self.pipeline.videos_key, prepared.key)
+        if video is not None and video.request_id == request_id:
+            return None  # collected already: it succeeded
         client = self.resource.get_client()
         try:
             status = client.status(request_id).status
             if status.is_pending:
-                return True
+                return None
             if status is RequestState.CANCELLED:
-                return False
-            return client.result(request_id, include_cost=False).status in (
-                RequestState.SUCCEEDED,
-                RequestState.COMPLETED,
-            )
+                return "was cancelled (refunded)"
+            result = client.result(request_id, include_cost=False)
         except RequestNotFoundError:
-            return False
-
-    def _record(self, key: str, metadata: dict, description: str) -> AssetMaterialization | AssetObservation:
-        """Deferred mode materializes the requests asset; blocking mode observes the videos asset."""
-        if self.pipeline.mode == "deferred":
-            prepared = self.ready[key][0]
-            images_key = self.pipeline.images_key
-            return AssetMaterialization(
-                asset_key=self.pipeline.requests_key,
-                partition=key,
-                description=description,
-                metadata=metadata,
-                tags=rec.provenance_tags(
-                    {
-                        images_key: (
-                            rec.image_version(prepared.entry.change_token, prepared.entry.sidecar_token),
-                            rec.latest_observation_storage_id(self.instance, images_key, key),
-                        )
-                    },
-                    prepared.fingerprint[:16],
-                ),
+            return "has expired at the service"
+        except RunComfyError as exc:
+            return fl.PartitionFailure(
+                prepared.key,
+                fl.SERVICE_UNAVAILABLE,
+                f"could not check earlier request {request_id} of this input: {exc}",
+                "nothing to do: it is checked again in a later run.",
+                retryable=True,
+                request_id=request_id,
             )
-        return AssetObservation(
-            asset_key=self.pipeline.videos_key, partition=key, description=description, metadata=metadata
+        if result.status in (RequestState.SUCCEEDED, RequestState.COMPLETED):
+            return None
+        if result.status is RequestState.CANCELLED:
+            return "was cancelled (refunded)"
+        code = (result.failure_code or "").upper()
+        if code.startswith("INTERNAL") or self.force_resubmit:
+            return f"failed ({result.failure_code or 'no code'})"
+        return fl.PartitionFailure(
+            prepared.key,
+            fl.GENERATION_SAFETY if "SAFETY" in code else fl.GENERATION_FAILED,
+            f"earlier request {request_id} of this exact input failed ({result.failure_code or 'no code'}: "
+            f"{result.failure_message or 'no message'}); submitting it again would most likely fail again and "
+            "be billed.",
+            "change the image or its prompt, or run with config force_resubmit: true to pay for another try.",
+            failure_code=result.failure_code,
+            request_id=request_id,
         )
 
-    def _fail(self, key: str, reason: str, kind: str) -> None:
-        self.log.error(f"{key}: {reason}")
-        self.failures.append(PartitionFailure(key, reason, kind))
+    def _ambiguous(self, prepared: Prepared, claim: jn.Claim) -> fl.PartitionFailure:
+        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(claim.claimed_at))
+        lost = "its answer was lost" if claim.state == jn.AMBIGUOUS else "its sender stopped before an answer arrived"
+        return fl.PartitionFailure(
+            prepared.key,
+            fl.AMBIGUOUS,
+            f"a submit of this exact input (fingerprint {claim.fingerprint}, attempt {claim.attempt}) was sent by "
+            f"{claim.owner.describe()} at {when}, and {lost}: it may have been accepted and billed. "
+            + (f"({claim.reason}) " if claim.reason else ""),
+            f"look in your RunComfy generations for a request made around {when} with seed "
+            f"{prepared.fields['seed']}; if there is none, or you accept paying twice, run this partition with "
+            "config force_after_ambiguous: true.",
+            extra={md.key("fingerprint"): claim.fingerprint, md.key("attempt"): claim.attempt},
+        )
+
+    def _journal_error(self, prepared: Prepared, exc: Exception) -> fl.PartitionFailure:
+        return fl.PartitionFailure(
+            prepared.key,
+            fl.SERVICE_UNAVAILABLE,
+            f"the submission journal at {redact_url(self.pipeline.journal_url)} could not be read or written "
+            f"({type(exc).__name__}: {exc}); nothing was sent.",
+            "check access to the journal's storage; the partition is tried again in a later run.",
+            retryable=True,
+        )
+
+    # Submitting
+
+    def _submit(self, plans: list[Plan]) -> Iterator[Any]:
+        out: queue.Queue[tuple[str, Plan, Any] | None] = queue.Queue()
+        stop = threading.Event()
+        worker = threading.Thread(
+            target=self._worker, args=(plans, out, stop), name="runway-submit", daemon=True
+        )
+        worker.start()
+        try:
+            while (item := out.get()) is not None:
+                outcome, plan, value = item
+                prepared = plan.prepared
+                if outcome == "submitted":
+                    yield self._record(Ready(prepared, value), md.SUBMITTED, plan.image_url)
+                elif outcome == "taken":
+                    yield from self._taken(prepared, value)
+                else:
+                    yield from self._fail(value, prepared.source_version)
+        finally:
+            # On every exit (an interrupt included), let submits in flight finish: each answer is then in
+            # the journal and in ``answered``, so that it can be cancelled or reused.
+            stop.set()
+            worker.join(timeout=self.resource.request_timeout + self.resource.connect_timeout + 5)
+
+    def _taken(self, prepared: Prepared, claim: jn.Claim) -> Iterator[Any]:
+        """Another run claimed the same attempt first: reuse its answer, or report it ambiguous."""
+        claim = self._settle_open_claim(prepared, claim) if claim.state == jn.CLAIMED else claim
+        if claim.state == jn.SUBMITTED:
+            self.log.info(f"{prepared.key}: {claim.owner.describe()} submitted this input first; reusing its request")
+            yield self._record(Ready(prepared, claim), md.REUSED)
+        elif claim.state == jn.REJECTED:
+            yield from self._fail(
+                fl.PartitionFailure(
+                    prepared.key,
+                    fl.SERVICE_UNAVAILABLE,
+                    f"another run's submit of this input was not accepted ({claim.reason}).",
+                    "nothing to do: it is tried again in a later run.",
+                    retryable=True,
+                ),
+                prepared.source_version,
+            )
+        else:
+            yield from self._fail(self._ambiguous(prepared, claim), prepared.source_version)
+
+    def _worker(self, plans: list[Plan], out: queue.Queue[Any], stop: threading.Event) -> None:
+        try:
+            asyncio.run(self._submit_all(plans, out, stop))
+        finally:
+            out.put(None)
+
+    async def _submit_all(self, plans: list[Plan], out: queue.Queue[Any], stop: threading.Event) -> None:
+        slots = asyncio.Semaphore(self.resource.max_concurrency)
+        async with self.resource.get_async_client() as client:
+
+            async def one(plan: Plan) -> None:
+                async with slots:
+                    if stop.is_set():
+                        return
+                    out.put(await self._claim_and_send(client, plan, stop))
+
+            await asyncio.gather(*(one(plan) for plan in plans))
+
+    async def _claim_and_send(self, client: Any, plan: Plan, stop: threading.Event) -> tuple[str, Plan, Any]:
+        """Claim the attempt, send it, and journal the answer the moment it arrives."""
+        prepared, journal = plan.prepared, self.journal
+        estimate = round(prepared.estimate_usd_seconds * self.pipeline.estimated_usd_per_second, 6)
+        try:
+            claim = await asyncio.to_thread(
+                journal.claim,
+                prepared.fingerprint,
+                plan.attempt,
+                partition=prepared.key,
+                owner=self.owner,
+                estimate_usd=estimate,
+                input=prepared.fields,
+                cap=self.cap,
+            )
+        except jn.ClaimTaken as taken:
+            current = taken.claim or await asyncio.to_thread(journal.read, prepared.fingerprint, plan.attempt)
+            if current is None:
+                return "failed", plan, self._journal_error(prepared, RuntimeError("a taken claim is unreadable"))
+            return "taken", plan, current
+        except jn.SpendCapReached as exc:
+            return "failed", plan, fl.PartitionFailure(
+                prepared.key,
+                fl.SPEND_CAP,
+                str(exc).split(" Raise ")[0],
+                "raise max_spend_usd" + (" or wait; the status sensor submits it again when the window allows." if exc.retry_at else "."),
+                retryable=True,
+                retry_at=exc.retry_at,
+                extra={md.key("spend_cap_usd"): exc.cap_usd, md.key("spend_usd"): round(exc.spent_usd, 4)},
+            )
+        except Exception as exc:  # noqa: BLE001 - the claim could not be written: send nothing
+            return "failed", plan, self._journal_error(prepared, exc)
+        if stop.is_set():
+            await asyncio.to_thread(journal.record_rejected, claim, "not sent: the run was stopped")
+            return "failed", plan, fl.PartitionFailure(
+                prepared.key, fl.CANCELLED, "the run was stopped before this submit was sent; nothing was billed.",
+                "run the partition again.", retryable=True,
+            )
+        try:
+            submission: Submission = await client.submit(plan.model_input)
+        except AmbiguousSubmitError as exc:
+            claim = await asyncio.to_thread(journal.record_ambiguous, claim, exc.message)
+            return "failed", plan, self._ambiguous(prepared, claim)
+        except RunComfyError as exc:
+            if isinstance(exc, AuthenticationError | InsufficientCreditsError):
+                stop.set()  # every other submit would fail the same way
+            await asyncio.to_thread(journal.record_rejected, claim, exc.message)
+            return "failed", plan, fl.from_submit_error(prepared.key, exc, prepared.fingerprint)
+        with self._lock:
+            self.answered[submission.request_id] = claim
+        try:
+            claim = await asyncio.to_thread(journal.record_submitted, claim, submission.request_id)
+        except Exception as exc:  # noqa: BLE001 - the event log still gets it; the journal is repaired from it
+            self.log.error(
+                f"{prepared.key}: request {submission.request_id} was submitted but the journal could not record "
+                f"it ({type(exc).__name__}: {exc}); it is recorded in the event log, and the journal is repaired "
+                "from there."
+            )
+            claim = replace(claim, state=jn.SUBMITTED, request_id=submission.request_id, answered_at=time.time())
+        return "submitted", plan, claim
+
+    # Records
+
+    def _record(self, ready: Ready, state: str, image_url: str | None = None) -> AssetMaterialization | AssetObservation:
+        """The request's record: a materialization of the requests asset (an observation of the videos
+        asset in blocking mode) carrying the request id and the full input."""
+        prepared, claim = ready.prepared, ready.claim
+        self.ready[prepared.key] = ready
+        if state == md.REUSED:
+            self.log.info(f"{prepared.key}: reusing request {ready.request_id} (same fingerprint); nothing billed")
+        spend = None
+        with contextlib.suppress(Exception):
+            spend = self.journal.spent_usd(self.cap.window_s if self.cap else None)
+        metadata = {
+            **md.RunwayMetadata(
+                state=state,
+                request_id=ready.request_id,
+                attempt=claim.attempt,
+                submitted_at=MetadataValue.timestamp(claim.answered_at or claim.claimed_at),
+                estimated_cost_usd=claim.estimate_usd,
+                spend_usd=spend,
+                spend_cap_usd=self.pipeline.max_spend_usd,
+                prompt_image=redact_url(image_url) if image_url else None,
+                journal_entry=self.journal.claim_path(claim.fingerprint, claim.attempt),
+            ),
+            **prepared.metadata(),
+        }
+        description = (
+            f"Submitted request {ready.request_id}."
+            if state == md.SUBMITTED
+            else f"Reused request {ready.request_id} of the same input; nothing was billed."
+        )
+        if self.pipeline.mode == "blocking":
+            return AssetObservation(
+                asset_key=self.pipeline.videos_key, partition=prepared.key, description=description, metadata=metadata
+            )
+        images_key = self.pipeline.images_key
+        return AssetMaterialization(
+            asset_key=self.pipeline.requests_key,
+            partition=prepared.key,
+            description=description,
+            metadata=metadata,
+            tags=rec.provenance_tags(
+                {
+                    images_key: (
+                        prepared.source_version,
+                        rec.latest_observation_storage_id(self.instance, images_key, prepared.key),
+                    )
+                },
+                prepared.fingerprint[:16],
+            ),
+        )
+
+    def _fail(self, failure: fl.PartitionFailure, source_version: str | None) -> Iterator[AssetObservation]:
+        self.log.error(f"{failure.key}: {failure.message}")
+        self.failures.append(failure)
+        yield failure.observation(self.pipeline.submit_key, source_version)
 
     def cancel_submitted(self) -> list[str]:
-        """Cancel this batch's requests that are still queued (best effort). Returns the cancelled ids."""
+        """Cancel every request this run received an answer for that is still queued (best effort),
+        and count it as refunded in the journal. Returns the cancelled ids."""
+        with self._lock:
+            answered = dict(self.answered)
         cancelled = []
         client = self.resource.get_client()
-        for request_id in self.submitted_ids:
+        for request_id, claim in answered.items():
             try:
                 if client.cancel(request_id).cancelled:
                     cancelled.append(request_id)
+                    self.journal.settle(claim, 0.0)
             except RunComfyError as exc:
                 self.log.warning(f"Could not cancel request {request_id}: {exc}")
         return cancelled

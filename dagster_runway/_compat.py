@@ -1,0 +1,77 @@
+"""Every import from Dagster's private modules, in one place, each with the reason it is needed.
+
+Dagster may move these between minor releases; ``tests/test_compat.py`` imports this module and fails
+with the name that broke. Anything with a public equivalent is imported from ``dagster`` instead.
+"""
+
+from __future__ import annotations
+
+from dagster import DagsterInstance
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    # Links a check evaluation to the materialization it judged; without it the UI's per-partition
+    # check status shows every evaluation as not current ("Missing"). No public constructor exists.
+    AssetCheckEvaluationTargetMaterializationData as AssetCheckEvaluationTargetMaterializationData,
+)
+
+# Data-version provenance of a materialization reported by hand (the collect step materializes
+# partitions of a range run one by one), so that Dagster can tell when a video turns stale.
+from dagster._core.definitions.data_version import (
+    CODE_VERSION_TAG as CODE_VERSION_TAG,
+)
+from dagster._core.definitions.data_version import (
+    DATA_VERSION_TAG as DATA_VERSION_TAG,
+)
+from dagster._core.definitions.data_version import (
+    NULL_EVENT_POINTER as NULL_EVENT_POINTER,
+)
+from dagster._core.definitions.data_version import (
+    get_input_data_version_tag as get_input_data_version_tag,
+)
+from dagster._core.definitions.data_version import (
+    get_input_event_pointer_tag as get_input_event_pointer_tag,
+)
+
+# A typed set of namespaced metadata keys (``runway/...``), as dagster-fivetran's FivetranMetadataSet.
+# Dagster exports only its own sets (TableMetadataSet); the base class is not public.
+from dagster._core.definitions.metadata.metadata_set import NamespacedMetadataSet as NamespacedMetadataSet
+
+# A run over a range of partitions: ``RunRequest`` takes one partition key only, so the range is
+# given by these tags, as Dagster's own backfills do.
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG as ASSET_PARTITION_RANGE_END_TAG,
+)
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_START_TAG as ASSET_PARTITION_RANGE_START_TAG,
+)
+from dagster._core.storage.tags import (
+    PARTITION_NAME_TAG as PARTITION_NAME_TAG,
+)
+
+
+def kv_get(instance: DagsterInstance, key: str) -> str | None:
+    """A value of the instance's key-value store, where the daemon keeps its own large cursors.
+
+    The status sensor keeps its memory there rather than in its cursor: a cursor is copied into every
+    tick row, and this state grows with the partitions in flight. ``run_storage`` has no public API.
+    """
+    return instance.run_storage.get_cursor_values({key}).get(key)
+
+
+def kv_set(instance: DagsterInstance, key: str, value: str) -> None:
+    instance.run_storage.set_cursor_values({key: value})
+
+
+__all__ = [
+    "ASSET_PARTITION_RANGE_END_TAG",
+    "ASSET_PARTITION_RANGE_START_TAG",
+    "CODE_VERSION_TAG",
+    "DATA_VERSION_TAG",
+    "NULL_EVENT_POINTER",
+    "PARTITION_NAME_TAG",
+    "AssetCheckEvaluationTargetMaterializationData",
+    "NamespacedMetadataSet",
+    "get_input_data_version_tag",
+    "get_input_event_pointer_tag",
+    "kv_get",
+    "kv_set",
+]

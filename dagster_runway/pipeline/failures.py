@@ -1,0 +1,185 @@
+"""Why a partition failed, in classes the status sensor and the user can act on.
+
+Every failure is recorded on its partition (an observation with ``runway/state: failed``, its class,
+whether a retry can help, and the next step) and fails the run, so the UI shows it where the user
+looks. The status sensor reads the class to decide what happens next: nothing (the user must act),
+a new run later (a passing problem), or a paid retry when the user allowed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dagster import AssetKey, AssetObservation, Failure, MetadataValue
+
+from dagster_runway.errors import (
+    AuthenticationError,
+    GenerationFailedError,
+    InputValidationError,
+    InsufficientCreditsError,
+    RateLimitedError,
+    RequestCancelledError,
+    RequestNotFoundError,
+    RunComfyError,
+)
+from dagster_runway.pipeline import metadata as md
+
+# The classes. "Retried by the status sensor" means it launches a new run on its own.
+INVALID_INPUT = "invalid_input"  # the image or its settings break the service's rules; fix the input
+MISSING_PROMPT = "missing_prompt"  # no prompt anywhere, and missing_prompt="fail"
+IMAGE_MISSING = "image_missing"  # the partition's image was moved or deleted
+AMBIGUOUS = "ambiguous"  # a submit may have been billed but its answer was lost; check, then force
+SPEND_CAP = "spend_cap"  # the spend cap would be passed; retried when the window frees or the cap is raised
+ACCOUNT = "account"  # the token or the credits; fix the account
+SERVICE_UNAVAILABLE = "service_unavailable"  # the submit provably did not reach the service; retried
+GENERATION_SAFETY = "generation_safety"  # a content-safety rejection; change the image or prompt
+GENERATION_INTERNAL = "generation_internal"  # the service's own failure; retried if retry_failed_generations
+GENERATION_FAILED = "generation_failed"  # any other failed generation
+CANCELLED = "cancelled"  # the request was cancelled (a terminated run); materialize again to resume
+EXPIRED = "expired"  # the request expired before its video was collected
+NO_REQUEST = "no_request"  # a collect with nothing submitted for the partition
+STILL_RUNNING = "still_running"  # a collect gave up waiting; the status sensor collects it later
+DOWNLOAD = "download"  # the video could not be fetched or stored for now; retried
+BAD_OUTPUT = "bad_output"  # what the service served is not a playable video; retried, then final
+RUNS_EXHAUSTED = "runs_exhausted"  # the status sensor's runs for it ended without a result, too often
+
+# Classes after which the status sensor launches another run by itself (within max_run_attempts).
+RETRIED_BY_SENSOR = frozenset({SERVICE_UNAVAILABLE, STILL_RUNNING, DOWNLOAD, BAD_OUTPUT})
+
+
+@dataclass(frozen=True)
+class PartitionFailure:
+    """One partition that could not be done: what happened, and what to do."""
+
+    key: str
+    failure_class: str
+    reason: str
+    next_step: str
+    retryable: bool = False  # whether trying again can help at all
+    failure_code: str | None = None
+    request_id: str | None = None
+    retry_at: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def message(self) -> str:
+        return f"{self.reason} Next step: {self.next_step}"
+
+    def observation(self, asset_key: AssetKey, source_version: str | None) -> AssetObservation:
+        values = md.RunwayMetadata(
+            state=md.FAILED,
+            failure_class=self.failure_class,
+            failure_code=self.failure_code,
+            retryable=self.retryable,
+            next_step=self.next_step,
+            request_id=self.request_id,
+            source_version=source_version,
+            retry_at=MetadataValue.timestamp(self.retry_at) if self.retry_at else None,
+        )
+        return AssetObservation(
+            asset_key=asset_key,
+            partition=self.key,
+            description=self.reason,
+            metadata={**values, **self.extra},
+        )
+
+
+def run_failure(what: str, failures: list[PartitionFailure], total: int) -> Failure:
+    """The step failure that lists every failed partition with its class and next step."""
+    lines = "\n".join(f"- {f.key} [{f.failure_class}]: {f.message}" for f in failures)
+    return Failure(
+        description=f"{len(failures)} of {total} partitions could not {what}:\n{lines}",
+        metadata={
+            "failed_partitions": MetadataValue.json({f.key: f.message for f in failures}),
+            "failure_classes": MetadataValue.json({f.key: f.failure_class for f in failures}),
+        },
+    )
+
+
+def from_submit_error(key: str, exc: RunComfyError, fingerprint: str) -> PartitionFailure:
+    """A submit the service refused, or that never reached it: nothing was billed."""
+    if isinstance(exc, AuthenticationError | InsufficientCreditsError):
+        return PartitionFailure(key, ACCOUNT, str(exc), "fix the account as the message says, then run again.")
+    if isinstance(exc, InputValidationError):
+        return PartitionFailure(
+            key,
+            INVALID_INPUT,
+            str(exc),
+            "fix the field the service named (in the image's sidecar, the manifest or the pipeline's "
+            "defaults); the partition is submitted again when its image or settings change.",
+        )
+    if isinstance(exc, RateLimitedError) or exc.retryable:
+        return PartitionFailure(
+            key,
+            SERVICE_UNAVAILABLE,
+            f"{exc} It was not accepted (input fingerprint {fingerprint}).",
+            "nothing to do: the status sensor submits it again in a later run.",
+            retryable=True,
+        )
+    return PartitionFailure(key, SERVICE_UNAVAILABLE, str(exc), "run the partition again later.", retryable=True)
+
+
+def from_result_error(key: str, exc: RunComfyError, *, attempt: int, retries_allowed: int) -> PartitionFailure:
+    """A request that ended without a video: failed, cancelled or expired."""
+    request_id = exc.request_id
+    if isinstance(exc, GenerationFailedError):
+        code = exc.failure_code or ""
+        upper = code.upper()
+        if "SAFETY" in upper:
+            return PartitionFailure(
+                key,
+                GENERATION_SAFETY,
+                str(exc),
+                "change the image or its prompt: the same input would be rejected again. The partition is "
+                "submitted again when its image or settings change.",
+                failure_code=code,
+                request_id=request_id,
+            )
+        if upper.startswith("INTERNAL"):
+            left = retries_allowed - (attempt - 1)
+            step = (
+                f"nothing to do: the status sensor resubmits it (attempt {attempt + 1} of {retries_allowed + 1}; "
+                "each attempt is billed)."
+                if left > 0
+                else "materialize runway/requests for this partition to try again (billed again), or set "
+                "retry_failed_generations to let the status sensor retry such failures."
+            )
+            return PartitionFailure(
+                key, GENERATION_INTERNAL, str(exc), step, retryable=True, failure_code=code, request_id=request_id
+            )
+        return PartitionFailure(
+            key,
+            GENERATION_FAILED,
+            str(exc),
+            "read the message; to try again, materialize runway/requests for this partition (billed again).",
+            failure_code=code or None,
+            request_id=request_id,
+        )
+    if isinstance(exc, RequestCancelledError):
+        return PartitionFailure(
+            key,
+            CANCELLED,
+            str(exc),
+            "it was refunded; materialize runway/requests for this partition to submit it again.",
+            retryable=True,
+            request_id=request_id,
+        )
+    if isinstance(exc, RequestNotFoundError):
+        return PartitionFailure(
+            key,
+            EXPIRED,
+            f"request {request_id} has expired or is unknown to the service ({exc.message}); its video can no "
+            "longer be fetched.",
+            "materialize runway/requests for this partition to submit it again (billed again).",
+            request_id=request_id,
+        )
+    return PartitionFailure(
+        key,
+        DOWNLOAD,
+        str(exc),
+        "nothing to do: the status sensor collects it again in a later run.",
+        retryable=True,
+        request_id=request_id,
+    )

@@ -1,0 +1,285 @@
+"""What each partition is owed, derived from durable records: the status sensor's decisions as plain
+functions, so that they can be tested without a sensor.
+
+The sensor keeps a ``PartitionState`` per partition, built from the event log (requests, videos,
+failures, image versions) and from its own polls. From it and the runs in progress, ``stage`` says
+whether a partition is done, failed, in flight, or owes a submit or a collect run; ``covered``
+says which partitions a run in progress already works on, so that nothing is launched twice; and
+``batch_run_requests`` groups owed partitions into few runs, with a fresh run key per attempt
+(the daemon never launches a run key twice, whatever became of its run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from dagster import AssetKey, RunRecord, RunRequest
+
+from dagster_runway import _compat
+from dagster_runway.pipeline import failures as fl
+
+TERMINAL_STATUSES = frozenset({"completed", "succeeded", "failed", "cancelled", "expired"})
+Stage = Literal["done", "failed", "in_flight", "submit", "collect"]
+
+
+@dataclass
+class Failure:
+    failure_class: str
+    source_version: str | None
+    storage_id: int
+    request_id: str | None = None
+    retry_at: float | None = None
+    cap_usd: float | None = None
+
+
+@dataclass
+class PartitionState:
+    """What the event log and the polls say about one partition (the sensor's memory, rebuildable)."""
+
+    image_version: str | None = None  # the latest observed version of its image (and settings)
+    request_id: str | None = None  # the latest request recorded for it
+    attempt: int = 0  # that request's journal attempt
+    request_version: str | None = None  # the image version that request was made from
+    request_storage_id: int = 0
+    video_request_id: str | None = None  # the request its latest video came from
+    failure: Failure | None = None  # the latest failure recorded after its latest request
+    status: str | None = None  # the last polled status of its request
+    queue_position: int | None = None
+    submit_runs: int = 0  # runs launched for it since it last made progress
+    collect_runs: int = 0
+    last_run_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, 0)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PartitionState:
+        values = dict(data)
+        if values.get("failure"):
+            values["failure"] = Failure(**values["failure"])
+        return cls(**values)
+
+    # Updates from the event log
+
+    def saw_request(self, request_id: str, attempt: int, source_version: str | None, storage_id: int) -> None:
+        if storage_id <= self.request_storage_id:
+            return
+        new = request_id != self.request_id
+        self.request_id, self.attempt, self.request_version = request_id, attempt, source_version
+        self.request_storage_id = storage_id
+        if new:
+            self.status, self.queue_position, self.collect_runs = None, None, 0
+        self.submit_runs = 0
+        if self.failure is not None and self.failure.storage_id < storage_id:
+            self.failure = None
+
+    def saw_video(self, request_id: str | None, storage_id: int) -> None:
+        self.video_request_id = request_id
+        self.collect_runs = 0
+        if self.failure is not None and self.failure.storage_id < storage_id:
+            self.failure = None
+
+    def saw_failure(self, failure: Failure) -> None:
+        if failure.storage_id > self.request_storage_id:
+            self.failure = failure
+
+
+@dataclass(frozen=True)
+class Policy:
+    on_change: str
+    retry_failed_generations: int
+    spend_cap_usd: float | None
+
+
+def stage(state: PartitionState, policy: Policy, now: float | None = None) -> Stage:
+    """Where one partition stands, and so what it is owed."""
+    now = time.time() if now is None else now
+    current = state.image_version
+    failure = state.failure
+    if failure is not None and current is not None and failure.source_version not in (None, current):
+        failure = None  # the image or its settings changed since: the failure no longer applies
+    has_request = state.request_id is not None
+    changed = has_request and current is not None and state.request_version not in (None, current)
+    if changed and (state.video_request_id is None or policy.on_change == "regenerate"):
+        return "submit" if failure is None else _after(failure, state, policy, now)
+    if not has_request:
+        return "submit" if failure is None else _after(failure, state, policy, now)
+    if state.video_request_id == state.request_id:
+        return "done"
+    if failure is not None:
+        return _after(failure, state, policy, now)
+    if state.status in TERMINAL_STATUSES:
+        return "collect"
+    return "in_flight"
+
+
+def _after(failure: Failure, state: PartitionState, policy: Policy, now: float) -> Stage:
+    """What follows a recorded failure: another run, a paid retry the user allowed, or nothing."""
+    cls = failure.failure_class
+    if cls == fl.SERVICE_UNAVAILABLE:
+        return "submit"
+    if cls == fl.SPEND_CAP:
+        raised = policy.spend_cap_usd is None or (failure.cap_usd is not None and policy.spend_cap_usd > failure.cap_usd)
+        return "submit" if raised or (failure.retry_at is not None and now >= failure.retry_at) else "failed"
+    if cls in (fl.DOWNLOAD, fl.BAD_OUTPUT, fl.STILL_RUNNING) and failure.request_id == state.request_id:
+        return "collect"
+    if cls == fl.GENERATION_INTERNAL and failure.request_id == state.request_id:
+        return "submit" if state.attempt <= policy.retry_failed_generations else "failed"
+    return "failed"
+
+
+# Runs in progress
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """The partitions that runs in progress will submit and collect."""
+
+    submit: frozenset[str] = frozenset()
+    collect: frozenset[str] = frozenset()
+
+
+def covered(
+    runs: Iterable[RunRecord],
+    *,
+    order: Sequence[str],
+    requests_key: AssetKey,
+    videos_key: AssetKey,
+    submit_job: str,
+    collect_job: str,
+    stale_after_s: float,
+    now: float | None = None,
+) -> Coverage:
+    """Which partitions runs not yet finished target, per stage. A run that has been going for longer
+    than ``stale_after_s`` is taken as lost (its worker died without the run being marked failed)."""
+    now = time.time() if now is None else now
+    index = {key: i for i, key in enumerate(order)}
+    submit: set[str] = set()
+    collect: set[str] = set()
+    for record in runs:
+        run = record.dagster_run
+        started = record.start_time or record.create_timestamp.timestamp()
+        if now - started > stale_after_s:
+            continue
+        if run.job_name == submit_job:
+            stages = {"submit"}
+        elif run.job_name == collect_job:
+            stages = {"collect"}
+        else:
+            selection = run.asset_selection or set()
+            stages = {s for s, key in (("submit", requests_key), ("collect", videos_key)) if key in selection}
+        if not stages:
+            continue
+        keys = run_partitions(run.tags, run.run_config, order, index)
+        if "submit" in stages:
+            submit.update(keys)
+        if "collect" in stages:
+            collect.update(keys)
+    return Coverage(frozenset(submit), frozenset(collect))
+
+
+def run_partitions(
+    tags: Mapping[str, str], run_config: Mapping[str, Any], order: Sequence[str], index: Mapping[str, int]
+) -> set[str]:
+    """The partitions a run targets: its partition or range tags, narrowed by a ``partitions`` op config."""
+    if _compat.PARTITION_NAME_TAG in tags:
+        keys = {tags[_compat.PARTITION_NAME_TAG]}
+    elif _compat.ASSET_PARTITION_RANGE_START_TAG in tags:
+        start = index.get(tags[_compat.ASSET_PARTITION_RANGE_START_TAG])
+        end = index.get(tags.get(_compat.ASSET_PARTITION_RANGE_END_TAG, ""))
+        keys = set(order[start : end + 1]) if start is not None and end is not None else set()
+    else:
+        return set()
+    chosen: set[str] = set()
+    for op in (run_config.get("ops") or {}).values():
+        chosen.update((op.get("config") or {}).get("partitions") or []) if isinstance(op, Mapping) else None
+    return keys & chosen if chosen else keys
+
+
+# Launching
+
+
+def batch_run_requests(
+    keys: Iterable[str],
+    order: Sequence[str],
+    *,
+    max_batch: int,
+    prefix: str,
+    identity: Callable[[str], str],
+    config_for: Callable[[list[str]], dict[str, Any]],
+    tags: Mapping[str, str] | None = None,
+    job_name: str | None = None,
+) -> list[RunRequest]:
+    """Group partitions into few runs: each covers a stretch of consecutive partitions, all of them owed.
+
+    Dagster runs one partition or one range, so a batch is a range with no gap (an unselected
+    partition inside a range would show as attempted in the UI), at most ``max_batch`` long. The run
+    key hashes each key's ``identity`` (its request id or image version, and its attempt number), so a
+    tick that repeats itself launches nothing new, and a retry gets a key of its own.
+    """
+    index = {key: i for i, key in enumerate(order)}
+    ordered = sorted((k for k in keys if k in index), key=index.__getitem__)
+    batches: list[list[str]] = []
+    for key in ordered:
+        if batches and len(batches[-1]) < max_batch and index[key] == index[batches[-1][-1]] + 1:
+            batches[-1].append(key)
+        else:
+            batches.append([key])
+    requests = []
+    for batch in batches:
+        digest = hashlib.sha256("\n".join(f"{k}={identity(k)}" for k in batch).encode()).hexdigest()[:20]
+        partition_tags = (
+            {_compat.PARTITION_NAME_TAG: batch[0]}
+            if len(batch) == 1
+            else {
+                _compat.ASSET_PARTITION_RANGE_START_TAG: batch[0],
+                _compat.ASSET_PARTITION_RANGE_END_TAG: batch[-1],
+            }
+        )
+        requests.append(
+            RunRequest(
+                run_key=f"{prefix}:{digest}",
+                job_name=job_name,
+                partition_key=batch[0] if len(batch) == 1 else None,
+                run_config=config_for(batch),
+                tags={**(tags or {}), **partition_tags, "runway/partition_count": str(len(batch))},
+            )
+        )
+    return requests
+
+
+@dataclass
+class SensorMemory:
+    """Everything the status sensor remembers between ticks (rebuilt from the event log when lost)."""
+
+    high_water: int = 0
+    caught_up: bool = False
+    partitions: dict[str, PartitionState] = field(default_factory=dict)
+    round_robin: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "v": 1,
+            "hw": self.high_water,
+            "up": self.caught_up,
+            "rr": self.round_robin,
+            "p": {key: state.to_json() for key, state in self.partitions.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SensorMemory:
+        if data.get("v") != 1:
+            return cls()
+        return cls(
+            high_water=int(data.get("hw", 0)),
+            caught_up=bool(data.get("up")),
+            round_robin=int(data.get("rr", 0)),
+            partitions={key: PartitionState.from_json(value) for key, value in (data.get("p") or {}).items()},
+        )
+
+    def state(self, key: str) -> PartitionState:
+        return self.partitions.setdefault(key, PartitionState())

@@ -1,0 +1,133 @@
+"""``LocalDaemon``: tick a pipeline's sensors and run what they request, in this process, by the daemon's rules.
+
+For the demo, tests and benchmarks. It does what ``dagster-daemon`` does for these sensors: it applies
+the sensor's partition requests and asset events, keeps its cursor in the instance, never launches a
+run key it has launched before (whatever became of that run), and launches the runs. Runs are tagged
+with this process, so that a later ``LocalDaemon`` marks runs of a process that died as failed, as
+the daemon's run monitoring would. In production, ``dagster dev`` or ``dagster-daemon`` do all this.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from dagster import (
+    AddDynamicPartitionsRequest,
+    DagsterInstance,
+    DagsterRunStatus,
+    Definitions,
+    DeleteDynamicPartitionsRequest,
+    RunsFilter,
+    build_sensor_context,
+)
+
+SENSOR_TAG = "dagster/sensor_name"
+RUN_KEY_TAG = "dagster/run_key"
+DRIVER_TAG = "runway/driver"  # "<host>:<pid>" of the LocalDaemon that ran it
+_CURSOR_KEY = "dagster_runway/local_daemon/cursor/"
+_UNFINISHED = [DagsterRunStatus.STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.NOT_STARTED]
+
+
+@dataclass
+class TickOutcome:
+    sensor: str
+    run_ids: list[str] = field(default_factory=list)
+    failed_run_ids: list[str] = field(default_factory=list)
+    skipped_run_keys: list[str] = field(default_factory=list)
+    events: int = 0
+    new_partitions: int = 0
+    cursor: str | None = None
+
+
+class LocalDaemon:
+    def __init__(self, defs: Definitions, instance: DagsterInstance, *, log_level: str | None = None) -> None:
+        """``log_level`` (e.g. ``"WARNING"``) quiets the runs' console logs; the event log keeps everything."""
+        self.defs = defs
+        self.instance = instance
+        self.log_level = log_level
+        self.driver = f"{socket.gethostname()}:{os.getpid()}"
+        self.dead_runs_failed = self.fail_runs_of_dead_drivers()
+
+    def cursor(self, sensor_name: str) -> str | None:
+        from dagster_runway import _compat
+
+        return _compat.kv_get(self.instance, _CURSOR_KEY + sensor_name)
+
+    def set_cursor(self, sensor_name: str, cursor: str | None) -> None:
+        from dagster_runway import _compat
+
+        _compat.kv_set(self.instance, _CURSOR_KEY + sensor_name, cursor or "")
+
+    def tick(self, sensor_name: str) -> TickOutcome:
+        sensor_def = self.defs.resolve_sensor_def(sensor_name)
+        outcome = TickOutcome(sensor_name)
+        with build_sensor_context(
+            instance=self.instance,
+            cursor=self.cursor(sensor_name) or None,
+            resources=self.defs.resources,
+            definitions=self.defs,
+            sensor_name=sensor_name,
+        ) as context:
+            result = sensor_def.evaluate_tick(context)
+        for request in result.dynamic_partitions_requests or []:
+            if isinstance(request, AddDynamicPartitionsRequest):
+                self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+                outcome.new_partitions += len(request.partition_keys)
+            elif isinstance(request, DeleteDynamicPartitionsRequest):
+                for key in request.partition_keys:
+                    self.instance.delete_dynamic_partition(request.partitions_def_name, key)
+        for event in result.asset_events or []:
+            self.instance.report_runless_asset_event(event)
+            outcome.events += 1
+        if result.cursor is not None:
+            self.set_cursor(sensor_name, result.cursor)
+        outcome.cursor = result.cursor
+        for request in result.run_requests or []:
+            if request.run_key and self._launched(sensor_name, request.run_key):
+                outcome.skipped_run_keys.append(request.run_key)
+                continue
+            tags = {**request.tags, SENSOR_TAG: sensor_name, DRIVER_TAG: self.driver}
+            if request.run_key:
+                tags[RUN_KEY_TAG] = request.run_key
+            job = self.defs.resolve_job_def(request.job_name or sensor_def.job_name)
+            run_config = dict(request.run_config)
+            if self.log_level:
+                run_config["loggers"] = {"console": {"config": {"log_level": self.log_level}}}
+            run = job.execute_in_process(
+                instance=self.instance,
+                run_config=run_config,
+                tags=tags,
+                partition_key=request.partition_key,
+                raise_on_error=False,
+            )
+            (outcome.run_ids if run.success else outcome.failed_run_ids).append(run.run_id)
+        return outcome
+
+    def _launched(self, sensor_name: str, run_key: str) -> bool:
+        """The daemon's rule: a run key is launched once, whatever became of its run."""
+        return bool(self.instance.get_run_ids(RunsFilter(tags={SENSOR_TAG: sensor_name, RUN_KEY_TAG: run_key}), limit=1))
+
+    def fail_runs_of_dead_drivers(self) -> list[str]:
+        """Mark as failed the unfinished runs that a LocalDaemon of a process now gone was running."""
+        host = socket.gethostname()
+        failed = []
+        for run in self.instance.get_runs(RunsFilter(statuses=_UNFINISHED)):
+            driver = run.tags.get(DRIVER_TAG, "")
+            driver_host, _, pid = driver.rpartition(":")
+            if driver_host != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+            self.instance.report_run_failed(run, f"The process that ran it ({driver}) is gone (it was killed).")
+            failed.append(run.run_id)
+        return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -203,7 +203,7 @@ def test_an_error_code_in_a_200_submit_answer_is_ambiguous(emulator: Emulator, c
     api = connect(emulator)
     with pytest.raises(AmbiguousSubmitError) as info:
         api.submit(image_input())
-    assert info.value.status_code == 200 and info.value.error_code == 500001
+    assert info.value.status_code == 200 and info.value.error_code == 503001  # transient, yet a submit is never retried
     assert api.count("submit") == 1
     assert emulator.ledger().billed_submissions == 1
 
@@ -281,12 +281,22 @@ def test_a_500_on_a_read_is_not_retried(emulator: Emulator, connect: Connector) 
 def test_an_error_code_in_a_200_answer_is_an_error(emulator: Emulator, connect: Connector) -> None:
     api = connect(emulator)
     request_id = api.submit(image_input()).request_id
-    emulator.add_fault(FaultRule(kind="error_code_200", endpoint="status", times=1))
+    emulator.add_fault(FaultRule(kind="error_code_200", endpoint="status", status=500, times=1))
     with pytest.raises(ServerError) as info:
         api.status(request_id)
     assert info.value.status_code == 200 and info.value.error_code == 500001
-    assert api.count("status") == 1
+    assert api.count("status") == 1  # 500001 stands for a 500: not retried, like a 500
     assert api.status(request_id).request_id == request_id
+
+
+def test_a_transient_error_code_in_a_200_answer_is_retried_like_its_status(
+    emulator: Emulator, connect: Connector
+) -> None:
+    api = connect(emulator)
+    request_id = api.submit(image_input()).request_id
+    emulator.add_fault(FaultRule(kind="error_code_200", endpoint="result", status=503, times=2))
+    assert api.result(request_id).request_id == request_id
+    assert api.count("result") == 3
 
 
 def test_4xx_answers_are_never_retried(emulator_factory: Callable[..., Emulator], connect: Connector) -> None:

@@ -167,9 +167,9 @@ def test_error_code_in_a_200_answer(emulator: Emulator, http_api: Connect, after
     response = api.submit({"promptImage": IMAGE})
     assert response.status_code == 200
     body = body_of(response)
-    assert body["error_code"] == 500001 and body["error_message"] and "request_id" not in body
+    assert body["error_code"] == 503001 and body["error_message"] and "request_id" not in body
     assert emulator.ledger().submissions == int(after_accept)
-    emulator.add_fault(FaultRule(kind="error_code_200", endpoint="result", times=1))
+    emulator.add_fault(FaultRule(kind="error_code_200", endpoint="result", status=500, times=1))
     request_id = api.submit_id({"promptImage": IMAGE})
     assert body_of(api.result(request_id))["error_code"] == 500001
 
@@ -186,7 +186,7 @@ def test_error_code_in_a_200_answer_on_reads_and_cancel(
     response = call(request_id)
     assert response.status_code == 200
     body = body_of(response)
-    assert body["error_code"] == 500001 and body["error_message"]
+    assert body["error_code"] == 503001 and body["error_message"]
     assert not {"request_id", "status", "output"} & set(body)
     assert call(request_id).json()["request_id"] == request_id  # the next answer is normal
     assert emulator.request_state(request_id) == ("cancelled" if endpoint == "cancel" else "in_queue")

@@ -269,7 +269,7 @@ class RequestCore:
                             status_code=exc.status_code,
                             error_code=exc.error_code,
                         ) from None
-                    if outcome.status_code not in RETRYABLE_STATUS:
+                    if _effective_status(outcome.status_code, exc.error_code) not in RETRYABLE_STATUS:
                         raise
                     error = exc
 
@@ -371,6 +371,14 @@ class RequestCore:
             kind = "an error in a 2xx answer" if status < 300 else f"HTTP {status}"
             return ServerError(f"{where} failed with {kind}: {text}.", **common)
         return RunComfyError(f"{where} failed with HTTP {status}: {text}.", **common)
+
+
+def _effective_status(status: int, error_code: int | None) -> int:
+    """The HTTP status an answer stands for: a 2xx carrying an ``error_code`` stands for the status the
+    code encodes (``503001`` -> 503), so that a transient error reported with HTTP 200 is retried too."""
+    if 200 <= status < 300 and error_code is not None and 400 <= error_code // 1000 < 600:
+        return error_code // 1000
+    return status
 
 
 def _int_or_none(value: Any) -> int | None:

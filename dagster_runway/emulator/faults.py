@@ -90,7 +90,9 @@ async def _slow(rule: FaultRule, hit: Hit) -> None:
 
 
 async def _error_code_200(rule: FaultRule, hit: Hit) -> Response:
-    return error_response(200, 500001, "Internal error reported with HTTP 200 (injected)")
+    return error_response(
+        200, rule.status * 1000 + 1, f"Error {rule.status * 1000 + 1} reported with HTTP 200 (injected)"
+    )
 
 
 async def _truncate_video(rule: FaultRule, hit: Hit) -> Response | None:
@@ -116,7 +118,9 @@ KINDS: dict[str, FaultKind] = {
     ),
     "slow": FaultKind("the answer is delayed by delay_seconds.", _slow, after_accept=(True, False)),
     "error_code_200": FaultKind(
-        "HTTP 200 whose body is an error_code.", _error_code_200, after_accept=(False, True)
+        "HTTP 200 whose body is an error_code (status * 1000 + 1, e.g. 503001).",
+        _error_code_200,
+        after_accept=(False, True),
     ),
     "generation_failed": FaultKind(
         "the request ends failed with failure_code.", None, calls=("submit",), generation=True
@@ -173,7 +177,11 @@ class FaultRule(BaseModel):
         + ", false for the others.",
     )
     retry_after: int = Field(default=1, ge=0, description="rate_limit: seconds in Retry-After and the body.")
-    status: int = Field(default=503, description="server_error: the HTTP status: 500, 502, 503 or 504.")
+    status: int = Field(
+        default=503,
+        description="server_error: the HTTP status: 500, 502, 503 or 504. error_code_200: the status its "
+        "error_code stands for (503 gives 503001).",
+    )
     delay_seconds: float = Field(default=5.0, ge=0.0, description="slow: how long the answer is delayed.")
     failure_code: str = Field(
         default="INTERNAL.BAD_OUTPUT.CODE01",

@@ -356,3 +356,23 @@ def test_status_sensor_polls_round_robin_inside_its_budget(tmp_path: Path, emula
     emulator.resume()
     assert run_until_idle(daemon, max_ticks=100) == []
     assert video_materialization_count(instance) == 6
+
+
+def test_a_copied_or_renamed_image_reuses_the_request_of_the_same_input(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
+    files = write_images(tmp_path / "images", valid=2, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
+    daemon = LocalDaemon(defs, instance)
+    assert _settle(daemon) == [] and emulator.ledger().billed_submissions == 2
+    original = video_metadata(instance, "img00.png")
+
+    (tmp_path / "images" / "copy-of-img00.png").write_bytes(files["img00.png"].read_bytes())
+    files["img01.png"].rename(tmp_path / "images" / "renamed.png")
+    assert _settle(daemon) == []
+    assert emulator.ledger().billed_submissions == 2  # same bytes, same settings: the same paid generation
+    copy = video_metadata(instance, "copy-of-img00.png")
+    assert copy["runway/request_id"] == original["runway/request_id"]
+    assert copy["runway/fingerprint"] == original["runway/fingerprint"]
+    assert video_metadata(instance, "renamed.png") is not None
+    assert Path(copy["runway/video_uri"]).read_bytes() == Path(original["runway/video_uri"]).read_bytes()

@@ -178,3 +178,19 @@ class RunwayPipelineConfig(BaseModel):
 
     def poster_uri(self, partition_key: str) -> str:
         return poster_uri_for(self.video_uri(partition_key))
+
+
+def options_table() -> str:
+    """The README's table of pipeline options, generated from the model's fields."""
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for name, field in RunwayPipelineConfig.model_fields.items():
+        if field.is_required():
+            default = "(required)"
+        elif field.default_factory is not None:
+            value = field.default_factory()  # type: ignore[call-arg]
+            default = f"`{value!r}`" if not isinstance(value, GenerationSettings) else "`GenerationSettings(ratio='auto')`"
+        else:
+            default = f"`{field.default!r}`"
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | {default} | {description} |")
+    return "\n".join(rows)

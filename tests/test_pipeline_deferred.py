@@ -126,7 +126,7 @@ def test_a_changed_image_marks_its_video_stale_without_paying(tmp_path: Path, em
     assert status("img00.png") == fresh
     time.sleep(0.01)
     files["img00.png"].write_bytes(png_bytes(320, 180, (0, 250, 0)))
-    assert daemon.tick("runway_discovery_sensor").events == 1
+    assert daemon.tick("runway_discovery_sensor").events == 2  # the image recorded again (materialization, observation)
     assert run_until_idle(daemon) == []
     assert status("img00.png") == (StaleStatus.STALE, StaleStatus.STALE)
     assert status("img01.png") == fresh

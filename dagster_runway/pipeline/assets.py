@@ -59,8 +59,9 @@ def images_spec(pipeline: RunwayPipelineConfig) -> AssetSpec:
     return AssetSpec(
         pipeline.images_key,
         description=f"Still images found in {redact_url(pipeline.source)} ({', '.join(pipeline.patterns)}), one "
-        "dynamic partition each. The discovery sensor observes them; each observation's data version is the "
-        "image's version (its bytes, sidecars and manifest row), so a changed image makes its video stale.",
+        "dynamic partition each. The discovery sensor records each new or changed image (a runless "
+        "materialization) whose data version is the image's version (its bytes, sidecars and manifest row), "
+        "so a changed image makes its video stale.",
         group_name=pipeline.group_name,
         kinds={*KINDS, "image"},
         partitions_def=pipeline.partitions_def,

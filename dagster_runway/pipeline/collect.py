@@ -289,7 +289,7 @@ class CollectBatch:
         if result.cost is not None:
             self._settle(record, result.cost)
         inputs = self._check_inputs(key, record, stored.sha256, probe, None)
-        yield from ck.evaluate(inputs, key, self._target(key))
+        yield from ck.evaluate(inputs, key, self._target(key, this_run=True))
 
     def _verified(self, key: str, record: rec.RequestRecord, video: rec.VideoRecord) -> Iterator[Any]:
         """Record the stored video again, unchanged (same data version), and run its checks again."""
@@ -319,7 +319,7 @@ class CollectBatch:
         fields = record.fields if record is not None else dict(video.metadata.get("input") or {})
         source_token = video.metadata.get("source_change_token")
         inputs = self._check_inputs(key, record, video.video_sha256, probe, error, fields=fields, source_token=source_token)
-        yield from ck.evaluate(inputs, key, self._target(key))
+        yield from ck.evaluate(inputs, key, self._target(key, this_run=False))
 
     def _check_inputs(
         self,
@@ -361,12 +361,13 @@ class CollectBatch:
             }
         return self._tokens.get(key)
 
-    def _target(self, key: str) -> _compat.AssetCheckEvaluationTargetMaterializationData | None:
-        """The materialization just recorded for ``key`` in this run (events are stored as they are yielded)."""
+    def _target(self, key: str, *, this_run: bool) -> _compat.AssetCheckEvaluationTargetMaterializationData | None:
+        """The latest materialization of ``key``, which the checks judge; with ``this_run``, only if this run
+        just recorded it (events are stored as they are yielded)."""
         records = self.instance.fetch_materializations(
             AssetRecordsFilter(asset_key=self.pipeline.videos_key, asset_partitions=[key]), limit=1
         ).records
-        if not records or (self.run_id is not None and records[0].run_id != self.run_id):
+        if not records or (this_run and self.run_id is not None and records[0].run_id != self.run_id):
             return None
         latest = records[0]
         return _compat.AssetCheckEvaluationTargetMaterializationData(
@@ -379,7 +380,7 @@ class CollectBatch:
         inputs = {
             pipeline.images_key: (
                 str(record.source_version),
-                rec.latest_observation_storage_id(self.instance, pipeline.images_key, key),
+                rec.latest_image_storage_id(self.instance, pipeline.images_key, key),
             )
         }
         if pipeline.mode == "deferred":
@@ -404,6 +405,10 @@ class CollectBatch:
         self.log.error(f"{failure.key}: {failure.message}")
         self.failures.append(failure)
         yield failure.observation(self.pipeline.videos_key, source_version)
+        # A video stored before still stands: its checks run again, rather than show as skipped.
+        video = rec.latest_video(self.instance, self.pipeline.videos_key, failure.key)
+        if video is not None:
+            yield from self.evaluate_stored(failure.key, video, None)
 
 
 def verify_stored(pipeline: RunwayPipelineConfig, context: Any, keys: Sequence[str], resource: RunComfyResource) -> Iterator[Any]:

@@ -163,7 +163,8 @@ def latest_failure(
     return max(found, key=lambda f: f.storage_id, default=None)
 
 
-def latest_observation_storage_id(instance: DagsterInstance, asset_key: AssetKey, partition: str) -> int | None:
+def latest_image_storage_id(instance: DagsterInstance, asset_key: AssetKey, partition: str) -> int | None:
+    """The storage id of the image's latest observation: what Dagster's staleness reads for an external asset."""
     records = instance.fetch_observations(_filter(asset_key, partition), limit=1).records
     return records[0].storage_id if records else None
 
@@ -202,7 +203,7 @@ def page_after(
         (videos_key, instance.fetch_materializations),
         (requests_key, instance.fetch_observations),
         (videos_key, instance.fetch_observations),
-        (images_key, instance.fetch_observations),
+        (images_key, instance.fetch_materializations),
     ):
         result = fetch(
             AssetRecordsFilter(asset_key=asset_key, after_storage_id=after or None), limit=limit, ascending=True
@@ -212,16 +213,17 @@ def page_after(
             partition = record.partition_key
             if partition is None:
                 continue
-            if record.asset_materialization is not None:
+            if asset_key == images_key:
+                event = record.asset_materialization
+                version = (event.tags or {}).get(_compat.DATA_VERSION_TAG) if event is not None else None
+                if version:
+                    images.append((partition, version, record.storage_id))
+            elif record.asset_materialization is not None:
                 if asset_key == requests_key:
                     if (request := _request(partition, record)) is not None:
                         requests.append(request)
                 elif (video := _video(partition, record)) is not None:
                     videos.append(video)
-            elif asset_key == images_key:
-                version = (record.asset_observation.tags or {}).get(_compat.DATA_VERSION_TAG)
-                if version:
-                    images.append((partition, version, record.storage_id))
             elif (failure := _failure(partition, record)) is not None:
                 failures.append(failure)
         if page_more:

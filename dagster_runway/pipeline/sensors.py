@@ -15,6 +15,7 @@ import zlib
 from typing import Any
 
 from dagster import (
+    AssetMaterialization,
     AssetObservation,
     DagsterRunStatus,
     DefaultSensorStatus,
@@ -77,7 +78,7 @@ def _op_config(op_name: str, partitions: list[str], **extra: Any) -> dict[str, A
 
 
 def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: JobDefinition | None, op_name: str):
-    """Lists the source each tick; adds a partition per new image and observes every new or changed one.
+    """Lists the source each tick; adds a partition per new image and records every new or changed one.
 
     In deferred mode the status sensor decides what to submit; in blocking mode this sensor also
     requests a videos run for each new image (and, with ``on_change="regenerate"``, each changed one).
@@ -90,8 +91,8 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: JobDefini
         minimum_interval_seconds=pipeline.discovery_interval_s,
         default_status=DefaultSensorStatus.STOPPED,
         description=f"Lists {pipeline.source} for images. Each new image becomes a partition of "
-        f"{pipeline.images_key.to_user_string()}, and each new or changed image is observed with its version "
-        "(a changed image makes its video stale).",
+        f"{pipeline.images_key.to_user_string()}, and each new or changed image is recorded (a runless "
+        "materialization of the external asset) with its version: a changed image makes its video stale.",
     )
     def _discovery(context: SensorEvaluationContext) -> SensorResult:
         started = time.monotonic()
@@ -102,7 +103,7 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: JobDefini
         versions: dict[str, str] = {}
         new: list[str] = []
         changed: list[str] = []
-        observations = []
+        records = []
         for entry in entries:
             partition = entry.partition_key
             version = rec.image_version(entry.change_token, entry.sidecar_token, entry.settings_token)
@@ -113,21 +114,19 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: JobDefini
                 continue
             elif partition in known:
                 changed.append(partition)
-            observations.append(
-                AssetObservation(
-                    asset_key=pipeline.images_key,
-                    partition=partition,
-                    metadata={
-                        **md.RunwayMetadata(
-                            source_path=md.uri_value(entry.url, pipeline.source_storage_options),
-                            source_size_bytes=entry.size,
-                            source_change_token=entry.change_token,
-                            source_version=version,
-                        )
-                    },
-                    tags={_compat.DATA_VERSION_TAG: version},
+            values = {
+                **md.RunwayMetadata(
+                    source_path=md.uri_value(entry.url, pipeline.source_storage_options),
+                    source_size_bytes=entry.size,
+                    source_change_token=entry.change_token,
+                    source_version=version,
                 )
-            )
+            }
+            tags = {_compat.DATA_VERSION_TAG: version}
+            # A materialization shows the image as present in the catalog; the observation is what
+            # Dagster's staleness reads for an external asset. Both carry the image's version.
+            records.append(AssetMaterialization(pipeline.images_key, partition=partition, metadata=values, tags=tags))
+            records.append(AssetObservation(pipeline.images_key, partition=partition, metadata=values, tags=tags))
         run_requests: list[RunRequest] = []
         if pipeline.mode == "blocking":
             order = [*context.instance.get_dynamic_partitions(pipeline.partitions_def.name), *new]
@@ -143,12 +142,12 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: JobDefini
         save_memory(context.instance, key, {"versions": versions})
         context.log.info(
             f"Listed {len(entries)} images in {time.monotonic() - started:.2f}s: {len(new)} new, {len(changed)} "
-            f"changed, {len(observations)} observed."
+            f"changed, {len(records) // 2} recorded."
         )
         return SensorResult(
             run_requests=run_requests,
             dynamic_partitions_requests=[pipeline.partitions_def.build_add_request(new)] if new else [],
-            asset_events=observations,
+            asset_events=records,
             cursor=json.dumps({"images": len(entries), "new": len(new), "changed": len(changed)}),
         )
 

@@ -577,7 +577,7 @@ class SubmitBatch:
                 {
                     images_key: (
                         prepared.source_version,
-                        rec.latest_observation_storage_id(self.instance, images_key, prepared.key),
+                        rec.latest_image_storage_id(self.instance, images_key, prepared.key),
                     )
                 },
                 prepared.fingerprint[:16],

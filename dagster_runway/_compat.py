@@ -47,6 +47,10 @@ from dagster._core.storage.tags import (
     PARTITION_NAME_TAG as PARTITION_NAME_TAG,
 )
 
+# A cron string checked when the pipeline is defined, so that a typo fails there with the option named
+# rather than at the daemon's first tick.
+from dagster._utils.schedules import is_valid_cron_string as is_valid_cron_string  # noqa: E402
+
 
 def kv_get(instance: DagsterInstance, key: str) -> str | None:
     """A value of the instance's key-value store, where the daemon keeps its own large cursors.
@@ -72,6 +76,7 @@ __all__ = [
     "NamespacedMetadataSet",
     "get_input_data_version_tag",
     "get_input_event_pointer_tag",
+    "is_valid_cron_string",
     "kv_get",
     "kv_set",
 ]

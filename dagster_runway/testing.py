@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from dagster import (
     AddDynamicPartitionsRequest,
@@ -19,11 +20,15 @@ from dagster import (
     DagsterRunStatus,
     Definitions,
     DeleteDynamicPartitionsRequest,
+    RunRequest,
     RunsFilter,
+    SensorDefinition,
+    build_schedule_context,
     build_sensor_context,
 )
 
 SENSOR_TAG = "dagster/sensor_name"
+SCHEDULE_TAG = "dagster/schedule_name"
 RUN_KEY_TAG = "dagster/run_key"
 DRIVER_TAG = "runway/driver"  # "<host>:<pid>" of the LocalDaemon that ran it
 _CURSOR_KEY = "dagster_runway/local_daemon/cursor/"
@@ -84,18 +89,25 @@ class LocalDaemon:
         if result.cursor is not None:
             self.set_cursor(sensor_name, result.cursor)
         outcome.cursor = result.cursor
-        for request in result.run_requests or []:
-            if request.run_key and self._launched(sensor_name, request.run_key):
+        self._launch(SENSOR_TAG, sensor_name, _job_name(sensor_def), result.run_requests or [], outcome)
+        return outcome
+
+    def _launch(
+        self, origin_tag: str, name: str, default_job: str | None, requests: list[RunRequest], outcome: TickOutcome
+    ) -> None:
+        for request in requests:
+            if request.run_key and self._launched(origin_tag, name, request.run_key):
                 outcome.skipped_run_keys.append(request.run_key)
                 continue
-            tags = {**request.tags, SENSOR_TAG: sensor_name, DRIVER_TAG: self.driver}
+            tags = {**request.tags, origin_tag: name, DRIVER_TAG: self.driver}
             if request.run_key:
                 tags[RUN_KEY_TAG] = request.run_key
-            job = self.defs.resolve_job_def(request.job_name or sensor_def.job_name)
+            job_name = request.job_name or default_job
+            assert job_name is not None, f"{name} requested a run without naming its job"
             run_config = dict(request.run_config)
             if self.log_level:
                 run_config["loggers"] = {"console": {"config": {"log_level": self.log_level}}}
-            run = job.execute_in_process(
+            run = self.defs.resolve_job_def(job_name).execute_in_process(
                 instance=self.instance,
                 run_config=run_config,
                 tags=tags,
@@ -103,11 +115,23 @@ class LocalDaemon:
                 raise_on_error=False,
             )
             (outcome.run_ids if run.success else outcome.failed_run_ids).append(run.run_id)
+
+    def tick_schedule(self, schedule_name: str, at: datetime | None = None) -> TickOutcome:
+        """Evaluate a schedule as of ``at`` (now by default) and run what it requests."""
+        schedule_def = self.defs.resolve_schedule_def(schedule_name)
+        outcome = TickOutcome(schedule_name)
+        with build_schedule_context(
+            instance=self.instance,
+            scheduled_execution_time=at or datetime.now(UTC),
+            resources=self.defs.resources,
+        ) as context:
+            result = schedule_def.evaluate_tick(context)
+        self._launch(SCHEDULE_TAG, schedule_name, schedule_def.job_name, result.run_requests or [], outcome)
         return outcome
 
-    def _launched(self, sensor_name: str, run_key: str) -> bool:
+    def _launched(self, origin_tag: str, name: str, run_key: str) -> bool:
         """The daemon's rule: a run key is launched once, whatever became of its run."""
-        return bool(self.instance.get_run_ids(RunsFilter(tags={SENSOR_TAG: sensor_name, RUN_KEY_TAG: run_key}), limit=1))
+        return bool(self.instance.get_run_ids(RunsFilter(tags={origin_tag: name, RUN_KEY_TAG: run_key}), limit=1))
 
     def fail_runs_of_dead_drivers(self) -> list[str]:
         """Mark as failed the unfinished runs that a LocalDaemon of a process now gone was running."""
@@ -121,6 +145,12 @@ class LocalDaemon:
             self.instance.report_run_failed(run, f"The process that ran it ({driver}) is gone (it was killed).")
             failed.append(run.run_id)
         return failed
+
+
+def _job_name(sensor_def: SensorDefinition) -> str | None:
+    """The sensor's one job, or None when it names several (each run request then names its own) or none."""
+    targets = sensor_def.targets
+    return targets[0].job_name if len(targets) == 1 else None
 
 
 def _alive(pid: int) -> bool:

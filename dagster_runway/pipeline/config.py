@@ -8,6 +8,7 @@ from typing import Any, Literal
 from dagster import AssetKey, DynamicPartitionsDefinition
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dagster_runway import _compat
 from dagster_runway.media import DEFAULT_PATTERNS, GenerationSettings, ImageSource, poster_uri_for
 
 Mode = Literal["deferred", "blocking"]
@@ -114,6 +115,26 @@ class RunwayPipelineConfig(BaseModel):
         description="Runs the status sensor launches for one partition and stage (submit or collect) before it "
         "records the partition as failed.",
     )
+
+    submit_schedule: str | None = Field(
+        default=None,
+        description="A cron string: discover and submit only at these times (e.g. `0 22 * * *` nightly, or "
+        "`0 9-17 * * 1-5` hourly in business hours) instead of as soon as the sensors see an image. The status "
+        "sensor still polls, and collects each paid video as soon as it is done.",
+    )
+    verify_schedule: str | None = Field(
+        default="0 3 * * *",
+        description="A cron string for the verify schedule, which runs the checks of every stored video again "
+        "(checksum at rest, source unchanged, playable) without regenerating; None leaves it out.",
+    )
+    schedule_timezone: str = Field(default="UTC", description="The time zone of the cron schedules.")
+
+    @field_validator("submit_schedule", "verify_schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None and not _compat.is_valid_cron_string(value):
+            raise ValueError(f"{value!r} is not a cron string such as '0 22 * * *' (minute hour day month weekday)")
+        return value
 
     @field_validator("key_prefix", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ from dagster import AssetSelection, Definitions, define_asset_job
 
 from dagster_runway.pipeline.assets import build_requests_asset, build_videos_asset, images_spec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
+from dagster_runway.pipeline.schedules import build_submit_schedule, build_verify_schedule
 from dagster_runway.pipeline.sensors import build_discovery_sensor, build_status_sensor
 from dagster_runway.resource import RunComfyResource
 
@@ -56,6 +57,7 @@ def build_definitions(pipeline: RunwayPipelineConfig, resource: RunComfyResource
     assets: list[Any] = [images_spec(pipeline), videos]
     jobs = [videos_job, verify_job]
     videos_op = videos.op.name
+    schedules = [build_verify_schedule(pipeline, verify_job, videos_op)] if pipeline.verify_schedule else []
     if deferred:
         requests = build_requests_asset(pipeline)
         submit_job = define_asset_job(
@@ -66,15 +68,20 @@ def build_definitions(pipeline: RunwayPipelineConfig, resource: RunComfyResource
         )
         assets.append(requests)
         jobs.append(submit_job)
-        sensors = [
-            build_discovery_sensor(pipeline, None, videos_op),
-            build_status_sensor(pipeline, submit_job, videos_job, requests.op.name, videos_op),
-        ]
+        status = build_status_sensor(pipeline, submit_job, videos_job, requests.op.name, videos_op)
+        sensors = [status]
+        if pipeline.submit_schedule is None:
+            sensors.insert(0, build_discovery_sensor(pipeline, None, videos_op))
+        else:
+            schedules.append(
+                build_submit_schedule(pipeline, submit_job, videos_job.name, requests.op.name, status.name)
+            )
     else:
         sensors = [build_discovery_sensor(pipeline, videos_job, videos_op)]
     return Definitions(
         assets=assets,
         jobs=jobs,
         sensors=sensors,
+        schedules=schedules,
         resources={pipeline.resource_key: resource} if resource is not None else None,
     )

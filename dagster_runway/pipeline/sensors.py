@@ -12,11 +12,13 @@ import base64
 import json
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 from dagster import (
     AssetMaterialization,
     AssetObservation,
+    DagsterInstance,
     DagsterRunStatus,
     DefaultSensorStatus,
     JobDefinition,
@@ -70,11 +72,59 @@ def memory_key(pipeline: RunwayPipelineConfig, sensor_name: str) -> str:
     return f"dagster_runway/{pipeline.partitions_def.name}/{sensor_name}"
 
 
-def _op_config(op_name: str, partitions: list[str], **extra: Any) -> dict[str, Any]:
+def op_config(op_name: str, partitions: list[str], **extra: Any) -> dict[str, Any]:
     return {"ops": {op_name: {"config": {"partitions": partitions, **extra}}}}
 
 
 # Discovery
+
+
+@dataclass
+class Discovery:
+    """What one listing of the source found, against what the last one knew."""
+
+    images: int
+    versions: dict[str, str]
+    new: list[str]
+    changed: list[str]
+    records: list[AssetMaterialization | AssetObservation]
+
+
+def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: str) -> Discovery:
+    """List the source; find new partitions and new or changed images, with a record of each.
+
+    A materialization shows the image as present in the catalog; the observation is what Dagster's
+    staleness reads for an external asset. Both carry the image's version (bytes, sidecars, manifest
+    row). The versions seen are kept in the instance under ``memory``; when lost, every image is
+    recorded again, which costs one event each and pays nothing.
+    """
+    known: dict[str, str] = (load_memory(instance, memory) or {}).get("versions", {})
+    existing = set(instance.get_dynamic_partitions(pipeline.partitions_def.name))
+    entries = pipeline.image_source().list()
+    found = Discovery(len(entries), {}, [], [], [])
+    for entry in entries:
+        partition = entry.partition_key
+        version = rec.image_version(entry.change_token, entry.sidecar_token, entry.settings_token)
+        found.versions[partition] = version
+        if partition not in existing:
+            found.new.append(partition)
+        elif known.get(partition) == version:
+            continue
+        elif partition in known:
+            found.changed.append(partition)
+        values = {
+            **md.RunwayMetadata(
+                source_path=md.uri_value(entry.url, pipeline.source_storage_options),
+                source_size_bytes=entry.size,
+                source_change_token=entry.change_token,
+                source_version=version,
+            )
+        }
+        tags = {_compat.DATA_VERSION_TAG: version}
+        found.records.append(AssetMaterialization(pipeline.images_key, partition=partition, metadata=values, tags=tags))
+        found.records.append(AssetObservation(pipeline.images_key, partition=partition, metadata=values, tags=tags))
+    save_memory(instance, memory, {"versions": found.versions})
+    return found
 
 
 def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: JobDefinition | None, op_name: str):
@@ -96,59 +146,28 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: JobDefini
     )
     def _discovery(context: SensorEvaluationContext) -> SensorResult:
         started = time.monotonic()
-        key = memory_key(pipeline, name)
-        known: dict[str, str] = (load_memory(context.instance, key) or {}).get("versions", {})
-        existing = set(context.instance.get_dynamic_partitions(pipeline.partitions_def.name))
-        entries = pipeline.image_source().list()
-        versions: dict[str, str] = {}
-        new: list[str] = []
-        changed: list[str] = []
-        records = []
-        for entry in entries:
-            partition = entry.partition_key
-            version = rec.image_version(entry.change_token, entry.sidecar_token, entry.settings_token)
-            versions[partition] = version
-            if partition not in existing:
-                new.append(partition)
-            elif known.get(partition) == version:
-                continue
-            elif partition in known:
-                changed.append(partition)
-            values = {
-                **md.RunwayMetadata(
-                    source_path=md.uri_value(entry.url, pipeline.source_storage_options),
-                    source_size_bytes=entry.size,
-                    source_change_token=entry.change_token,
-                    source_version=version,
-                )
-            }
-            tags = {_compat.DATA_VERSION_TAG: version}
-            # A materialization shows the image as present in the catalog; the observation is what
-            # Dagster's staleness reads for an external asset. Both carry the image's version.
-            records.append(AssetMaterialization(pipeline.images_key, partition=partition, metadata=values, tags=tags))
-            records.append(AssetObservation(pipeline.images_key, partition=partition, metadata=values, tags=tags))
+        found = discover(pipeline, context.instance, memory_key(pipeline, name))
         run_requests: list[RunRequest] = []
         if pipeline.mode == "blocking":
-            order = [*context.instance.get_dynamic_partitions(pipeline.partitions_def.name), *new]
-            wanted = new + (changed if pipeline.on_change == "regenerate" else [])
+            order = [*context.instance.get_dynamic_partitions(pipeline.partitions_def.name), *found.new]
+            wanted = found.new + (found.changed if pipeline.on_change == "regenerate" else [])
             run_requests = rc.batch_run_requests(
                 wanted,
                 order,
                 max_batch=pipeline.collect_batch_size,
                 prefix="videos",
-                identity=versions.__getitem__,
-                config_for=lambda batch: _op_config(op_name, batch),
+                identity=found.versions.__getitem__,
+                config_for=lambda batch: op_config(op_name, batch),
             )
-        save_memory(context.instance, key, {"versions": versions})
         context.log.info(
-            f"Listed {len(entries)} images in {time.monotonic() - started:.2f}s: {len(new)} new, {len(changed)} "
-            f"changed, {len(records) // 2} recorded."
+            f"Listed {found.images} images in {time.monotonic() - started:.2f}s: {len(found.new)} new, "
+            f"{len(found.changed)} changed."
         )
         return SensorResult(
             run_requests=run_requests,
-            dynamic_partitions_requests=[pipeline.partitions_def.build_add_request(new)] if new else [],
-            asset_events=records,
-            cursor=json.dumps({"images": len(entries), "new": len(new), "changed": len(changed)}),
+            dynamic_partitions_requests=[pipeline.partitions_def.build_add_request(found.new)] if found.new else [],
+            asset_events=found.records,
+            cursor=json.dumps({"images": found.images, "new": len(found.new), "changed": len(found.changed)}),
         )
 
     return _discovery
@@ -316,11 +335,14 @@ class StatusTick:
             collect_job=self.collect_job,
             stale_after_s=STALE_RUN_S,
         )
-        counts = {"done": 0, "failed": 0, "in_flight": 0, "submit": 0, "collect": 0, "running": 0}
+        counts = {"done": 0, "failed": 0, "in_flight": 0, "submit": 0, "collect": 0, "running": 0, "scheduled": 0}
         owed: dict[str, list[str]] = {"submit": [], "collect": []}
         for key in order:
             state = states[key]
             where = rc.stage(state, self.policy)
+            if where == "submit" and pipeline.submit_schedule is not None:
+                counts["scheduled"] += 1  # the submit schedule sends it at its next tick
+                continue
             if where in ("submit", "collect"):
                 if key in (coverage.submit if where == "submit" else coverage.collect):
                     counts["running"] += 1
@@ -343,7 +365,7 @@ class StatusTick:
                 max_batch=pipeline.submit_batch_size,
                 prefix="submit",
                 identity=lambda k: f"{states[k].image_version}|{states[k].request_id}|{states[k].submit_runs}",
-                config_for=lambda batch: _op_config(self.submit_op, batch),
+                config_for=lambda batch: op_config(self.submit_op, batch),
                 tags={LAUNCHED_BY: self.sensor_name},
                 job_name=self.submit_job,
             ),
@@ -353,7 +375,7 @@ class StatusTick:
                 max_batch=pipeline.collect_batch_size,
                 prefix="collect",
                 identity=lambda k: f"{states[k].request_id}|{states[k].collect_runs}",
-                config_for=lambda batch: _op_config(self.collect_op, batch),
+                config_for=lambda batch: op_config(self.collect_op, batch),
                 tags={LAUNCHED_BY: self.sensor_name},
                 job_name=self.collect_job,
             ),

@@ -1,0 +1,129 @@
+"""Cron schedules: submission in batches at set times, and the checks of stored videos, run again.
+
+Sensors react within seconds; some teams would rather spend at night or during business hours, or
+list a large bucket once a day. With ``submit_schedule`` the discovery sensor is replaced by a
+schedule that lists the source and submits what is owed at those times only. The status sensor still
+polls and collects every paid video as soon as it is done (that money is already spent), and keeps the
+reconciliation memory the schedule reads.
+"""
+
+from __future__ import annotations
+
+from dagster import (
+    DefaultScheduleStatus,
+    JobDefinition,
+    RunRequest,
+    RunsFilter,
+    ScheduleEvaluationContext,
+    SkipReason,
+    schedule,
+)
+
+from dagster_runway.pipeline import reconcile as rc
+from dagster_runway.pipeline.config import RunwayPipelineConfig
+from dagster_runway.pipeline.sensors import (
+    LAUNCHED_BY,
+    NOT_FINISHED,
+    STALE_RUN_S,
+    discover,
+    load_memory,
+    memory_key,
+    op_config,
+)
+
+
+def build_submit_schedule(
+    pipeline: RunwayPipelineConfig, submit_job: JobDefinition, collect_job: str, submit_op: str, status_sensor: str
+):
+    assert pipeline.submit_schedule is not None
+    name = f"{pipeline.name}_submit_schedule"
+
+    @schedule(
+        name=name,
+        cron_schedule=pipeline.submit_schedule,
+        execution_timezone=pipeline.schedule_timezone,
+        job=submit_job,
+        default_status=DefaultScheduleStatus.STOPPED,
+        description=f"At {pipeline.submit_schedule} ({pipeline.schedule_timezone}): lists {pipeline.source}, records "
+        "new and changed images, and submits every partition owed a submit, in batches. Needs the status "
+        "sensor on: it collects the videos and keeps what each partition is owed.",
+    )
+    def _submit(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
+        instance = context.instance
+        found = discover(pipeline, instance, memory_key(pipeline, name))
+        if found.new:
+            instance.add_dynamic_partitions(pipeline.partitions_def.name, found.new)
+        for record in found.records:
+            instance.report_runless_asset_event(record)
+        memory = rc.SensorMemory.from_json(load_memory(instance, memory_key(pipeline, status_sensor)) or {})
+        if not memory.caught_up:
+            return SkipReason(
+                f"{len(found.new)} new image(s) recorded; nothing submitted: the status sensor ({status_sensor}) has "
+                "not read the event log yet. Turn it on; the next tick submits what is owed."
+            )
+        order = list(instance.get_dynamic_partitions(pipeline.partitions_def.name))
+        for key, version in found.versions.items():
+            memory.state(key).image_version = version  # what this listing saw, newer than the sensor's memory
+        policy = rc.Policy(pipeline.on_change, pipeline.retry_failed_generations, pipeline.max_spend_usd)
+        coverage = rc.covered(
+            instance.get_run_records(RunsFilter(statuses=NOT_FINISHED)),
+            order=order,
+            requests_key=pipeline.requests_key,
+            videos_key=pipeline.videos_key,
+            submit_job=submit_job.name,
+            collect_job=collect_job,
+            stale_after_s=STALE_RUN_S,
+        )
+        owed = [k for k in order if rc.stage(memory.state(k), policy) == "submit" and k not in coverage.submit]
+        tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
+        requests = rc.batch_run_requests(
+            owed,
+            order,
+            max_batch=pipeline.submit_batch_size,
+            prefix=f"scheduled:{tick}",
+            identity=lambda k: str(memory.state(k).image_version),
+            config_for=lambda batch: op_config(submit_op, batch),
+            tags={LAUNCHED_BY: name},
+        )
+        return requests or SkipReason(f"{len(found.new)} new image(s); nothing is owed a submit.")
+
+    return _submit
+
+
+def build_verify_schedule(pipeline: RunwayPipelineConfig, verify_job: JobDefinition, videos_op: str):
+    assert pipeline.verify_schedule is not None
+
+    @schedule(
+        name=f"{pipeline.name}_verify_schedule",
+        cron_schedule=pipeline.verify_schedule,
+        execution_timezone=pipeline.schedule_timezone,
+        job=verify_job,
+        default_status=DefaultScheduleStatus.STOPPED,
+        description=f"At {pipeline.verify_schedule} ({pipeline.schedule_timezone}): runs the checks of every stored "
+        "video again (checksum at rest, source unchanged, playable, duration, aspect) without regenerating "
+        "anything, so silent corruption or a changed source shows in the UI.",
+    )
+    def _verify(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
+        order = list(context.instance.get_dynamic_partitions(pipeline.partitions_def.name))
+        tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
+        requests = verify_run_requests(pipeline, order, videos_op, prefix=f"verify:{tick}")
+        return requests or SkipReason("no partitions yet")
+
+    return _verify
+
+
+def verify_run_requests(pipeline: RunwayPipelineConfig, order: list[str], videos_op: str, *, prefix: str) -> list[RunRequest]:
+    """Runs of the verify job over every partition, in ranges (the checks-only job takes its range by tags)."""
+    requests = rc.batch_run_requests(
+        order,
+        order,
+        max_batch=pipeline.collect_batch_size,
+        prefix=prefix,
+        identity=lambda k: "",
+        config_for=lambda batch: op_config(videos_op, batch),
+    )
+    # A job of checks alone resolves its partitions from the run's tags only, not from a partition key.
+    return [request.with_replaced_attrs(partition_key=None) for request in requests]
+
+
+

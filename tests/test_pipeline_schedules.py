@@ -1,0 +1,81 @@
+"""Cron scheduling: submission at set times, and the checks of stored videos run again on their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, instance_for_test
+from pydantic import ValidationError
+
+from dagster_runway.pipeline import RunwayPipelineConfig
+from dagster_runway.testing import LocalDaemon
+
+from .pipeline_helpers import (
+    CHECK_NAMES,
+    PARTITIONS,
+    check_statuses,
+    make_defs,
+    run_until_idle,
+    status_summary,
+    video_materialization_count,
+    video_metadata,
+    write_images,
+)
+
+
+@pytest.fixture
+def instance() -> DagsterInstance:
+    with instance_for_test() as instance:
+        yield instance
+
+
+def test_with_a_submit_schedule_images_are_submitted_at_its_ticks_only(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
+    write_images(tmp_path / "images", valid=3, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), submit_schedule="0 22 * * *")
+    assert {s.name for s in defs.sensors} == {"runway_status_sensor"}  # no discovery sensor
+    assert {s.name for s in defs.schedules} == {"runway_submit_schedule", "runway_verify_schedule"}
+    daemon = LocalDaemon(defs, instance)
+
+    skipped = daemon.tick_schedule("runway_submit_schedule")
+    assert skipped.run_ids == []  # the status sensor has not read the event log yet: nothing is sent
+    assert len(instance.get_dynamic_partitions(PARTITIONS)) == 3  # but the images are discovered
+    daemon.tick("runway_status_sensor")
+    assert status_summary(daemon)["scheduled"] == 3 and emulator.ledger().submissions == 0
+
+    sent = daemon.tick_schedule("runway_submit_schedule")
+    assert len(sent.run_ids) == 1 and emulator.ledger().billed_submissions == 3
+    assert run_until_idle(daemon) == []  # the status sensor collects as soon as they are done
+    assert all(video_metadata(instance, k) for k in instance.get_dynamic_partitions(PARTITIONS))
+
+    (tmp_path / "images" / "late.png").write_bytes((tmp_path / "images" / "img00.png").read_bytes()[:-1] + b"\x00")
+    assert run_until_idle(daemon) == [] and emulator.ledger().submissions == 3  # nothing before the tick
+    assert daemon.tick_schedule("runway_submit_schedule").run_ids == []  # a broken copy: fails, pays nothing
+    assert emulator.ledger().billed_submissions == 3
+
+
+def test_the_verify_schedule_rechecks_stored_videos_without_regenerating(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
+    write_images(tmp_path / "images", valid=3, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
+    daemon = LocalDaemon(defs, instance)
+    daemon.tick("runway_discovery_sensor")
+    assert run_until_idle(daemon) == []
+    count = video_materialization_count(instance)
+    with open(video_metadata(instance, "img01.png")["runway/video_uri"], "ab") as video:
+        video.write(b"bit rot")  # silent corruption at rest
+
+    outcome = daemon.tick_schedule("runway_verify_schedule")
+    assert len(outcome.run_ids) == 1 and outcome.failed_run_ids == []
+    assert video_materialization_count(instance) == count and emulator.ledger().billed_submissions == 3
+    assert check_statuses(instance, "img00.png") == dict.fromkeys(CHECK_NAMES, "SUCCEEDED")
+    rotten = check_statuses(instance, "img01.png")
+    assert rotten["checksum_at_rest"] == "FAILED" and rotten["video_playable"] == "SUCCEEDED"
+
+
+def test_a_bad_cron_string_is_refused_with_the_option_named() -> None:
+    with pytest.raises(ValidationError, match="(?s)submit_schedule.*not a cron string"):
+        RunwayPipelineConfig(source="a", output="b", submit_schedule="every night")

@@ -362,6 +362,18 @@ Q_LATEST_MATERIALIZATION = f"""query LatestMaterialization($key: AssetKeyInput!,
   }}
 }}"""
 
+Q_LATEST_OBSERVATION = f"""query LatestObservation($key: AssetKeyInput!, $partitions: [String!]) {{
+  assetNodeOrError(assetKey: $key) {{
+    {_ERROR_FIELDS}
+    ... on AssetNode {{
+      assetObservations(partitions: $partitions, limit: 1) {{
+        runId partition timestamp description
+        metadataEntries {{ {METADATA_FIELDS} }}
+      }}
+    }}
+  }}
+}}"""
+
 DOCUMENTS = {name: value for name, value in dict(globals()).items() if name.startswith(("Q_", "M_"))}
 
 
@@ -678,6 +690,21 @@ class DagsterGraphQL:
             "partition": event["partition"],
             "timestamp": event["timestamp"],
             "tags": {t["key"]: t["value"] for t in event["tags"]},
+            "metadata": {e["label"]: metadata_value(e) for e in event["metadataEntries"]},
+        }
+
+    def latest_observation(self, asset_key: AssetKeyLike, partition: str) -> dict[str, Any] | None:
+        """The latest observation of one partition: ``runId``, ``timestamp``, ``description`` and ``metadata``."""
+        variables = {"key": asset_key_input(asset_key), "partitions": [partition]}
+        node = self.query(Q_LATEST_OBSERVATION, variables)["assetNodeOrError"]
+        events = self.expect(node, "AssetNode")["assetObservations"]
+        if not events:
+            return None
+        event = events[0]
+        return {
+            "runId": event["runId"],
+            "timestamp": event["timestamp"],
+            "description": event["description"],
             "metadata": {e["label"]: metadata_value(e) for e in event["metadataEntries"]},
         }
 

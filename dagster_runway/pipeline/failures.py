@@ -37,7 +37,7 @@ SERVICE_UNAVAILABLE = "service_unavailable"  # the submit provably did not reach
 GENERATION_SAFETY = "generation_safety"  # a content-safety rejection; change the image or prompt
 GENERATION_INTERNAL = "generation_internal"  # the service's own failure; retried if retry_failed_generations
 GENERATION_FAILED = "generation_failed"  # any other failed generation
-CANCELLED = "cancelled"  # the request was cancelled (a terminated run); materialize again to resume
+CANCELLED = "cancelled"  # the request was cancelled and refunded (a terminated run); submitted again
 EXPIRED = "expired"  # the request expired before its video was collected
 NO_REQUEST = "no_request"  # a collect with nothing submitted for the partition
 STILL_RUNNING = "still_running"  # a collect gave up waiting; the status sensor collects it later
@@ -45,8 +45,10 @@ DOWNLOAD = "download"  # the video could not be fetched or stored for now; retri
 BAD_OUTPUT = "bad_output"  # what the service served is not a playable video; retried, then final
 RUNS_EXHAUSTED = "runs_exhausted"  # the status sensor's runs for it ended without a result, too often
 
-# Classes after which the status sensor launches another run by itself (within max_run_attempts).
-RETRIED_BY_SENSOR = frozenset({SERVICE_UNAVAILABLE, STILL_RUNNING, DOWNLOAD, BAD_OUTPUT})
+# Classes after which the status sensor launches another run by itself (within max_run_attempts): a new
+# submit (nothing was billed, or it was refunded), or a new collect (the video is paid for).
+RESUBMITTED_BY_SENSOR = frozenset({SERVICE_UNAVAILABLE, CANCELLED})
+RECOLLECTED_BY_SENSOR = frozenset({STILL_RUNNING, DOWNLOAD, BAD_OUTPUT})
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ def from_result_error(key: str, exc: RunComfyError, *, attempt: int, retries_all
             key,
             CANCELLED,
             str(exc),
-            "it was refunded; materialize runway/requests for this partition to submit it again.",
+            "it was refunded: the status sensor submits it again (to stop for good, turn the sensor off).",
             retryable=True,
             request_id=request_id,
         )

@@ -51,7 +51,8 @@ class PartitionState:
     queue_position: int | None = None
     submit_runs: int = 0  # runs launched for it since it last made progress
     collect_runs: int = 0
-    last_run_id: str | None = None
+    launched_at: float = 0.0  # when the sensor last requested a run for it
+    run_key: str | None = None  # that run's key: the daemon creates the run after the tick
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, 0)}
@@ -73,19 +74,19 @@ class PartitionState:
         self.request_storage_id = storage_id
         if new:
             self.status, self.queue_position, self.collect_runs = None, None, 0
-        self.submit_runs = 0
+        self.submit_runs, self.launched_at = 0, 0.0
         if self.failure is not None and self.failure.storage_id < storage_id:
             self.failure = None
 
     def saw_video(self, request_id: str | None, storage_id: int) -> None:
         self.video_request_id = request_id
-        self.collect_runs = 0
+        self.collect_runs, self.launched_at = 0, 0.0
         if self.failure is not None and self.failure.storage_id < storage_id:
             self.failure = None
 
     def saw_failure(self, failure: Failure) -> None:
         if failure.storage_id > self.request_storage_id:
-            self.failure = failure
+            self.failure, self.launched_at = failure, 0.0
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,12 @@ def stage(state: PartitionState, policy: Policy, now: float | None = None) -> St
 def _after(failure: Failure, state: PartitionState, policy: Policy, now: float) -> Stage:
     """What follows a recorded failure: another run, a paid retry the user allowed, or nothing."""
     cls = failure.failure_class
-    if cls == fl.SERVICE_UNAVAILABLE:
+    if cls in fl.RESUBMITTED_BY_SENSOR:
         return "submit"
     if cls == fl.SPEND_CAP:
         raised = policy.spend_cap_usd is None or (failure.cap_usd is not None and policy.spend_cap_usd > failure.cap_usd)
         return "submit" if raised or (failure.retry_at is not None and now >= failure.retry_at) else "failed"
-    if cls in (fl.DOWNLOAD, fl.BAD_OUTPUT, fl.STILL_RUNNING) and failure.request_id == state.request_id:
+    if cls in fl.RECOLLECTED_BY_SENSOR and failure.request_id == state.request_id:
         return "collect"
     if cls == fl.GENERATION_INTERNAL and failure.request_id == state.request_id:
         return "submit" if state.attempt <= policy.retry_failed_generations else "failed"
@@ -250,6 +251,12 @@ def batch_run_requests(
             )
         )
     return requests
+
+
+def request_partitions(request: RunRequest, order: Sequence[str]) -> list[str]:
+    """The partitions a run request made by ``batch_run_requests`` targets."""
+    index = {key: i for i, key in enumerate(order)}
+    return sorted(run_partitions(request.tags, request.run_config, order, index), key=index.__getitem__)
 
 
 @dataclass

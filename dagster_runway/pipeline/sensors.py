@@ -49,6 +49,7 @@ NOT_FINISHED = [
 # A run still not finished after this long is taken as lost (its worker died unnoticed).
 STALE_RUN_S = 6 * 3600.0
 LAUNCHED_BY = "runway/launched_by"
+RUN_KEY_TAG = "dagster/run_key"
 
 
 def load_memory(instance: Any, key: str) -> dict[str, Any] | None:
@@ -336,6 +337,10 @@ class StatusTick:
             stale_after_s=STALE_RUN_S,
         )
         counts = {"done": 0, "failed": 0, "in_flight": 0, "submit": 0, "collect": 0, "running": 0, "scheduled": 0}
+        now = time.time()
+        # The daemon creates the runs a tick requests after the tick; until then they cover nothing.
+        grace = max(60.0, 4.0 * pipeline.status_interval_s)
+        uncreated = self._uncreated_run_keys(order, now - grace)
         owed: dict[str, list[str]] = {"submit": [], "collect": []}
         for key in order:
             state = states[key]
@@ -344,8 +349,10 @@ class StatusTick:
                 counts["scheduled"] += 1  # the submit schedule sends it at its next tick
                 continue
             if where in ("submit", "collect"):
-                if key in (coverage.submit if where == "submit" else coverage.collect):
-                    counts["running"] += 1
+                if key in (coverage.submit if where == "submit" else coverage.collect) or (
+                    state.run_key in uncreated and now < state.launched_at + grace
+                ):
+                    counts["running"] += 1  # a run in progress covers it, or the one just requested is not created yet
                     continue
                 launched = state.submit_runs if where == "submit" else state.collect_runs
                 if launched >= pipeline.max_run_attempts:
@@ -380,7 +387,19 @@ class StatusTick:
                 job_name=self.collect_job,
             ),
         ]
+        for request in requests:
+            for key in rc.request_partitions(request, order):
+                states[key].run_key, states[key].launched_at = request.run_key, now
         return requests, counts
+
+    def _uncreated_run_keys(self, order: list[str], since: float) -> set[str]:
+        """Run keys this sensor requested recently whose runs the daemon has not created yet."""
+        states = self.memory.partitions
+        recent = {states[k].run_key for k in order if states[k].run_key and states[k].launched_at >= since}
+        if not recent:
+            return set()
+        created = self.instance.get_run_records(RunsFilter(tags={RUN_KEY_TAG: sorted(recent)}))
+        return recent - {record.dagster_run.tags.get(RUN_KEY_TAG) for record in created}
 
     def _exhausted(self, key: str, state: rc.PartitionState, where: str, launched: int) -> None:
         """Record that the runs launched for a partition kept ending without a result."""

@@ -1,0 +1,161 @@
+"""The status sensor's decisions, as plain functions: what each partition is owed, and what runs cover."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import pytest
+from dagster import AssetKey
+
+from dagster_runway import _compat
+from dagster_runway.pipeline import failures as fl
+from dagster_runway.pipeline.reconcile import (
+    Failure,
+    PartitionState,
+    Policy,
+    SensorMemory,
+    batch_run_requests,
+    covered,
+    request_partitions,
+    stage,
+)
+
+POLICY = Policy(on_change="mark_stale", retry_failed_generations=0, spend_cap_usd=None)
+ORDER = [f"p{i}" for i in range(6)]
+
+
+def _state(**values: object) -> PartitionState:
+    state = PartitionState(image_version="v1")
+    for name, value in values.items():
+        setattr(state, name, value)
+    return state
+
+
+def _failure(cls: str, storage_id: int = 10, **values: object) -> Failure:
+    return Failure(**{"failure_class": cls, "source_version": "v1", "storage_id": storage_id, **values})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("state", "policy", "expected"),
+    [
+        (_state(), POLICY, "submit"),  # new: no request, no failure
+        (_state(request_id="r", request_version="v1", request_storage_id=5), POLICY, "in_flight"),
+        (_state(request_id="r", request_version="v1", request_storage_id=5, status="completed"), POLICY, "collect"),
+        (_state(request_id="r", request_version="v1", request_storage_id=5, video_request_id="r"), POLICY, "done"),
+        # a changed image with a video: stale, unless regenerate
+        (_state(request_id="r", request_version="v0", request_storage_id=5, video_request_id="r"), POLICY, "done"),
+        (
+            _state(request_id="r", request_version="v0", request_storage_id=5, video_request_id="r"),
+            Policy("regenerate", 0, None),
+            "submit",
+        ),
+        # a changed image without a video is always submitted again
+        (_state(request_id="r", request_version="v0", request_storage_id=5), POLICY, "submit"),
+        # failures: final, retried by the sensor, or over once the image changes
+        (_state(failure=_failure(fl.INVALID_INPUT)), POLICY, "failed"),
+        (_state(failure=_failure(fl.INVALID_INPUT, source_version="v0")), POLICY, "submit"),
+        (_state(failure=_failure(fl.SERVICE_UNAVAILABLE)), POLICY, "submit"),
+        (_state(failure=_failure(fl.AMBIGUOUS)), POLICY, "failed"),
+        (
+            _state(request_id="r", request_version="v1", request_storage_id=5, failure=_failure(fl.CANCELLED, request_id="r")),
+            POLICY,
+            "submit",
+        ),
+        (
+            _state(request_id="r", request_version="v1", request_storage_id=5, failure=_failure(fl.DOWNLOAD, request_id="r")),
+            POLICY,
+            "collect",
+        ),
+        (
+            _state(
+                request_id="r", request_version="v1", request_storage_id=5, attempt=1,
+                failure=_failure(fl.GENERATION_INTERNAL, request_id="r"),
+            ),
+            POLICY,
+            "failed",
+        ),
+        (
+            _state(
+                request_id="r", request_version="v1", request_storage_id=5, attempt=1,
+                failure=_failure(fl.GENERATION_INTERNAL, request_id="r"),
+            ),
+            Policy("mark_stale", 1, None),
+            "submit",
+        ),
+        (
+            _state(
+                request_id="r", request_version="v1", request_storage_id=5, attempt=2,
+                failure=_failure(fl.GENERATION_INTERNAL, request_id="r"),
+            ),
+            Policy("mark_stale", 1, None),
+            "failed",
+        ),
+    ],
+)  # fmt: skip
+def test_stage(state: PartitionState, policy: Policy, expected: str) -> None:
+    assert stage(state, policy) == expected
+
+
+def test_a_spend_cap_failure_is_owed_again_when_the_window_allows_or_the_cap_is_raised() -> None:
+    capped = _state(failure=_failure(fl.SPEND_CAP, retry_at=1000.0, cap_usd=5.0))
+    assert stage(capped, Policy("mark_stale", 0, 5.0), now=999.0) == "failed"
+    assert stage(capped, Policy("mark_stale", 0, 5.0), now=1001.0) == "submit"
+    no_window = _state(failure=_failure(fl.SPEND_CAP, cap_usd=5.0))
+    assert stage(no_window, Policy("mark_stale", 0, 5.0)) == "failed"
+    assert stage(no_window, Policy("mark_stale", 0, 6.0)) == "submit"
+
+
+def test_a_newer_request_clears_an_older_failure_and_its_run_counter() -> None:
+    state = _state(submit_runs=2, failure=_failure(fl.SERVICE_UNAVAILABLE, storage_id=10))
+    state.saw_request("r", 1, "v1", storage_id=11)
+    assert state.failure is None and state.submit_runs == 0 and state.request_id == "r"
+    state.saw_request("old", 1, "v1", storage_id=3)  # an older record read late changes nothing
+    assert state.request_id == "r"
+
+
+def test_memory_round_trips_through_json() -> None:
+    memory = SensorMemory(high_water=42, caught_up=True, round_robin=3)
+    memory.state("a").failure = _failure(fl.DOWNLOAD, request_id="r")
+    memory.state("b").request_id = "x"
+    again = SensorMemory.from_json(memory.to_json())
+    assert again == memory
+    assert SensorMemory.from_json({"v": 99}) == SensorMemory()  # an unknown version starts afresh
+
+
+def _run(job: str, tags: dict[str, str], *, config: dict | None = None, selection: set | None = None, age: float = 0):
+    started = datetime.now(UTC).timestamp() - age
+    run = SimpleNamespace(job_name=job, tags=tags, run_config=config or {}, asset_selection=selection)
+    return SimpleNamespace(dagster_run=run, start_time=started, create_timestamp=datetime.fromtimestamp(started, UTC))
+
+
+def test_runs_in_progress_cover_their_partitions_per_stage() -> None:
+    requests, videos = AssetKey(["runway", "requests"]), AssetKey(["runway", "videos"])
+    range_tags = {_compat.ASSET_PARTITION_RANGE_START_TAG: "p1", _compat.ASSET_PARTITION_RANGE_END_TAG: "p3"}
+    runs = [
+        _run("submit", range_tags, config={"ops": {"op": {"config": {"partitions": ["p1", "p3"]}}}}),
+        _run("collect", {_compat.PARTITION_NAME_TAG: "p5"}),
+        _run("__ASSET_JOB", {_compat.PARTITION_NAME_TAG: "p0"}, selection={requests, videos}),  # a backfill run
+        _run("collect", {_compat.PARTITION_NAME_TAG: "p4"}, age=7200),  # lost: stale
+    ]
+    coverage = covered(
+        runs, order=ORDER, requests_key=requests, videos_key=videos, submit_job="submit", collect_job="collect",
+        stale_after_s=3600,
+    )  # fmt: skip
+    assert coverage.submit == {"p0", "p1", "p3"}
+    assert coverage.collect == {"p0", "p5"}
+
+
+def test_owed_partitions_are_batched_in_gapless_ranges_with_a_key_per_attempt() -> None:
+    def make(attempt: int) -> list:
+        return batch_run_requests(
+            ["p0", "p1", "p3", "p4", "p5"], ORDER, max_batch=2, prefix="submit", identity=lambda k: f"{k}|{attempt}",
+            config_for=lambda batch: {"ops": {"op": {"config": {"partitions": batch}}}}, job_name="submit_job",
+        )  # fmt: skip
+
+    first = make(1)
+    assert [request_partitions(r, ORDER) for r in first] == [["p0", "p1"], ["p3", "p4"], ["p5"]]
+    assert first[2].partition_key == "p5" and first[0].partition_key is None  # a range goes by its tags
+    assert all(r.job_name == "submit_job" for r in first)
+    assert [r.run_key for r in make(1)] == [r.run_key for r in first]  # a repeated tick asks for the same runs
+    assert not {r.run_key for r in make(2)} & {r.run_key for r in first}  # a retry gets keys of its own

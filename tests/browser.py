@@ -23,7 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -88,7 +88,7 @@ def _xpath_literal(text: str) -> str:
         return f"'{text}'"
     if '"' not in text:
         return f'"{text}"'
-    return "concat(" + ", \"'\", ".join(f"'{part}'" for part in text.split("'")) + ")"
+    return "concat(" + ', "\'", '.join(f"'{part}'" for part in text.split("'")) + ")"
 
 
 class Browser:
@@ -151,7 +151,11 @@ class Browser:
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": self._binary(),
-                "args": [*CHROMIUM_ARGS, f"--user-data-dir={self.profile / 'data'}", f"--window-size={width},{height}"],
+                "args": [
+                    *CHROMIUM_ARGS,
+                    f"--user-data-dir={self.profile / 'data'}",
+                    f"--window-size={width},{height}",
+                ],
             },
             "goog:loggingPrefs": {"browser": "ALL"},
             "pageLoadStrategy": "normal",
@@ -201,10 +205,14 @@ class Browser:
     # -- WebDriver calls -------------------------------------------------------------------------
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = self._http.request(method, path, json=body if body is not None else ({} if method == "POST" else None))
+        response = self._http.request(
+            method, path, json=body if body is not None else ({} if method == "POST" else None)
+        )
         data = response.json()
         value = data.get("value") if isinstance(data, dict) else None
-        if response.status_code >= 400 or (isinstance(value, dict) and "error" in value and "message" in value):
+        if response.status_code >= 400 or (
+            isinstance(value, dict) and "error" in value and "message" in value
+        ):
             raise BrowserError(f"WebDriver {method} {path} -> {response.status_code}: {value}")
         return value
 
@@ -244,11 +252,13 @@ class Browser:
         self,
         expect: Iterable[str],
         *,
-        timeout: float = 30.0,
+        timeout: float = 45.0,
         what: str = "",
         forbid: Sequence[str] = (),
+        until: Callable[[str], bool] | None = None,
     ) -> str:
-        """Wait until the page shows every text in ``expect``; return the page's text.
+        """Wait until the page shows every text in ``expect`` (and ``until(text)`` holds, if given);
+        return the page's text.
 
         Raises ``BrowserError`` at once when an error marker (or a text in ``forbid``) shows, and on
         timeout with what the page showed instead."""
@@ -260,6 +270,8 @@ class Browser:
             if errors:
                 raise BrowserError(f"{what or self.url}: the page shows {errors}:\n{text[:4000]}")
             missing = [w for w in wanted if w not in text]
+            if until is not None and not until(text):
+                missing.append(f"<{getattr(until, '__name__', 'until')}>")
             if not missing:
                 return text
             if time.monotonic() > deadline:
@@ -269,12 +281,20 @@ class Browser:
                 )
             time.sleep(0.25)
 
-    def open(self, url: str, expect: Iterable[str], *, timeout: float = 30.0, forbid: Sequence[str] = ()) -> str:
+    def open(
+        self,
+        url: str,
+        expect: Iterable[str],
+        *,
+        timeout: float = 45.0,
+        forbid: Sequence[str] = (),
+        until: Callable[[str], bool] | None = None,
+    ) -> str:
         """Load ``url``, check the UI did not redirect elsewhere (it sends unknown routes to
         ``/overview``), and wait until every ``expect`` text shows; return the page's text."""
         started = time.monotonic()
         self._call("POST", self._s("/url"), {"url": url})
-        text = self.wait_for_text(expect, timeout=timeout, what=url, forbid=forbid)
+        text = self.wait_for_text(expect, timeout=timeout, what=url, forbid=forbid, until=until)
         wanted_path = urlsplit(url).path.rstrip("/")
         landed = urlsplit(self.url).path.rstrip("/")
         if landed != wanted_path:
@@ -310,10 +330,11 @@ class Browser:
         self.execute("arguments[0].scrollIntoView({block: 'start'});", {ELEMENT: element})
 
     def screenshot(
-        self, path: Path, *, crop: tuple[int, int, int, int] | None = None, colors: int | None = 128
+        self, path: Path, *, crop: tuple[int, int, int, int] | None = None, colors: int | None = None
     ) -> Path:
         """Save the window as PNG; ``crop`` is ``(left, top, right, bottom)`` in pixels, ``colors``
-        reduces the palette (adaptive) so committed screenshots stay small."""
+        reduces the palette (octree, which keeps small status dots in their colour) so committed
+        screenshots stay small."""
         from PIL import Image
 
         png = base64.b64decode(self._call("GET", self._s("/screenshot")))
@@ -322,7 +343,7 @@ class Browser:
             left, top, right, bottom = crop
             image = image.crop((left, top, min(right, image.width), min(bottom, image.height)))
         if colors:
-            image = image.quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+            image = image.quantize(colors=colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, optimize=True)
         return path

@@ -36,14 +36,28 @@ IMAGE_COUNT = 5
 FAILURE_CODE = "SAFETY.INPUT.IMAGE"
 FAULT = {"kind": "generation_failed", "endpoint": "any", "times": 1, "failure_code": FAILURE_CODE}
 CHECK = "video_playable"
+# What the check's partition detail calls each status of ``check_partition_statuses``.
+CHECK_LABELS = {
+    "succeeded": "Passed",
+    "failed": "Failed",
+    "execution_failed": "Execution failed",
+    "skipped": "Skipped",
+    "in_progress": "In progress",
+}
 DOCUMENTED = {"ui-video-partition.png", "ui-check-partitions.png", "ui-failed-partition.png"}
 
 
 def settled(statuses: dict[str, list[str]]) -> bool:
-    """Every partition is materialized or failed, and nothing is materializing."""
-    keys = set().union(*statuses.values())
-    done = set(statuses["materialized"]) | set(statuses["failed"])
-    return len(keys) >= IMAGE_COUNT and keys <= done and not statuses["materializing"]
+    """The end state the fault makes: one partition failed, every other one materialized.
+
+    Not "everything materialized or failed": a collect run that ends while a video still renders
+    fails its partition for a moment (class ``still_running``) and the status sensor collects it again."""
+    failed = set(statuses["failed"])
+    return (
+        len(failed) == 1
+        and len(set(statuses["materialized"]) - failed) == IMAGE_COUNT - 1
+        and not statuses["materializing"]
+    )
 
 
 @pytest.mark.deployment
@@ -64,10 +78,15 @@ def test_dagster_ui_shows_video_metadata_check_results_and_the_failure(deploy, t
     gql.set_nux_seen()  # no "Join the Dagster community" modal over the pages
     gql.start_sensor("runway_discovery_sensor")
     gql.start_sensor("runway_status_sensor")
-    statuses = deployment.wait_until(
-        lambda: gql.partition_statuses(VIDEOS), settled, timeout=240, interval=1.0, what="every video settled"
+    deployment.wait_until(
+        lambda: gql.partition_statuses(VIDEOS),
+        settled,
+        timeout=300,
+        interval=1.0,
+        what="one video failed, the rest done",
     )
     gql.wait_for_runs_finished(timeout=120, on_poll=deployment.assert_alive)
+    statuses = gql.partition_statuses(VIDEOS)
     pipeline_s = time.monotonic() - started
 
     assert len(statuses["failed"]) == 1, statuses
@@ -92,7 +111,7 @@ def test_dagster_ui_shows_video_metadata_check_results_and_the_failure(deploy, t
     def screenshot(browser: Browser, name: str, crop: tuple[int, int, int, int] | None = None) -> None:
         browser.screenshot(shots / name, crop=crop)
         if publish is not None and name in DOCUMENTED:
-            browser.screenshot(publish / name, crop=crop, colors=64)
+            browser.screenshot(publish / name, crop=crop, colors=128)
 
     def partition_url(key: str, **more: str) -> str:
         extra = "".join(f"&{k}={v}" for k, v in more.items())
@@ -100,18 +119,27 @@ def test_dagster_ui_shows_video_metadata_check_results_and_the_failure(deploy, t
 
     with Browser.from_env(log_dir=deployment.root / "logs") as browser:
         # (a) A video partition: its materialization's metadata, as a table of rows in emit order.
-        browser.resize(1440, 1500)  # tall enough to show the rows down to the request id
+        browser.resize(1440, 1650)  # tall enough to show the rows down to the request id
         text = browser.open(
             partition_url(shown),
-            [shown, "Materialized", "runway/request_id", request_id, "runway/cost_usd", "runway/poster_preview"],
+            [
+                shown,
+                "Materialized",
+                "runway/request_id",
+                request_id,
+                "runway/cost_usd",
+                "runway/poster_preview",
+            ],
         )
         assert re.search(rf"runway/cost_usd\s+{re.escape(str(cost))}\s", text), text
-        screenshot(browser, "ui-video-partition.png", crop=(240, 100, 1440, 1290))
+        screenshot(browser, "ui-video-partition.png", crop=(240, 100, 1440, 1440))
         # The poster: inline when its markdown is short, otherwise behind "[Show Markdown]" (one click).
         posters = "return Array.from(document.querySelectorAll('img')).filter(i => i.src.startsWith('data:image')).length"
         poster_inline = browser.execute(posters) > 0
         if not poster_inline:
-            browser.click("//tr[.//*[normalize-space(text())='runway/poster_preview']]//*[normalize-space(text())='[Show Markdown]']")
+            browser.click(
+                "//tr[.//*[normalize-space(text())='runway/poster_preview']]//*[normalize-space(text())='[Show Markdown]']"
+            )
             browser.wait_for_text(["runway/poster_preview", "Close"])
             deadline = time.monotonic() + 10
             while browser.execute(posters) == 0:
@@ -122,7 +150,8 @@ def test_dagster_ui_shows_video_metadata_check_results_and_the_failure(deploy, t
         browser.resize(1440, 900)
         # The materialization's description is not on the partition page; the Events tab shows it.
         text = browser.open(
-            f"{videos_url}?view=events&partition={quote(shown)}", ["Description", request_id, "runway/request_id"]
+            f"{videos_url}?view=events&partition={quote(shown)}",
+            ["Description", request_id, "runway/request_id"],
         )
         assert f"Partition {shown} materialized" in text, text
 
@@ -134,8 +163,10 @@ def test_dagster_ui_shows_video_metadata_check_results_and_the_failure(deploy, t
         browser.click_text(shown)
         browser.wait_for_text(["Latest execution", "Target materialization", "Passed", "Metadata"])
         screenshot(browser, "ui-check-partitions.png", crop=(240, 0, 1440, 760))
+        # The failed partition's result, under the label the UI gives its GraphQL status.
+        bucket = next(name for name, keys in check_statuses.items() if failed in keys)
         browser.click_text(failed)
-        browser.wait_for_text(["Execution failed"])
+        browser.wait_for_text([failed, CHECK_LABELS.get(bucket, "Latest execution")])
         screenshot(browser, "check-failed-partition.png")
         console += browser.console_errors()
 
@@ -147,17 +178,25 @@ def test_dagster_ui_shows_video_metadata_check_results_and_the_failure(deploy, t
         screenshot(browser, "ui-failed-partition.png", crop=(240, 0, 1440, 560))
         # One click: "View logs" shows the run's logs, ending with the run failure that names the cause.
         browser.click_text("View logs")
-        browser.wait_for_text(["RUN_FAILURE", f"{failed} [", FAILURE_CODE, "Next step:"])
+        browser.wait_for_text(["RUN_FAILURE", failed, FAILURE_CODE, "Next step"])
         screenshot(browser, "failed-partition-logs.png")
         # Two clicks: "View all historical events", then the observation's row: our failure metadata.
-        browser.open(partition_url(failed, showAllEvents="true"), [f"Historical events for {failed}", "Observation"])
+        browser.open(
+            partition_url(failed, showAllEvents="true"), [f"Historical events for {failed}", "Observation"]
+        )
         browser.click_text("Observation")
         browser.wait_for_text([FAILURE_CODE, "runway/failure_class", "runway/next_step", "runway/state"])
         screenshot(browser, "failed-partition-events-dialog.png")
         # The Events tab, opened on the partition, shows the observation's description and metadata.
         browser.open(
             f"{videos_url}?view=events&partition={quote(failed)}",
-            [f"Partition {failed} observed", "Description", FAILURE_CODE, "runway/failure_class", "runway/next_step"],
+            [
+                f"Partition {failed} observed",
+                "Description",
+                FAILURE_CODE,
+                "runway/failure_class",
+                "runway/next_step",
+            ],
         )
         screenshot(browser, "failed-partition-events-tab.png")
         console += browser.console_errors()
@@ -168,11 +207,17 @@ def test_dagster_ui_shows_video_metadata_check_results_and_the_failure(deploy, t
             [f"Materialized ({IMAGE_COUNT})", "Missing (0)", "Failed (0)"],
         )
         screenshot(browser, "images-partitions.png")
-        text = browser.open(
+
+        # Each node of the graph loads its partition counts on its own: wait for all three.
+        def images_requests_videos_filled(text: str) -> bool:
+            fills = sorted(int(pct) for pct in re.findall(r"(\d+)% filled", text))
+            return fills == sorted([100, 100, 100 * len(ok) // IMAGE_COUNT])
+
+        browser.open(
             f"{base}/assets/runway/images?view=lineage",
-            ["images", "requests", "videos", "100% filled", f"{100 * len(ok) // IMAGE_COUNT}% filled (1 failed)"],
+            ["images", "requests", "videos", f"{100 * len(ok) // IMAGE_COUNT}% filled (1 failed)"],
+            until=images_requests_videos_filled,
         )
-        assert text.count("100% filled") == 2, text  # images and requests; videos has its failure
         screenshot(browser, "lineage.png")
         console += browser.console_errors()
         visited = list(browser.visited)
@@ -184,5 +229,6 @@ def test_dagster_ui_shows_video_metadata_check_results_and_the_failure(deploy, t
         f"pipeline {pipeline_s:.1f}s, whole test {total_s:.1f}s; poster inline: {poster_inline}; pages: "
         + ", ".join(f"{url.removeprefix(base)} {seconds:.1f}s" for url, seconds in visited)
     )
+    print(f"{CHECK} of the failed partition {failed}: {bucket}")
     if console:
         print("console errors:", *console, sep="\n  ")

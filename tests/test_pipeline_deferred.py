@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, instance_for_test
+from dagster import AssetCheckKey, AssetRecordsFilter, DagsterInstance, instance_for_test
+from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from dagster_runway import _compat
 from dagster_runway.emulator import FaultRule
@@ -67,6 +69,11 @@ def test_valid_images_become_checked_videos_and_invalid_ones_fail_before_paying(
         assert meta["runway/video_codec"] == "h264" and meta["runway/request_id"]
         assert meta["runway/cost_usd"] > 0 and meta["runway/source_sha256"]
         assert check_statuses(instance, key) == PASSED  # current: linked to this very materialization
+        # The UI renders the poster inline (under ~1,000 characters) and lists the headline first.
+        preview = meta["runway/poster_preview"]
+        assert preview.startswith("![poster](data:image/webp;base64,") and len(preview) <= 1000
+    headline = list(instance.fetch_materializations(VIDEOS, limit=1).records[0].asset_materialization.metadata)
+    assert headline[:5] == [f"runway/{f}" for f in ("state", "request_id", "cost_usd", "poster_preview", "video_uri")]
     wide = latest_failure(instance, "too-wide.png")
     assert wide.failure_class == "invalid_input" and "aspect ratio 3.00" in wide.reason and "crop" in wide.reason
     junk = latest_failure(instance, "not-an-image.png")
@@ -221,6 +228,23 @@ def test_a_safety_rejection_fails_its_partition_with_the_fix_and_is_not_paid_aga
     assert "SAFETY.INPUT.IMAGE" in reason and "change the image or its prompt" in reason
     failure = latest_failure(instance, bad)
     assert failure.failure_class == "generation_safety" and failure.request_id
+    # Where the UI shows it: the partition's failure observation opens with what happened and the fix...
+    observed = instance.fetch_observations(AssetRecordsFilter(VIDEOS, asset_partitions=[bad]), limit=1).records[0]
+    description = observed.asset_observation.description
+    assert description.startswith("Failed: ") and "Next step: change the image or its prompt" in description
+    assert list(observed.asset_observation.metadata)[:3] == ["runway/state", "runway/request_id", "runway/failure_class"]
+    # ...and each of its checks failed, saying why, instead of "execution failed" with no reason.
+    infos = instance.event_log_storage.get_asset_check_partition_info(
+        [AssetCheckKey(VIDEOS, name) for name in CHECK_NAMES], partition_keys=[bad]
+    )
+    assert {info.check_key.name: info.latest_execution_status for info in infos} == dict.fromkeys(
+        CHECK_NAMES, AssetCheckExecutionRecordStatus.FAILED
+    )
+    (latest,) = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [AssetCheckKey(VIDEOS, "video_playable")], partition_filter=PartitionKeyFilter(key=bad)
+    ).values()
+    evaluation = latest.event.dagster_event.asset_check_evaluation_data
+    assert evaluation.description.startswith("No video to check: ") and "SAFETY.INPUT.IMAGE" in evaluation.description
     keys = instance.get_dynamic_partitions(PARTITIONS)
     assert {k for k in keys if video_metadata(instance, k)} == set(keys) - {bad}
     # The UI's failed partitions: attempted in a failed run and not materialized since.

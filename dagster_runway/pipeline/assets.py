@@ -206,6 +206,8 @@ def build_videos_asset(pipeline: RunwayPipelineConfig):
             if not deferred:
                 _cancel_on_interrupt(batch, pipeline, context)
             raise
+        for failure in failures:  # the submit's, in blocking mode
+            yield from collect.explain_checks(failure)
         failures.extend(collect.failures)
         if failures:
             raise fl.run_failure("be collected", failures, len(_selected(context, config.partitions)))

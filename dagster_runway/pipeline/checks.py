@@ -166,3 +166,20 @@ def evaluate(
             )
         )
     return evaluations
+
+
+def no_video(pipeline: RunwayPipelineConfig, partition: str, why: str) -> list[AssetCheckEvaluation]:
+    """Every check on a partition that has no video, failed with the reason (a warning: there is nothing
+    to judge), so its checks say why instead of "execution failed"."""
+    return [
+        AssetCheckEvaluation(
+            asset_key=pipeline.videos_key,
+            check_name=check.name,
+            passed=False,
+            metadata={"partition": partition, "reason": why},
+            partition=partition,
+            severity=AssetCheckSeverity.WARN,
+            description=f"No video to check: {why}",
+        )
+        for check in CHECKS
+    ]

@@ -236,9 +236,11 @@ class CollectBatch:
         pipeline = self.pipeline
         options = dict(pipeline.output_storage_options)
         poster_uri = pipeline.poster_uri(key)
+        poster = False
         preview: str | None = None
         try:
             extract_poster(stored.uri, poster_uri, options)
+            poster = True
             preview = _poster_markdown(poster_uri, options)
         except (MediaError, OSError) as exc:
             self.log.warning(f"{key}: no poster frame for {stored.uri}: {exc}")
@@ -267,7 +269,7 @@ class CollectBatch:
                 video_fps=round(probe.fps, 3),
                 video_duration_s=round(probe.duration_s, 3),
                 video_frames=probe.frames,
-                poster=md.uri_value(poster_uri, options) if preview else None,
+                poster=md.uri_value(poster_uri, options) if poster else None,
                 poster_preview=MetadataValue.md(preview) if preview else None,
                 cost_usd=result.cost,
                 package_version=__version__,
@@ -282,7 +284,7 @@ class CollectBatch:
             asset_key=pipeline.videos_key,
             partition=key,
             description=description,
-            metadata=metadata,
+            metadata=md.headline_first(metadata),
             tags=self._provenance(key, record, stored.sha256),
         )
         self.collected.append(key)
@@ -298,10 +300,9 @@ class CollectBatch:
             asset_key=self.pipeline.videos_key,
             partition=key,
             description=f"Verified unchanged: the video of request {record.request_id} is stored and intact.",
-            metadata={
-                **video.raw_metadata,
-                **md.RunwayMetadata(state=md.VERIFIED, verified_unchanged=True),
-            },
+            metadata=md.headline_first(
+                {**video.raw_metadata, **md.RunwayMetadata(state=md.VERIFIED, verified_unchanged=True)}
+            ),
             tags=video.tags,
         )
         self.collected.append(key)
@@ -405,10 +406,16 @@ class CollectBatch:
         self.log.error(f"{failure.key}: {failure.message}")
         self.failures.append(failure)
         yield failure.observation(self.pipeline.videos_key, source_version)
-        # A video stored before still stands: its checks run again, rather than show as skipped.
+        yield from self.explain_checks(failure)
+
+    def explain_checks(self, failure: fl.PartitionFailure) -> Iterator[Any]:
+        """The checks of a partition that failed: a video stored before still stands, and its checks run
+        again; with no video, every check fails with the partition's reason rather than show as skipped."""
         video = rec.latest_video(self.instance, self.pipeline.videos_key, failure.key)
         if video is not None:
             yield from self.evaluate_stored(failure.key, video, None)
+        else:
+            yield from ck.no_video(self.pipeline, failure.key, failure.message)
 
 
 def verify_stored(pipeline: RunwayPipelineConfig, context: Any, keys: Sequence[str], resource: RunComfyResource) -> Iterator[Any]:
@@ -470,16 +477,27 @@ def _timings(result: RequestResult) -> dict[str, Any]:
     return timings
 
 
-def _poster_markdown(poster_uri: str, storage_options: Mapping[str, Any]) -> str:
-    """A 160-pixel thumbnail of the poster, inline as a data URI (the UI cannot load a local file)."""
+# The UI renders a markdown value inline only below about 1,000 characters; longer ones hide behind
+# "Show Markdown".
+POSTER_MARKDOWN_MAX_CHARS = 1000
+
+
+def _poster_markdown(poster_uri: str, storage_options: Mapping[str, Any]) -> str | None:
+    """A thumbnail of the poster inline as a WebP data URI (the UI cannot load a local file), at the
+    largest size that stays under POSTER_MARKDOWN_MAX_CHARS; None if even the smallest does not."""
     from PIL import Image
 
     with fsspec.open(poster_uri, "rb", **storage_options) as handle:
-        image = Image.open(io.BytesIO(handle.read()))
-        image.thumbnail((160, 160))
+        image = Image.open(io.BytesIO(handle.read())).convert("RGB")
+    for size, quality in ((160, 60), (160, 40), (128, 40), (96, 40), (64, 30)):
+        thumbnail = image.copy()
+        thumbnail.thumbnail((size, size))
         out = io.BytesIO()
-        image.convert("RGB").save(out, format="JPEG", quality=70)
-    return f"![poster](data:image/jpeg;base64,{base64.b64encode(out.getvalue()).decode()})"
+        thumbnail.save(out, format="WEBP", quality=quality)
+        markdown = f"![poster](data:image/webp;base64,{base64.b64encode(out.getvalue()).decode()})"
+        if len(markdown) <= POSTER_MARKDOWN_MAX_CHARS:
+            return markdown
+    return None
 
 
 def _poll(resource: RunComfyResource, request_ids: list[str], budget: float) -> dict[str, Any]:

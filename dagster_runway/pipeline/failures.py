@@ -83,8 +83,8 @@ class PartitionFailure:
         return AssetObservation(
             asset_key=asset_key,
             partition=self.key,
-            description=self.reason,
-            metadata={**values, **self.extra},
+            description=f"Failed: {self.message}",
+            metadata=md.headline_first({**values, **self.extra}),
         )
 
 

@@ -101,6 +101,17 @@ def key(field: str) -> str:
     return f"runway/{field}"
 
 
+# What the UI shows first on an event: what happened, which request, what it cost, and what came out or why not.
+HEADLINE = ("state", "request_id", "cost_usd", "poster_preview", "video_uri", "failure_class", "failure_code",
+            "retryable", "next_step")  # fmt: skip
+
+
+def headline_first(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``metadata`` with the HEADLINE entries first (the UI lists entries in order)."""
+    first = {key(name): metadata[key(name)] for name in HEADLINE if key(name) in metadata}
+    return first | {k: v for k, v in metadata.items() if k not in first}
+
+
 def read_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The ``runway/*`` entries of an event's metadata as plain values, keyed by field name."""
     found = {}

@@ -572,7 +572,7 @@ class SubmitBatch:
             asset_key=self.pipeline.requests_key,
             partition=prepared.key,
             description=description,
-            metadata=metadata,
+            metadata=md.headline_first(metadata),
             tags=rec.provenance_tags(
                 {
                     images_key: (

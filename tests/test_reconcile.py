@@ -17,6 +17,7 @@ from dagster_runway.pipeline.reconcile import (
     SensorMemory,
     batch_run_requests,
     covered,
+    hold_collects,
     request_partitions,
     stage,
 )
@@ -159,3 +160,15 @@ def test_owed_partitions_are_batched_in_gapless_ranges_with_a_key_per_attempt() 
     assert all(r.job_name == "submit_job" for r in first)
     assert [r.run_key for r in make(1)] == [r.run_key for r in first]  # a repeated tick asks for the same runs
     assert not {r.run_key for r in make(2)} & {r.run_key for r in first}  # a retry gets keys of its own
+
+
+def test_a_part_batch_of_finished_requests_waits_for_the_collect_run_in_progress_then_goes() -> None:
+    ready = [PartitionState(request_id=f"r{i}", status="completed", ready_at=1000.0 + i) for i in range(3)]
+    wait = {"batch_size": 10, "now": 1030.0, "max_wait_s": 60.0}
+    assert hold_collects(ready, collect_running=True, **wait)  # a run is going: the next tick sends more at once
+    assert not hold_collects(ready, collect_running=False, **wait)  # nothing going: send now
+    assert not hold_collects(ready, collect_running=True, **{**wait, "now": 1061.0})  # waited long enough
+    assert not hold_collects(ready * 4, collect_running=True, **wait)  # a full batch goes at once
+    # A request whose finish no poll saw (a recollect after a failure, memory rebuilt) is never held.
+    assert not hold_collects([*ready, PartitionState(request_id="r9")], collect_running=True, **wait)
+    assert not hold_collects([], collect_running=True, **wait)

@@ -21,6 +21,7 @@ import contextlib
 import io
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -64,6 +65,25 @@ class Stored:
     probe: VideoProbe
 
 
+JUDGE_BATCH = 25  # videos recorded before their checks are evaluated together
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """What a pool thread found for one partition, for the step's thread to record."""
+
+    key: str
+    record: rec.RequestRecord
+    pending: bool = False
+    failure: fl.PartitionFailure | None = None
+    verified: rec.VideoRecord | None = None  # stored before from the same request, and intact
+    result: RequestResult | None = None
+    stored: Stored | None = None
+    poster: bool = False
+    preview: str | None = None
+    inputs: ck.CheckInputs | None = None  # what the checks measured
+
+
 class CollectBatch:
     """The collect step for a set of partitions; ``run()`` yields its events as they happen."""
 
@@ -88,67 +108,70 @@ class CollectBatch:
         self.failures: list[fl.PartitionFailure] = []
         self.collected: list[str] = []
         self._tokens: dict[str, str | None] | None = None
+        self._image_ids: dict[str, int] = {}
+        self._unjudged: list[tuple[str, ck.CheckInputs, bool]] = []  # recorded videos whose checks wait for _judge
 
     # The step
 
     def run(self) -> Iterator[Any]:
-        client = self.resource.get_client()
-        pending: dict[str, rec.RequestRecord] = {}
-        for key in self.keys:
-            record = self._request(key)
-            if record is None:
-                yield from self._fail(
-                    fl.PartitionFailure(
-                        key,
-                        fl.NO_REQUEST,
-                        "no request has been submitted for this partition yet.",
-                        "materialize runway/requests for it (or turn on the status sensor, which submits it).",
-                    ),
-                    None,
-                )
-                continue
-            video = rec.latest_video(self.instance, self.pipeline.videos_key, key)
-            if video is not None and video.request_id == record.request_id and self._intact(video):
-                yield from self._verified(key, record, video)
-                continue
-            try:
-                result = client.result(record.request_id)
-            except RunComfyError as exc:
-                yield from self._result_failure(key, record, exc)
-                continue
-            if result.status.is_pending:
-                pending[key] = record
-                continue
-            yield from self._finished(key, record, result)
-        if pending:
-            yield from self._wait_and_collect(pending)
+        """Look each partition up (in this thread: the event log), then fetch, store, probe and measure
+        them concurrently (``max_concurrency`` at a time), and record each here as soon as it is ready."""
+        self._load_change_tokens()
+        pipeline = self.pipeline
+        requests = self.requests
+        if requests is None:
+            requests = rec.latest_requests(self.instance, pipeline.requests_key, self.keys)
+        videos = rec.latest_videos(self.instance, pipeline.videos_key, self.keys)
+        self._image_ids = rec.latest_image_storage_ids(self.instance, pipeline.images_key, self.keys)
+        pool = ThreadPoolExecutor(max_workers=max(1, self.resource.max_concurrency), thread_name_prefix="collect")
+        try:
+            futures = []
+            for key in self.keys:
+                record = requests.get(key)
+                if record is None:
+                    yield from self._fail(
+                        fl.PartitionFailure(
+                            key,
+                            fl.NO_REQUEST,
+                            "no request has been submitted for this partition yet.",
+                            "materialize runway/requests for it (or turn on the status sensor, which submits it).",
+                        ),
+                        None,
+                    )
+                    continue
+                futures.append(pool.submit(self._fetch, key, record, videos.get(key)))
+            pending: dict[str, rec.RequestRecord] = {}
+            for future in as_completed(futures):
+                fetched = future.result()
+                if fetched.pending:
+                    pending[fetched.key] = fetched.record
+                else:
+                    yield from self._record(fetched)
+            yield from self._judge()
+            if pending:
+                yield from self._wait_and_collect(pending, pool)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    def _request(self, key: str) -> rec.RequestRecord | None:
-        if self.requests is not None:
-            return self.requests.get(key)
-        return rec.latest_request(self.instance, self.pipeline.requests_key, key)
-
-    def _wait_and_collect(self, pending: dict[str, rec.RequestRecord]) -> Iterator[Any]:
+    def _wait_and_collect(self, pending: dict[str, rec.RequestRecord], pool: ThreadPoolExecutor) -> Iterator[Any]:
         """Wait (polling, all at once) for requests still queued or rendering, then collect each."""
         self.log.info(f"Waiting up to {self.wait_s:.0f}s for {len(pending)} request(s) still rendering")
         deadline = time.monotonic() + self.wait_s
         waiting = dict(pending)
-        client = self.resource.get_client()
         while waiting and time.monotonic() < deadline:
             statuses = _poll(self.resource, [r.request_id for r in waiting.values()], deadline - time.monotonic())
+            futures = []
             for key, record in list(waiting.items()):
                 status = statuses.get(record.request_id)
                 if isinstance(status, RequestNotFoundError):
                     del waiting[key]
-                    yield from self._result_failure(key, record, status)
+                    yield from self._fail(self._result_failure(key, record, status), record.source_version)
                 elif status is not None and not isinstance(status, Exception) and status.status.is_terminal:
                     del waiting[key]
-                    try:
-                        result = client.result(record.request_id)
-                    except RunComfyError as exc:
-                        yield from self._result_failure(key, record, exc)
-                        continue
-                    yield from self._finished(key, record, result)
+                    futures.append(pool.submit(self._fetch, key, record, None))
+            for future in as_completed(futures):
+                yield from self._record(future.result())
+            yield from self._judge()
             if waiting:
                 time.sleep(min(self.resource.poll_interval, max(0.0, deadline - time.monotonic())))
         for key, record in waiting.items():
@@ -165,17 +188,28 @@ class CollectBatch:
                 record.source_version,
             )
 
-    def _finished(self, key: str, record: rec.RequestRecord, result: RequestResult) -> Iterator[Any]:
+    # Fetching (in the pool's threads: HTTP, storage and decoding only, no event log)
+
+    def _fetch(self, key: str, record: rec.RequestRecord, video: rec.VideoRecord | None) -> _Fetched:
+        if video is not None and video.request_id == record.request_id and self._intact(video):
+            return _Fetched(key, record, verified=video, inputs=self._stored_inputs(key, video, record))
+        try:
+            result = self.resource.get_client().result(record.request_id)
+        except RunComfyError as exc:
+            return _Fetched(key, record, failure=self._result_failure(key, record, exc))
+        if result.status.is_pending:
+            return _Fetched(key, record, pending=True)
         error = failure_error(result)
         if error is not None:
-            yield from self._result_failure(key, record, error)
-            return
+            return _Fetched(key, record, failure=self._result_failure(key, record, error))
         assert result.video_url is not None
         try:
             stored = self._store(key, result.video_url)
         except NotAVideoError as exc:
-            yield from self._fail(
-                fl.PartitionFailure(
+            return _Fetched(
+                key,
+                record,
+                failure=fl.PartitionFailure(
                     key,
                     fl.BAD_OUTPUT,
                     f"request {record.request_id}: {exc}",
@@ -184,12 +218,12 @@ class CollectBatch:
                     retryable=True,
                     request_id=record.request_id,
                 ),
-                record.source_version,
             )
-            return
         except (MediaError, OSError) as exc:
-            yield from self._fail(
-                fl.PartitionFailure(
+            return _Fetched(
+                key,
+                record,
+                failure=fl.PartitionFailure(
                     key,
                     fl.DOWNLOAD,
                     f"request {record.request_id}: {exc}",
@@ -197,22 +231,17 @@ class CollectBatch:
                     retryable=True,
                     request_id=record.request_id,
                 ),
-                record.source_version,
             )
-            return
-        yield from self._collected(key, record, result, stored)
+        poster, preview = self._poster(key, stored.uri)
+        inputs = self._check_inputs(key, record, stored.sha256, stored.probe, None)
+        return _Fetched(key, record, result=result, stored=stored, poster=poster, preview=preview, inputs=inputs)
 
-    def _result_failure(self, key: str, record: rec.RequestRecord, exc: RunComfyError) -> Iterator[Any]:
+    def _result_failure(self, key: str, record: rec.RequestRecord, exc: RunComfyError) -> fl.PartitionFailure:
         if exc.request_id is None:
             exc.request_id = record.request_id
-        yield from self._fail(
-            fl.from_result_error(
-                key, exc, attempt=record.attempt, retries_allowed=self.pipeline.retry_failed_generations
-            ),
-            record.source_version,
+        return fl.from_result_error(
+            key, exc, attempt=record.attempt, retries_allowed=self.pipeline.retry_failed_generations
         )
-
-    # Storing and recording
 
     def _store(self, key: str, video_url: str) -> Stored:
         pipeline = self.pipeline
@@ -230,20 +259,38 @@ class CollectBatch:
         video = store_video(video_url, video_uri, storage_options=options, verify=verify)
         return Stored(uri=video.uri, size=video.size, sha256=video.sha256, probe=probes[-1])
 
-    def _collected(
-        self, key: str, record: rec.RequestRecord, result: RequestResult, stored: Stored
-    ) -> Iterator[Any]:
+    def _poster(self, key: str, video_uri: str) -> tuple[bool, str | None]:
+        """Extract the poster frame beside the video; whether it exists, and its inline thumbnail."""
+        options = dict(self.pipeline.output_storage_options)
+        poster_uri = self.pipeline.poster_uri(key)
+        try:
+            extract_poster(video_uri, poster_uri, options)
+        except (MediaError, OSError) as exc:
+            self.log.warning(f"{key}: no poster frame for {video_uri}: {exc}")
+            return False, None
+        try:
+            return True, _poster_markdown(poster_uri, options)
+        except (OSError, ValueError) as exc:
+            self.log.warning(f"{key}: no poster thumbnail for {poster_uri}: {exc}")
+            return True, None
+
+    # Recording (in the step's thread: events and the event log)
+
+    def _record(self, fetched: _Fetched) -> Iterator[Any]:
+        if len(self._unjudged) >= JUDGE_BATCH:
+            yield from self._judge()
+        if fetched.failure is not None:
+            yield from self._fail(fetched.failure, fetched.record.source_version)
+        elif fetched.verified is not None:
+            yield from self._verified(fetched)
+        else:
+            yield from self._collected(fetched)
+
+    def _collected(self, fetched: _Fetched) -> Iterator[Any]:
+        key, record, result, stored = fetched.key, fetched.record, fetched.result, fetched.stored
+        assert result is not None and stored is not None and fetched.inputs is not None
         pipeline = self.pipeline
         options = dict(pipeline.output_storage_options)
-        poster_uri = pipeline.poster_uri(key)
-        poster = False
-        preview: str | None = None
-        try:
-            extract_poster(stored.uri, poster_uri, options)
-            poster = True
-            preview = _poster_markdown(poster_uri, options)
-        except (MediaError, OSError) as exc:
-            self.log.warning(f"{key}: no poster frame for {stored.uri}: {exc}")
         probe = stored.probe
         metadata = {
             "dagster/uri": MetadataValue.path(stored.uri),
@@ -269,8 +316,8 @@ class CollectBatch:
                 video_fps=round(probe.fps, 3),
                 video_duration_s=round(probe.duration_s, 3),
                 video_frames=probe.frames,
-                poster=md.uri_value(poster_uri, options) if poster else None,
-                poster_preview=MetadataValue.md(preview) if preview else None,
+                poster=md.uri_value(pipeline.poster_uri(key), options) if fetched.poster else None,
+                poster_preview=MetadataValue.md(fetched.preview) if fetched.preview else None,
                 cost_usd=result.cost,
                 package_version=__version__,
                 **_timings(result),
@@ -290,11 +337,12 @@ class CollectBatch:
         self.collected.append(key)
         if result.cost is not None:
             self._settle(record, result.cost)
-        inputs = self._check_inputs(key, record, stored.sha256, probe, None)
-        yield from ck.evaluate(inputs, key, self._target(key, this_run=True))
+        self._unjudged.append((key, fetched.inputs, True))
 
-    def _verified(self, key: str, record: rec.RequestRecord, video: rec.VideoRecord) -> Iterator[Any]:
+    def _verified(self, fetched: _Fetched) -> Iterator[Any]:
         """Record the stored video again, unchanged (same data version), and run its checks again."""
+        key, record, video = fetched.key, fetched.record, fetched.verified
+        assert video is not None and fetched.inputs is not None
         self.log.info(f"{key}: the video of request {record.request_id} is stored and intact; re-recorded unchanged")
         yield AssetMaterialization(
             asset_key=self.pipeline.videos_key,
@@ -306,12 +354,15 @@ class CollectBatch:
             tags=video.tags,
         )
         self.collected.append(key)
-        yield from self.evaluate_stored(key, video, record)
+        self._unjudged.append((key, fetched.inputs, False))
 
     def evaluate_stored(
         self, key: str, video: rec.VideoRecord, record: rec.RequestRecord | None
     ) -> Iterator[Any]:
         """The checks of a stored video, measured now, linked to its latest materialization."""
+        yield from ck.evaluate(self._stored_inputs(key, video, record), key, self._target(key, this_run=False))
+
+    def _stored_inputs(self, key: str, video: rec.VideoRecord, record: rec.RequestRecord | None) -> ck.CheckInputs:
         probe, error = None, None
         try:
             probe = probe_video(self.pipeline.video_uri(key), dict(self.pipeline.output_storage_options))
@@ -319,8 +370,7 @@ class CollectBatch:
             error = str(exc)
         fields = record.fields if record is not None else dict(video.metadata.get("input") or {})
         source_token = video.metadata.get("source_change_token")
-        inputs = self._check_inputs(key, record, video.video_sha256, probe, error, fields=fields, source_token=source_token)
-        yield from ck.evaluate(inputs, key, self._target(key, this_run=False))
+        return self._check_inputs(key, record, video.video_sha256, probe, error, fields=fields, source_token=source_token)
 
     def _check_inputs(
         self,
@@ -352,7 +402,8 @@ class CollectBatch:
             pipeline=self.pipeline,
         )
 
-    def current_change_token(self, key: str) -> str | None:
+    def _load_change_tokens(self) -> None:
+        """Each partition's image change token now (one listing, before the pool's threads read it)."""
         if self._tokens is None:
             wanted = set(self.keys)
             self._tokens = {
@@ -360,7 +411,27 @@ class CollectBatch:
                 for entry in self.pipeline.image_source().list()
                 if entry.partition_key in wanted
             }
+
+    def current_change_token(self, key: str) -> str | None:
+        self._load_change_tokens()
+        assert self._tokens is not None
         return self._tokens.get(key)
+
+    def _judge(self) -> Iterator[Any]:
+        """The checks of the videos recorded since the last call, each linked to the materialization it
+        judges (looked up for all of them at once: events are stored as they are yielded)."""
+        if not self._unjudged:
+            return
+        unjudged, self._unjudged = self._unjudged, []
+        latest = rec.latest_materializations(self.instance, self.pipeline.videos_key, [key for key, _, _ in unjudged])
+        for key, inputs, this_run in unjudged:
+            record = latest.get(key)
+            target = None
+            if record is not None and not (this_run and self.run_id is not None and record.run_id != self.run_id):
+                target = _compat.AssetCheckEvaluationTargetMaterializationData(
+                    storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
+                )
+            yield from ck.evaluate(inputs, key, target)
 
     def _target(self, key: str, *, this_run: bool) -> _compat.AssetCheckEvaluationTargetMaterializationData | None:
         """The latest materialization of ``key``, which the checks judge; with ``this_run``, only if this run
@@ -381,7 +452,8 @@ class CollectBatch:
         inputs = {
             pipeline.images_key: (
                 str(record.source_version),
-                rec.latest_image_storage_id(self.instance, pipeline.images_key, key),
+                self._image_ids[key] if key in self._image_ids
+                else rec.latest_image_storage_id(self.instance, pipeline.images_key, key),
             )
         }
         if pipeline.mode == "deferred":
@@ -419,17 +491,29 @@ class CollectBatch:
 
 
 def verify_stored(pipeline: RunwayPipelineConfig, context: Any, keys: Sequence[str], resource: RunComfyResource) -> Iterator[Any]:
-    """The checks alone, on every stored video of ``keys`` (the verify job): nothing is regenerated."""
+    """The checks alone, on every stored video of ``keys`` (the verify job): nothing is regenerated.
+    The videos are read and measured concurrently, ``max_concurrency`` at a time."""
     batch = CollectBatch(pipeline, resource, context, keys)
-    for key in keys:
-        video = rec.latest_video(batch.instance, pipeline.videos_key, key)
-        if video is None:
-            context.log.info(f"{key}: no video stored yet; nothing to check")
-            continue
-        record = rec.latest_request(batch.instance, pipeline.requests_key, key) if pipeline.mode == "deferred" else None
-        if record is not None and record.request_id != video.request_id:
-            record = None
-        yield from batch.evaluate_stored(key, video, record)
+    batch._load_change_tokens()
+    videos = rec.latest_videos(batch.instance, pipeline.videos_key, keys)
+    deferred = pipeline.mode == "deferred"
+    requests = rec.latest_requests(batch.instance, pipeline.requests_key, list(videos)) if deferred else {}
+    with ThreadPoolExecutor(max_workers=max(1, resource.max_concurrency), thread_name_prefix="verify") as pool:
+        futures = {}
+        for key in keys:
+            video = videos.get(key)
+            if video is None:
+                context.log.info(f"{key}: no video stored yet; nothing to check")
+                continue
+            record = requests.get(key)
+            if record is not None and record.request_id != video.request_id:
+                record = None
+            futures[pool.submit(batch._stored_inputs, key, video, record)] = key
+        for future in as_completed(futures):
+            batch._unjudged.append((futures[future], future.result(), False))
+            if len(batch._unjudged) >= JUDGE_BATCH:
+                yield from batch._judge()
+        yield from batch._judge()
 
 
 def _request_lineage(record: rec.RequestRecord) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dagster import AssetSelection, Definitions, define_asset_job
+from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
 from dagster_runway.pipeline.assets import build_requests_asset, build_videos_asset, images_spec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
@@ -43,6 +43,7 @@ def build_definitions(pipeline: RunwayPipelineConfig, resource: RunComfyResource
         f"{pipeline.name}_collect_job" if deferred else f"{pipeline.name}_videos_job",
         selection=[pipeline.videos_key],
         partitions_def=pipeline.partitions_def,
+        executor_def=in_process_executor,  # one step: a second process per run would only cost its start
         description="Collect finished requests into videos, and check them."
         if deferred
         else "Submit, wait, collect and check.",
@@ -51,6 +52,7 @@ def build_definitions(pipeline: RunwayPipelineConfig, resource: RunComfyResource
         f"{pipeline.name}_verify_job",
         selection=AssetSelection.checks_for_assets(pipeline.videos_key),
         partitions_def=pipeline.partitions_def,
+        executor_def=in_process_executor,
         description="Run the checks of stored videos again (checksum at rest, source unchanged, playable), "
         "without regenerating anything.",
     )
@@ -64,6 +66,7 @@ def build_definitions(pipeline: RunwayPipelineConfig, resource: RunComfyResource
             f"{pipeline.name}_submit_job",
             selection=[pipeline.requests_key],
             partitions_def=pipeline.partitions_def,
+            executor_def=in_process_executor,
             description="Validate images and submit (or reuse) their requests, through the journal.",
         )
         assets.append(requests)

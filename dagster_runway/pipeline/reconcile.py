@@ -52,6 +52,7 @@ class PartitionState:
     submit_runs: int = 0  # runs launched for it since it last made progress
     collect_runs: int = 0
     launched_at: float = 0.0  # when the sensor last requested a run for it
+    ready_at: float = 0.0  # when a poll first saw its request finished (0: not seen by a poll)
     run_key: str | None = None  # that run's key: the daemon creates the run after the tick
 
     def to_json(self) -> dict[str, Any]:
@@ -73,7 +74,7 @@ class PartitionState:
         self.request_id, self.attempt, self.request_version = request_id, attempt, source_version
         self.request_storage_id = storage_id
         if new:
-            self.status, self.queue_position, self.collect_runs = None, None, 0
+            self.status, self.queue_position, self.collect_runs, self.ready_at = None, None, 0, 0.0
         self.submit_runs, self.launched_at = 0, 0.0
         if self.failure is not None and self.failure.storage_id < storage_id:
             self.failure = None
@@ -131,6 +132,18 @@ def _after(failure: Failure, state: PartitionState, policy: Policy, now: float) 
     if cls == fl.GENERATION_INTERNAL and failure.request_id == state.request_id:
         return "submit" if state.attempt <= policy.retry_failed_generations else "failed"
     return "failed"
+
+
+def hold_collects(owed: Sequence[PartitionState], *, batch_size: int, collect_running: bool, now: float, max_wait_s: float) -> bool:
+    """Whether to keep a part batch of finished requests for the next tick rather than start a run for it.
+
+    A run costs seconds to start whatever its size, so while a collect run is already going, requests
+    that finished since wait for it (and for others to finish) up to ``max_wait_s``, then go anyway.
+    """
+    if not owed or len(owed) >= batch_size or not collect_running:
+        return False
+    ready = [state.ready_at for state in owed]
+    return all(ready) and now - min(ready) < max_wait_s
 
 
 # Runs in progress

@@ -8,7 +8,7 @@ storage id (for the status sensor's reconciliation).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +147,51 @@ def latest_request(instance: DagsterInstance, asset_key: AssetKey, partition: st
 def latest_video(instance: DagsterInstance, asset_key: AssetKey, partition: str) -> VideoRecord | None:
     records = instance.fetch_materializations(_filter(asset_key, partition), limit=1).records
     return _video(partition, records[0]) if records else None
+
+
+def latest_materializations(
+    instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]
+) -> dict[str, EventLogRecord]:
+    """The latest materialization of each of ``partitions`` that has one, in two queries."""
+    ids = instance.event_log_storage.get_latest_storage_id_by_partition(
+        asset_key, DagsterEventType.ASSET_MATERIALIZATION, partitions=set(partitions)
+    )
+    if not ids:
+        return {}
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=asset_key, storage_ids=list(ids.values())), limit=len(ids)
+    ).records
+    by_id = {record.storage_id: record for record in records}
+    return {partition: by_id[storage_id] for partition, storage_id in ids.items() if storage_id in by_id}
+
+
+def latest_requests(instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]) -> dict[str, RequestRecord]:
+    """``latest_request`` of many partitions, batched (one lookup each only where the latest has no id)."""
+    found: dict[str, RequestRecord] = {}
+    for partition, record in latest_materializations(instance, asset_key, partitions).items():
+        request = _request(partition, record) or latest_request(instance, asset_key, partition)
+        if request is not None:
+            found[partition] = request
+    return found
+
+
+def latest_videos(instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]) -> dict[str, VideoRecord]:
+    """``latest_video`` of many partitions, batched."""
+    found = {}
+    for partition, record in latest_materializations(instance, asset_key, partitions).items():
+        video = _video(partition, record)
+        if video is not None:
+            found[partition] = video
+    return found
+
+
+def latest_image_storage_ids(instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]) -> dict[str, int]:
+    """``latest_image_storage_id`` of many partitions, in one query."""
+    return dict(
+        instance.event_log_storage.get_latest_storage_id_by_partition(
+            asset_key, DagsterEventType.ASSET_OBSERVATION, partitions=set(partitions)
+        )
+    )
 
 
 def latest_failure(

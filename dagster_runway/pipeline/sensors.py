@@ -320,6 +320,8 @@ class StatusTick:
                     )
                 )
                 state.status, state.queue_position = status, position
+                if status in rc.TERMINAL_STATUSES and not state.ready_at:
+                    state.ready_at = time.time()
         self.memory.round_robin = start + polled
         return polled
 
@@ -359,12 +361,20 @@ class StatusTick:
                     self._exhausted(key, state, where, launched)
                     counts["failed"] += 1
                     continue
-                if where == "submit":
-                    state.submit_runs += 1
-                else:
-                    state.collect_runs += 1
                 owed[where].append(key)
             counts[where] += 1
+        if rc.hold_collects(
+            [states[k] for k in owed["collect"]],
+            batch_size=pipeline.collect_batch_size,
+            collect_running=bool(coverage.collect),
+            now=now,
+            max_wait_s=grace,
+        ):
+            owed["collect"] = []  # counted as owed: the next tick sends them with more, or after the wait
+        for key in owed["submit"]:
+            states[key].submit_runs += 1
+        for key in owed["collect"]:
+            states[key].collect_runs += 1
         requests = [
             *rc.batch_run_requests(
                 owed["submit"],

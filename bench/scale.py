@@ -22,11 +22,7 @@ Postgres; the status sensor's cursor and key-value memory sizes; billed submissi
     .venv/bin/python bench/scale.py [--images 1000] [--latencies 0.1,0] [--time-scale 0.02]
         [--submit-batch-size 200] [--collect-batch-size 100] [--status-interval 5]
         [--discovery-interval 5] [--max-concurrent-runs 4] [--pool-limit 2]
-        [--dequeue-interval S] [--executor default|in_process] [--keep]
-
-``--executor in_process`` is a what-if: the same definitions with ``in_process_executor``, so that a run
-starts one process rather than two. Progress goes to stderr, figures to stdout. On a shared 2-core
-machine the load average is printed with each figure: read figures taken at a high load with care.
+        [--dequeue-interval S] [--keep]
 
 The resource of ``definitions.py`` keeps ``RunComfyResource``'s default ``max_concurrency``, so the
 baseline's ``--concurrency`` defaults to that same value.
@@ -174,46 +170,6 @@ async def _alone(
 # -- the pipeline on the real deployment -----------------------------------------------------------
 
 
-IN_PROCESS_DEFINITIONS = """\"\"\"bench/scale.py --executor in_process: the repo's definitions.py, with one change:
-the jobs run their step in the run worker's process (in_process_executor) instead of a subprocess.\"\"\"
-
-import json
-import os
-
-import dagster as dg
-
-from dagster_runway import RunComfyResource
-from dagster_runway.client import DEFAULT_BASE_URL
-from dagster_runway.pipeline import build_runway_pipeline
-
-
-@dg.definitions
-def defs() -> dg.Definitions:
-    pipeline = build_runway_pipeline(
-        source=os.environ["RUNWAY_SOURCE"],
-        output=os.environ["RUNWAY_OUTPUT"],
-        mode=os.environ.get("RUNWAY_MODE", "deferred"),
-        missing_prompt=os.environ.get("RUNWAY_MISSING_PROMPT", "fail"),
-        **json.loads(os.environ.get("RUNWAY_OPTIONS") or "{}"),
-        resource=RunComfyResource(
-            api_token=dg.EnvVar("RUNCOMFY_API_TOKEN"),
-            base_url=os.environ.get("RUNCOMFY_BASE_URL", DEFAULT_BASE_URL),
-        ),
-    )
-    return dg.Definitions.merge(pipeline, dg.Definitions(executor=dg.in_process_executor))
-"""
-
-
-def definitions_file(args: argparse.Namespace, root: Path) -> Path | None:
-    """None for the repo's definitions.py; for ``--executor in_process``, a copy that sets the executor."""
-    if args.executor == "default":
-        return None
-    path = root / "definitions_in_process.py"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(IN_PROCESS_DEFINITIONS)
-    return path
-
-
 @dataclass
 class PipelineResult:
     startup_s: float
@@ -259,7 +215,6 @@ def run_pipeline(
             "config": {"dequeue_interval_seconds": args.dequeue_interval},
         }
     database = cluster.create_database()
-    definitions = definitions_file(args, root / "code")
     deployment = Deployment(
         root,
         database,
@@ -273,7 +228,6 @@ def run_pipeline(
         instance_config=instance_config,
         env={"RUNWAY_MISSING_PROMPT": "service_default", "RUNWAY_OPTIONS": json.dumps(options)},
         startup_timeout=300,
-        **({"definitions": definitions} if definitions is not None else {}),
     )
     began = time.monotonic()
     try:
@@ -734,13 +688,6 @@ def main(argv: list[str] | None = None) -> int:
         help="Default pool limit, so of the runcomfy_api pool (default: %(default)s).",
     )
     parser.add_argument(
-        "--executor",
-        choices=("default", "in_process"),
-        default="default",
-        help="default: the repo's definitions.py as it is; in_process: a what-if, the same definitions with "
-        "in_process_executor, so each run starts one process instead of two.",
-    )
-    parser.add_argument(
         "--dequeue-interval",
         type=int,
         default=None,
@@ -781,8 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.status_interval}, discovery_interval_s {args.discovery_interval}"
         + (f", {args.options}" if args.options else "")
         + f"; max_concurrent_runs {args.max_concurrent_runs}, pool limit {args.pool_limit}, dequeue interval "
-        f"{args.dequeue_interval if args.dequeue_interval is not None else 'default (5 s)'}; executor "
-        + ("definitions.py as it is (multiprocess)" if args.executor == "default" else "WHAT-IF in_process")
+        f"{args.dequeue_interval if args.dequeue_interval is not None else 'default (5 s)'}"
     )
     sys.stdout.flush()
     os.environ["DAGSTER_DISABLE_TELEMETRY"] = "1"

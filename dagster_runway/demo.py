@@ -41,6 +41,7 @@ class Row:
     duration: str = ""
     checks: str = ""
     cost: str = ""
+    prompt_source: str = ""
 
 
 def _prepare_home(path: Path) -> Path:
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     token = os.environ.get("RUNCOMFY_API_TOKEN")
     base_url = os.environ.get("RUNCOMFY_BASE_URL")
     with contextlib.ExitStack() as stack:
-        if token or base_url:
+        real = bool(token or base_url)
+        if real:
             print(
                 f"Using RunComfy at {base_url or 'https://model-api.runcomfy.net'} (real credits may be spent)."
             )
@@ -78,16 +80,24 @@ def run(args: argparse.Namespace) -> int:
             api_token=token or "", **({"base_url": base_url} if base_url else {}), poll_interval=0.5
         )
         output = args.output if "://" in args.output else str(Path(args.output).resolve())
-        defs = build_runway_pipeline(
-            args.images, output, resource=resource, mode=args.mode, missing_prompt="service_default"
-        )
+        # The emulator costs nothing, so an image without a prompt may take the service's default there;
+        # against the real service the safe default applies: it fails before paying.
+        missing_prompt = "fail" if real else "service_default"
+        if not real:
+            print(
+                'Images without a prompt use the service\'s default prompt here (missing_prompt="service_default"); '
+                "against the real service they fail before paying unless you give one."
+            )
+        defs = build_runway_pipeline(args.images, output, resource=resource, mode=args.mode, missing_prompt=missing_prompt)
         instance = stack.enter_context(DagsterInstance.get())
         print(f"DAGSTER_HOME={home}")
         rows = _drive(defs, instance, args)
     _print_table(rows)
     bad = [row for row in rows if row.outcome != "ok"]
+    defaulted = sum(row.prompt_source == "service default" for row in rows)
     print(
-        f"\n{len(rows) - len(bad)} of {len(rows)} partitions produced a passing video."
+        f"\n{len(rows) - len(bad)} of {len(rows)} partitions produced a passing video; "
+        f"{defaulted} used the service's default prompt."
         f"\nOpen this instance in the UI:\n  DAGSTER_HOME={home} dagster dev -f definitions.py\n"
         "then Assets -> runway/videos for materializations, checks and metadata."
     )
@@ -157,6 +167,7 @@ def _rows(defs: Any, instance: Any, failed_runs: list[str]) -> list[Row]:
                 duration=f"{meta.get('runway/video_duration_s', '')}s",
                 checks=f"{passed_count}/{len(CHECK_NAMES)} passed",
                 cost=str(meta.get("runway/cost_usd", "")),
+                prompt_source=str(meta.get("runway/prompt_source", "")),
             )
         )
     return rows

@@ -20,6 +20,7 @@ from tests.graphql_client import DOCUMENTS
 from tests.pipeline_helpers import write_images
 
 VIDEOS = "runway/videos"
+GUIDE_YAML = Path(__file__).resolve().parents[1] / "examples" / "deploy" / "dagster.yaml"
 
 
 def test_graphql_documents_match_dagster_graphql_schema() -> None:
@@ -132,7 +133,8 @@ def _assert_checks_passed(gql, keys: list[str]) -> None:
 def test_backfills_over_all_partitions_beside_active_sensors_end_green_and_pay_once(deploy, tmp_path: Path):
     images = tmp_path / "images"
     write_images(images, valid=6, invalid=False)
-    deployment = deploy(source=images, output=tmp_path / "videos", time_scale=0.01, env=FAST)
+    # On the deployment guide's dagster.yaml, as it is (Postgres through DAGSTER_PG_*).
+    deployment = deploy(source=images, output=tmp_path / "videos", time_scale=0.01, env=FAST, dagster_yaml=GUIDE_YAML)
     gql = deployment.graphql
     gql.start_sensor("runway_discovery_sensor")
     gql.start_sensor("runway_status_sensor")

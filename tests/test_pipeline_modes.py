@@ -189,7 +189,7 @@ def _run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_the_demo_runs_end_to_end_and_reports_every_partition(tmp_path: Path):
     done = _run_demo(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "4 of 4 partitions produced a passing video." in done.stdout
+    assert "4 of 4 partitions produced a passing video; 0 used the service's default prompt." in done.stdout
     assert "Started the RunComfy emulator" in done.stdout
     assert f"DAGSTER_HOME={tmp_path / 'home'} dagster dev" in done.stdout
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 4
@@ -200,5 +200,7 @@ def test_the_demo_exits_non_zero_and_says_why_when_an_image_is_bad(tmp_path: Pat
     write_images(tmp_path / "images", valid=1, invalid=True)
     done = _run_demo(tmp_path, "--images", str(tmp_path / "images"))
     assert done.returncode == 1
-    assert "1 of 3 partitions produced a passing video." in done.stdout
+    # The one good image has no prompt: against the emulator it takes the service's default, and says so.
+    assert "1 of 3 partitions produced a passing video; 1 used the service's default prompt." in done.stdout
+    assert 'missing_prompt="service_default"' in done.stdout
     assert "too-wide.png: " in done.stdout and "aspect ratio 3.00" in done.stdout

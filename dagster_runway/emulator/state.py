@@ -312,6 +312,11 @@ class Store:
             record = self._records[request_id]
             return "expired" if record.expired else record.state
 
+    def input_of(self, request_id: str) -> dict[str, Any]:
+        """The input fields the request was submitted with (what the service generates from); KeyError if unknown."""
+        with self._session():
+            return dict(self._records[request_id].fields)
+
     def ledger(self) -> Ledger:
         with self._session():
             entries = []

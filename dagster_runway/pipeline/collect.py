@@ -528,6 +528,7 @@ def _request_lineage(record: rec.RequestRecord) -> dict[str, Any]:
         input=MetadataValue.json(input_fields),
         prompt_text=meta.get("prompt_text"),
         prompt_source=meta.get("prompt_source"),
+        prompt_warning=meta.get("prompt_warning"),
         ratio=input_fields.get("ratio"),
         duration_s=input_fields.get("duration"),
         seed=str(input_fields.get("seed")) if input_fields.get("seed") is not None else None,

@@ -41,6 +41,7 @@ class RunwayMetadata(NamespacedMetadataSet):
     input: JsonMetadataValue | None = None
     prompt_text: str | None = None
     prompt_source: str | None = None
+    prompt_warning: str | None = None  # missing_prompt="warn": no prompt was given, the service's default applied
     ratio: str | None = None
     duration_s: int | None = None
     seed: str | None = None  # text: GraphQL's Int is 32-bit and seeds go to 2^32 - 1

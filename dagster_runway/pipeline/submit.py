@@ -82,6 +82,7 @@ class Prepared:
     settings_sources: tuple[str, ...]
     prompt_source: str
     model_id: str
+    prompt_warning: str | None = None
 
     @property
     def source_version(self) -> str:
@@ -101,6 +102,7 @@ class Prepared:
                 input=MetadataValue.json(self.fields),
                 prompt_text=prompt if prompt is not None else DEFAULT_PROMPT_TEXT,
                 prompt_source=self.prompt_source,
+                prompt_warning=self.prompt_warning,
                 ratio=self.fields["ratio"],
                 duration_s=self.fields["duration"],
                 seed=str(self.fields["seed"]),
@@ -239,22 +241,28 @@ class SubmitBatch:
                 )
                 continue
             missing = self._missing_prompt(prepared)
-            if missing is not None:
+            if isinstance(missing, fl.PartitionFailure):
                 yield from self._fail(missing, prepared.source_version)
                 continue
+            if missing is not None:
+                prepared = replace(prepared, prompt_warning=missing)
             yield from self._decide(prepared, source, plans)
         if plans:
             yield from self._submit(plans)
 
-    def _missing_prompt(self, prepared: Prepared) -> fl.PartitionFailure | None:
+    def _missing_prompt(self, prepared: Prepared) -> fl.PartitionFailure | str | None:
+        """What the missing_prompt policy says of a partition with no prompt: its failure ("fail"), a
+        warning to log and record on the partition ("warn"), or None (a prompt is given, or the service's
+        default is accepted)."""
         if "promptText" in prepared.fields or self.pipeline.missing_prompt == "service_default":
             return None
         if self.pipeline.missing_prompt == "warn":
-            self.log.warning(
-                f"{prepared.key}: no prompt is given for {prepared.entry.url}; the service's default prompt "
-                f"applies: {DEFAULT_PROMPT_TEXT[:60]}..."
+            warning = (
+                f"no prompt is given for {prepared.entry.url}; the service's default prompt applies: "
+                f'"{DEFAULT_PROMPT_TEXT[:60]}..."'
             )
-            return None
+            self.log.warning(f"{prepared.key}: {warning}")
+            return warning
         stem = prepared.entry.url.rsplit(".", 1)[0]
         return fl.PartitionFailure(
             prepared.key,

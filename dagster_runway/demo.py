@@ -10,17 +10,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "images"
+ENVIRONMENT = """environment:
+  RUNCOMFY_API_TOKEN   your RunComfy API token; set it (or RUNCOMFY_BASE_URL) to use the real service,
+                       which spends credits: the demo then asks for --yes or --max-spend first
+  RUNCOMFY_BASE_URL    the API's base URL (default https://model-api.runcomfy.net)
+Without either, the demo starts the embedded emulator: offline, nothing is spent."""
+
+
+class UsageError(Exception):
+    """A bad argument: printed as one line, exit code 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ENVIRONMENT
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
-        "--images", default=str(EXAMPLES), help="Image folder or s3:// prefix (default: examples/images)"
+        "--images",
+        default=None,
+        help="Image folder or s3:// prefix (default: the bundled examples, or four generated samples)",
     )
     parser.add_argument(
         "--output", default="out/demo/videos", help="Where videos go (default: out/demo/videos)"
@@ -29,6 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dagster-home", default="out/demo/dagster_home", help="DAGSTER_HOME to use (created if missing)"
     )
     parser.add_argument("--mode", choices=["deferred", "blocking"], default="deferred")
+    parser.add_argument(
+        "--on-change",
+        choices=["mark_stale", "regenerate"],
+        default="mark_stale",
+        help="A changed image whose video exists: show it stale, or pay to regenerate it (default: mark_stale)",
+    )
+    parser.add_argument("--yes", action="store_true", help="Allow spending real credits, with no cap")
+    parser.add_argument(
+        "--max-spend", type=float, default=None, metavar="USD", help="Allow spending real credits, up to USD in all"
+    )
     parser.add_argument("--time-scale", type=float, default=0.02, help="Emulator time scale (0 = instant)")
     parser.add_argument("--timeout", type=float, default=600.0, help="Give up after this many seconds")
 
@@ -55,100 +79,186 @@ def _prepare_home(path: Path) -> Path:
     return path
 
 
-def run(args: argparse.Namespace) -> int:
-    home = _prepare_home(Path(args.dagster_home))
-    from dagster import DagsterInstance
+def _sample_images(home: Path) -> str:
+    """The bundled example images in a checkout; installed from a wheel, four generated ones with prompts."""
+    if EXAMPLES.is_dir():
+        return str(EXAMPLES)
+    from PIL import Image, ImageDraw
 
-    from dagster_runway.pipeline import build_runway_pipeline
+    folder = home.parent / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = {
+        "landscape-sunrise.png": ((1280, 720), "the sun rises slowly over the hills, mist drifting"),
+        "portrait-tower.png": ((720, 1280), "the camera tilts up the tower as clouds pass"),
+        "square-garden.png": ((960, 960), "leaves sway gently in a light breeze"),
+        "wide-coast.png": ((1200, 640), "waves roll onto the shore, slow aerial drift"),
+    }
+    for i, (name, ((width, height), prompt)) in enumerate(samples.items()):
+        path = folder / name
+        if not path.exists():
+            image = Image.new("RGB", (width, height), (40 + 50 * i, 110, 170 - 30 * i))
+            ImageDraw.Draw(image).ellipse(
+                [width // 4, height // 4, 3 * width // 4, 3 * height // 4], fill=(240, 190, 60)
+            )
+            image.save(path)
+            path.with_suffix(".txt").write_text(prompt)
+    return str(folder)
+
+
+def _check_images(images: str, patterns: tuple[str, ...], found: int) -> None:
+    if "://" not in images and not Path(images).is_dir():
+        raise UsageError(f"--images: {images} is not a folder; give a folder of images or an s3:// prefix")
+    if found == 0:
+        raise UsageError(f"--images: no file in {images} matches {', '.join(patterns)}; add images or check the path")
+
+
+def _definitions_file(home: Path, images: str, output: str, options: dict[str, Any], base_url: str | None) -> Path:
+    """A definitions file in the demo's home with the same folders, for ``dagster dev`` from any folder."""
+    path = home / "definitions.py"
+    path.write_text(
+        f'''"""The demo's pipeline, for the UI: DAGSTER_HOME={home} dagster dev -f {path}"""
+
+import dagster as dg
+
+from dagster_runway import RunComfyResource
+from dagster_runway.pipeline import build_runway_pipeline
+
+defs = build_runway_pipeline(
+    {images!r},
+    {output!r},
+    resource=RunComfyResource(api_token=dg.EnvVar("RUNCOMFY_API_TOKEN"){f", base_url={base_url!r}" if base_url else ""}),
+    **{options!r},
+)
+'''
+    )
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except UsageError as exc:
+        print(f"dagster-runway demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    home = _prepare_home(Path(args.dagster_home))
+    from dagster import DagsterInstance, EnvVar
+
+    from dagster_runway.pipeline import RunwayPipelineConfig, build_runway_pipeline
     from dagster_runway.resource import RunComfyResource
 
-    token = os.environ.get("RUNCOMFY_API_TOKEN")
-    base_url = os.environ.get("RUNCOMFY_BASE_URL")
+    images = args.images or _sample_images(home)
+    output = args.output if "://" in args.output else str(Path(args.output).resolve())
+    real = bool(os.environ.get("RUNCOMFY_API_TOKEN") or os.environ.get("RUNCOMFY_BASE_URL"))
+    # The emulator costs nothing, so an image without a prompt may take the service's default there;
+    # against the real service the safe default applies: it fails before paying.
+    options: dict[str, Any] = {
+        "mode": args.mode,
+        "on_change": args.on_change,
+        "missing_prompt": "fail" if real else "service_default",
+    }
+    if args.max_spend is not None:
+        options["max_spend_usd"] = args.max_spend
+    config = RunwayPipelineConfig(source=images, output=output, **options)
+    if "://" not in images and not Path(images).is_dir():
+        _check_images(images, config.patterns, 0)
+    found = len(config.image_source().list())
+    _check_images(images, config.patterns, found)
     with contextlib.ExitStack() as stack:
-        real = bool(token or base_url)
+        base_url = os.environ.get("RUNCOMFY_BASE_URL")
         if real:
+            estimate = found * int(config.defaults.duration) * config.estimated_usd_per_second
             print(
-                f"Using RunComfy at {base_url or 'https://model-api.runcomfy.net'} (real credits may be spent)."
+                f"Using RunComfy at {base_url or 'https://model-api.runcomfy.net'}: {found} image(s), about "
+                f"{estimate:.2f} USD if every one is generated."
             )
+            if not (args.yes or args.max_spend is not None):
+                raise UsageError("this spends real credits; pass --yes, or --max-spend USD to cap the spend")
+            if not os.environ.get("RUNCOMFY_API_TOKEN"):
+                raise UsageError("RUNCOMFY_BASE_URL is set but RUNCOMFY_API_TOKEN is not")
         else:
             from dagster_runway.emulator import Emulator, EmulatorConfig
 
             emulator = stack.enter_context(Emulator(EmulatorConfig(time_scale=args.time_scale)))
-            token, base_url = emulator.token, emulator.base_url
+            os.environ["RUNCOMFY_API_TOKEN"], base_url = emulator.token, emulator.base_url
             print(f"Started the RunComfy emulator at {base_url} (offline; no credits are spent).")
-        resource = RunComfyResource(
-            api_token=token or "", **({"base_url": base_url} if base_url else {}), poll_interval=0.5
-        )
-        output = args.output if "://" in args.output else str(Path(args.output).resolve())
-        # The emulator costs nothing, so an image without a prompt may take the service's default there;
-        # against the real service the safe default applies: it fails before paying.
-        missing_prompt = "fail" if real else "service_default"
-        if not real:
             print(
                 'Images without a prompt use the service\'s default prompt here (missing_prompt="service_default"); '
                 "against the real service they fail before paying unless you give one."
             )
-        defs = build_runway_pipeline(args.images, output, resource=resource, mode=args.mode, missing_prompt=missing_prompt)
+        # The token is read from the environment inside each run: never a literal Dagster would snapshot.
+        resource = RunComfyResource(
+            api_token=EnvVar("RUNCOMFY_API_TOKEN"), **({"base_url": base_url} if base_url else {}), poll_interval=0.5
+        )
+        defs = build_runway_pipeline(images, output, resource=resource, **options)
         instance = stack.enter_context(DagsterInstance.get())
         print(f"DAGSTER_HOME={home}")
-        rows = _drive(defs, instance, args)
+        rows = _drive(defs, instance, args, config)
     _print_table(rows)
-    bad = [row for row in rows if row.outcome != "ok"]
+    bad = [row for row in rows if row.outcome not in ("ok", "stale")]
+    stale = sum(row.outcome == "stale" for row in rows)
     defaulted = sum(row.prompt_source == "service default" for row in rows)
+    ui_options = {k: v for k, v in options.items() if k != "max_spend_usd"}
+    definitions = _definitions_file(home, images, output, ui_options, None if not real else base_url)
     print(
         f"\n{len(rows) - len(bad)} of {len(rows)} partitions produced a passing video; "
         f"{defaulted} used the service's default prompt."
-        f"\nOpen this instance in the UI:\n  DAGSTER_HOME={home} dagster dev -f definitions.py\n"
+        + (f"\n{stale} video(s) are stale: their image changed; --on-change regenerate pays for new ones." if stale else "")
+        + f"\nOpen this instance in the UI (from any folder):\n  DAGSTER_HOME={home} dagster dev -f {definitions}\n"
         "then Assets -> runway/videos for materializations, checks and metadata."
     )
     return 1 if bad or not rows else 0
 
 
-def _drive(defs: Any, instance: Any, args: argparse.Namespace) -> list[Row]:
+def _drive(defs: Any, instance: Any, args: argparse.Namespace, config: Any) -> list[Row]:
     import logging
 
+    from dagster_runway.journal import Journal
+    from dagster_runway.pipeline.sensors import summary
     from dagster_runway.testing import LocalDaemon
 
-    logging.getLogger("dagster").setLevel(logging.WARNING)  # the sensors' tick logs; the table says it all
+    for name in ("dagster", "dagster_runway"):  # the sensors' tick logs; the progress line says it all
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     daemon = LocalDaemon(defs, instance, log_level="CRITICAL")
     names = [s.name for s in defs.sensors]
     discovery = next(n for n in names if n.endswith("_discovery_sensor"))
     status = next((n for n in names if n.endswith("_status_sensor")), None)
-    from dagster_runway.pipeline.sensors import summary
+    journal = Journal(config.journal_url, config.journal_options)
 
-    failed_runs: list[str] = []
     outcome = daemon.tick(discovery)
-    failed_runs += outcome.failed_run_ids
-    print(
-        f"discovery: {outcome.new_partitions} new image(s); {len(outcome.run_ids) + len(outcome.failed_run_ids)} "
-        "submit run(s)"
-    )
+    print(f"discovery: {outcome.new_partitions} new image(s)")
     deadline = time.monotonic() + args.timeout
+    interactive = sys.stdout.isatty()
     while status is not None and time.monotonic() < deadline:
         outcome = daemon.tick(status)
-        failed_runs += outcome.failed_run_ids
         counts = summary(outcome.cursor)
         busy = counts.get("rebuilding") or any(counts.get(k) for k in ("in_flight", "submit", "collect", "running"))
         launched = len(outcome.run_ids) + len(outcome.failed_run_ids)
-        print(f"status: {counts.get('in_flight', 0)} in flight, {launched} run(s) launched", flush=True)
+        line = (
+            f"progress: {counts.get('submit', 0)} to submit, {counts.get('in_flight', 0)} rendering, "
+            f"{counts.get('collect', 0)} to collect, {counts.get('done', 0)} done, {counts.get('failed', 0)} failed; "
+            f"spent {journal.spent_usd():.2f} USD"
+        )
+        print(f"\r{line}" if interactive else line, end="" if interactive else "\n", flush=True)
         if not busy and launched == 0:
             break
         time.sleep(0.5)
-    return _rows(defs, instance, failed_runs)
+    if interactive:
+        print()
+    return _rows(defs, instance, config)
 
 
-def _rows(defs: Any, instance: Any, failed_runs: list[str]) -> list[Row]:
-    from dagster import AssetKey
-
+def _rows(defs: Any, instance: Any, config: Any) -> list[Row]:
     from dagster_runway.pipeline import records as rec
     from dagster_runway.pipeline.checks import CHECK_NAMES
 
-    videos_key = next(k for k in defs.resolve_asset_graph().get_all_asset_keys() if k.path[-1] == "videos")
-    partitions_name = f"{'_'.join(videos_key.path[:-1])}_images"
-    requests_key = AssetKey([*videos_key.path[:-1], "requests"])
+    videos_key, requests_key = config.videos_key, config.requests_key
+    current = {entry.partition_key: entry for entry in config.image_source().list()}
     rows = []
-    for key in instance.get_dynamic_partitions(partitions_name):
+    for key in instance.get_dynamic_partitions(config.partitions_def.name):
         video = rec.latest_video(instance, videos_key, key)
         if video is None:
             failure = rec.latest_failure(instance, (requests_key, videos_key), key)
@@ -158,11 +268,15 @@ def _rows(defs: Any, instance: Any, failed_runs: list[str]) -> list[Row]:
         meta = {f"runway/{k}": v for k, v in video.metadata.items()}
         statuses = rec.current_check_statuses(instance, videos_key, list(CHECK_NAMES), key)
         passed_count = sum(status == "SUCCEEDED" for status in statuses.values())
-        passed = passed_count == len(CHECK_NAMES)
+        entry = current.get(key)
+        stale = entry is not None and meta.get("runway/source_version") != rec.image_version(
+            entry.change_token, entry.sidecar_token, entry.settings_token
+        )
+        outcome = "stale" if stale else "ok" if passed_count == len(CHECK_NAMES) else "checks failed"
         rows.append(
             Row(
                 key,
-                "ok" if passed else "checks failed",
+                outcome,
                 video=str(meta.get("runway/video_uri", "")),
                 duration=f"{meta.get('runway/video_duration_s', '')}s",
                 checks=f"{passed_count}/{len(CHECK_NAMES)} passed",
@@ -191,5 +305,5 @@ def _print_table(rows: list[Row]) -> None:
     for row in table:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     for row in rows:
-        if row.outcome not in ("ok", "checks failed"):
+        if row.outcome not in ("ok", "checks failed", "stale"):
             print(f"\n{row.partition}: {row.outcome.split(': ', 1)[-1]}")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
-from dagster import ConfigurableResource, InitResourceContext
+from dagster import ConfigurableResource, EnvVar, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from dagster_runway.client import DEFAULT_BASE_URL, AsyncRunComfyClient, RetryPolicy, RunComfyClient
 from dagster_runway.schema import MODEL_ID
+
+
+class LiteralTokenWarning(UserWarning):
+    """A RunComfy token given as a literal string in a definition Dagster will snapshot."""
 
 
 class RunComfyResource(ConfigurableResource):
@@ -56,6 +61,22 @@ class RunComfyResource(ConfigurableResource):
     )
 
     _client: RunComfyClient | None = PrivateAttr(default=None)
+
+    def literal_token_warning(self) -> str | None:
+        """Why a literal ``api_token`` is unsafe here, or None (an ``EnvVar``, or a local emulator's).
+
+        Dagster keeps a resource's config values in every job snapshot it stores, so a literal token
+        would be written into the instance's run storage; an ``EnvVar`` is stored as its name only."""
+        if isinstance(self.api_token, EnvVar) or not self.api_token:
+            return None
+        host = urlsplit(self.base_url).hostname or ""
+        if host in ("127.0.0.1", "localhost", "::1"):
+            return None  # a local emulator's token is not a secret
+        return (
+            "RunComfyResource got api_token as a literal string: Dagster stores resource config in its job "
+            "snapshots, so the token would be written into the instance's storage. Pass "
+            'dg.EnvVar("RUNCOMFY_API_TOKEN") instead.'
+        )
 
     def __repr__(self) -> str:
         return f"RunComfyResource(base_url={self.base_url!r}, model_id={self.model_id!r})"

@@ -48,7 +48,7 @@ class TickOutcome:
 
 class LocalDaemon:
     def __init__(self, defs: Definitions, instance: DagsterInstance, *, log_level: str | None = None) -> None:
-        """``log_level`` (e.g. ``"WARNING"``) quiets the runs' console logs; the event log keeps everything."""
+        """``log_level`` (e.g. ``"WARNING"``) quiets the console logs of runs and ticks; the event log keeps everything."""
         self.defs = defs
         self.instance = instance
         self.log_level = log_level
@@ -75,6 +75,8 @@ class LocalDaemon:
             definitions=self.defs,
             sensor_name=sensor_name,
         ) as context:
+            if self.log_level:  # the tick's logger prints to the console at INFO otherwise
+                context.log.setLevel(self.log_level)
             result = sensor_def.evaluate_tick(context)
         for request in result.dynamic_partitions_requests or []:
             if isinstance(request, AddDynamicPartitionsRequest):

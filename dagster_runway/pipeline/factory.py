@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
@@ -10,7 +11,7 @@ from dagster_runway.pipeline.assets import build_requests_asset, build_videos_as
 from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.pipeline.schedules import build_submit_schedule, build_verify_schedule
 from dagster_runway.pipeline.sensors import build_discovery_sensor, build_status_sensor
-from dagster_runway.resource import RunComfyResource
+from dagster_runway.resource import LiteralTokenWarning, RunComfyResource
 
 
 def build_runway_pipeline(
@@ -37,6 +38,8 @@ def build_runway_pipeline(
 
 
 def build_definitions(pipeline: RunwayPipelineConfig, resource: RunComfyResource | None = None) -> Definitions:
+    if resource is not None and (problem := resource.literal_token_warning()):
+        warnings.warn(problem, LiteralTokenWarning, stacklevel=3)
     videos = build_videos_asset(pipeline)
     deferred = pipeline.mode == "deferred"
     videos_job = define_asset_job(

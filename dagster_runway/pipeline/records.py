@@ -117,11 +117,14 @@ def _failure(partition: str, record: EventLogRecord) -> FailureRecord | None:
     meta = md.read_metadata(event.metadata)
     if meta.get("state") != md.FAILED:
         return None
+    # The description reads "Failed: <reason> Next step: <next step>" (PartitionFailure.observation).
+    next_step = str(meta.get("next_step") or "")
+    reason = (event.description or "").removeprefix("Failed: ").removesuffix(f" Next step: {next_step}")
     return FailureRecord(
         partition=partition,
         failure_class=str(meta.get("failure_class") or "unknown"),
-        reason=event.description or "",
-        next_step=str(meta.get("next_step") or ""),
+        reason=reason,
+        next_step=next_step,
         retryable=bool(meta.get("retryable")),
         source_version=meta.get("source_version"),
         request_id=meta.get("request_id"),

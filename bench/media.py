@@ -5,6 +5,8 @@
 1. Header validation of a large image (a real 7000x7000 PNG of ~12 MB), on local disk and on moto's
    S3 server: time and bytes read by ``validate_image`` against a full Pillow decode of the same file
    (which is what "open it and check" costs).
+   Then the pipeline's pixel check that follows the header check before any submit (``check_pixels``:
+   the whole file read and every pixel decoded): time and peak RSS growth, local and on moto S3.
 2. Storing a video of at least 200 MB with ``store_video`` from a local HTTP server, to local disk and
    to moto's S3: throughput, and peak RSS growth of this process (sampled from /proc every 2 ms),
    against the naive way: read the whole body into memory, then write it.
@@ -36,7 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dagster_runway.media import ImageSource, store_video, validate_image  # noqa: E402
+from dagster_runway.media import ImageSource, check_pixels, store_video, validate_image  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -236,6 +238,28 @@ def main() -> None:
                     f"{dec_bytes / val_bytes:.0f}x fewer",
                 )
             )
+
+            # -- the pipeline's pixel check before a submit: read it all and decode every pixel ----
+            # (header check first, then this; what it costs, against the header check alone)
+            for where, fs, path, t_header in (
+                ("local", local_fs, str(local_png), t_val),
+                ("moto S3", s3, "bench/seven-k.png", t_val_s3),
+            ):
+
+                def pixel_check(fs: Any = fs, path: str = path) -> None:
+                    check_pixels(bytes(fs.cat_file(path)), path)
+
+                gc.collect()
+                with PeakRss() as rss:
+                    t_pix, _ = _timed(pixel_check, max(1, args.repeat // 2))
+                rows.append(
+                    (
+                        f"pixel check of the {_fmt_bytes(len(png))} PNG, {where}: time, peak RSS growth",
+                        f"{t_pix * 1e3:.0f} ms, {_fmt_bytes(rss.growth)}",
+                        f"header {t_header * 1e3:.1f} ms",
+                        f"{t_pix / t_header:.0f}x the header check",
+                    )
+                )
 
             # -- listing ------------------------------------------------------------------------
             many = tmp / "many"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
@@ -400,3 +401,36 @@ def test_a_copied_or_renamed_image_reuses_the_request_of_the_same_input(
     assert copy["runway/fingerprint"] == original["runway/fingerprint"]
     assert video_metadata(instance, "renamed.png") is not None
     assert Path(copy["runway/video_uri"]).read_bytes() == Path(original["runway/video_uri"]).read_bytes()
+
+
+def corrupt_pixel_png(width: int = 320, height: int = 180) -> bytes:
+    """A PNG whose header, chunk CRCs and end marker are intact, but whose compressed pixel data is broken."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.frombytes("RGB", (width, height), os.urandom(width * height * 3)).save(out, "PNG")
+    data = bytearray(out.getvalue())
+    tag = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[tag - 4 : tag])
+    start = tag + 4
+    data[start + length // 2 : start + length // 2 + 64] = bytes(64)
+    data[start + length : start + length + 4] = struct.pack(">I", zlib.crc32(data[tag : start + length]))
+    return bytes(data)
+
+
+def test_corrupt_pixel_data_behind_an_intact_header_fails_before_paying(
+    tmp_path: Path, emulator, instance: DagsterInstance
+) -> None:
+    write_images(tmp_path / "images", valid=2, invalid=False)
+    (tmp_path / "images" / "broken.png").write_bytes(corrupt_pixel_png())
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
+    failed_runs = _settle(LocalDaemon(defs, instance))
+    assert len(failed_runs) == 1
+    assert emulator.ledger().billed_submissions == 2  # the two good ones; nothing for the broken one
+    failure = latest_failure(instance, "broken.png")
+    assert failure.failure_class == "invalid_input"
+    assert "broken.png" in failure.reason and "image data is corrupt" in failure.reason
+    assert "re-export" in failure.reason

@@ -35,7 +35,7 @@ from .storage import (
     store_video,
     write_bytes_atomic,
 )
-from .validation import ImageInfo, content_sha256, validate_image
+from .validation import ImageInfo, check_pixels, content_sha256, validate_image
 
 __all__ = [
     "AUTO_RATIO",
@@ -58,6 +58,7 @@ __all__ = [
     "VideoProbe",
     "VideoProbeError",
     "change_token_of",
+    "check_pixels",
     "content_sha256",
     "data_uri_length",
     "derive_seed",

@@ -42,7 +42,7 @@ from dagster_runway.media import (
     ImageEntry,
     ImageSource,
     MediaError,
-    content_sha256,
+    check_pixels,
     service_image_url,
     validate_image,
 )
@@ -120,8 +120,10 @@ class Prepared:
 
 def prepare(pipeline: RunwayPipelineConfig, source: ImageSource, key: str, entry: ImageEntry, model_id: str) -> Prepared:
     """Check one image and settle its input. Raises ``MediaError`` naming the file, the rule and the fix."""
-    info = validate_image(source.fs, entry.path, size=entry.size)
-    sha256 = content_sha256(source.fs, entry.path)
+    info = validate_image(source.fs, entry.path, size=entry.size)  # the header first: cheap, bounded reads
+    data = source.fs.cat_file(entry.path)  # then every pixel (under 16 MB, as the header check proved)
+    check_pixels(data, entry.url)
+    sha256 = hashlib.sha256(data).hexdigest()
     settings = source.settings_for(entry, image_size=(info.width, info.height), content_sha256=sha256)
     fields = settings.request_fields()
     return Prepared(

@@ -147,6 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance, EnvVar
 
     from dagster_runway.pipeline import RunwayPipelineConfig, build_runway_pipeline
+    from dagster_runway.pipeline.gallery import write_gallery
     from dagster_runway.resource import RunComfyResource
 
     images = args.images or _sample_images(home)
@@ -196,6 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         instance = stack.enter_context(DagsterInstance.get())
         print(f"DAGSTER_HOME={home}")
         rows = _drive(defs, instance, args, config)
+        gallery = write_gallery(config, instance)
     _print_table(rows)
     bad = [row for row in rows if row.outcome not in ("ok", "stale")]
     stale = sum(row.outcome == "stale" for row in rows)
@@ -206,6 +208,7 @@ def _run(args: argparse.Namespace) -> int:
         f"\n{len(rows) - len(bad)} of {len(rows)} partitions produced a passing video; "
         f"{defaulted} used the service's default prompt."
         + (f"\n{stale} video(s) are stale: their image changed; --on-change regenerate pays for new ones." if stale else "")
+        + f"\nReview the videos: {gallery}"
         + f"\nOpen this instance in the UI (from any folder):\n  DAGSTER_HOME={home} dagster dev -f {definitions}\n"
         "then Assets -> runway/videos for materializations, checks and metadata."
     )

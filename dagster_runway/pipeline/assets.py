@@ -23,6 +23,7 @@ from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.collect import CollectBatch, verify_stored
 from dagster_runway.pipeline.config import RunwayPipelineConfig
+from dagster_runway.pipeline.gallery import gallery_uri, write_gallery
 from dagster_runway.pipeline.submit import Ready, SubmitBatch
 from dagster_runway.resource import RunComfyResource
 
@@ -179,6 +180,7 @@ def build_videos_asset(pipeline: RunwayPipelineConfig):
         keys = _selected(context, config.partitions)
         if pipeline.videos_key not in context.selected_asset_keys:
             yield from verify_stored(pipeline, context, keys, resource)
+            _refresh_gallery(pipeline, context)
             return
         failures: list[fl.PartitionFailure] = []
         requests = None
@@ -209,7 +211,18 @@ def build_videos_asset(pipeline: RunwayPipelineConfig):
         for failure in failures:  # the submit's, in blocking mode
             yield from collect.explain_checks(failure)
         failures.extend(collect.failures)
+        _refresh_gallery(pipeline, context)
         if failures:
             raise fl.run_failure("be collected", failures, len(_selected(context, config.partitions)))
 
     return _videos
+
+
+def _refresh_gallery(pipeline: RunwayPipelineConfig, context: AssetExecutionContext) -> None:
+    """Rewrite the review page with this run's outcomes; a failure to write it fails nothing."""
+    try:
+        uri = write_gallery(pipeline, context.instance)
+    except Exception as exc:  # noqa: BLE001 - the page is a convenience; the event log has everything
+        context.log.warning(f"Could not write the review page {gallery_uri(pipeline)}: {exc}")
+    else:
+        context.log.info(f"Review page: {uri}")

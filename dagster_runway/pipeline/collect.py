@@ -50,6 +50,7 @@ from dagster_runway.pipeline import failures as fl
 from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
+from dagster_runway.pipeline.gallery import gallery_uri
 from dagster_runway.resource import RunComfyResource
 from dagster_runway.schema import RequestResult
 from dagster_runway.version import __version__
@@ -318,6 +319,7 @@ class CollectBatch:
                 video_frames=probe.frames,
                 poster=md.uri_value(pipeline.poster_uri(key), options) if fetched.poster else None,
                 poster_preview=MetadataValue.md(fetched.preview) if fetched.preview else None,
+                gallery=md.uri_value(gallery_uri(pipeline), options),
                 cost_usd=result.cost,
                 package_version=__version__,
                 **_timings(result),

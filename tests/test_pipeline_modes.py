@@ -204,3 +204,9 @@ def test_the_demo_exits_non_zero_and_says_why_when_an_image_is_bad(tmp_path: Pat
     assert "1 of 3 partitions produced a passing video; 1 used the service's default prompt." in done.stdout
     assert 'missing_prompt="service_default"' in done.stdout
     assert "too-wide.png: " in done.stdout and "aspect ratio 3.00" in done.stdout
+    assert " - INFO - " not in done.stderr  # the sensors' tick lines stay out of the console
+    # A re-run pays nothing more and still shows each failure's reason, read back from the event log.
+    again = _run_demo(tmp_path, "--images", str(tmp_path / "images"))
+    assert again.returncode == 1 and "discovery: 0 new image(s)" in again.stdout
+    assert "too-wide.png: " in again.stdout and "aspect ratio 3.00" in again.stdout
+    assert "no video was produced" not in again.stdout

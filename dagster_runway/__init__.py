@@ -1,7 +1,8 @@
 """dagster_runway: turn folders and buckets of still images into videos with Runway Gen-4 Turbo on RunComfy.
 
-Only light modules (schema, client, errors) are imported here. ``RunComfyResource`` loads dagster on
-first use, so that the client and the emulator can be used without it.
+Only light modules (schema, client, errors) are imported here. ``RunComfyResource``,
+``build_runway_pipeline``, ``RunwayPipelineConfig``, ``GenerationSettings``, ``RunwayPipelineComponent``
+and ``write_gallery`` load dagster on first use, so that the client and the emulator can be used without it.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -32,12 +33,27 @@ from dagster_runway.schema import Submission as Submission
 from dagster_runway.version import __version__ as __version__
 
 if TYPE_CHECKING:
+    from dagster_runway.component import RunwayPipelineComponent as RunwayPipelineComponent
+    from dagster_runway.media import GenerationSettings as GenerationSettings
+    from dagster_runway.pipeline import RunwayPipelineConfig as RunwayPipelineConfig
+    from dagster_runway.pipeline import build_runway_pipeline as build_runway_pipeline
+    from dagster_runway.pipeline.gallery import write_gallery as write_gallery
     from dagster_runway.resource import RunComfyResource as RunComfyResource
+
+# What needs dagster (or Pillow), imported on first use.
+_LAZY = {
+    "RunComfyResource": "dagster_runway.resource",
+    "GenerationSettings": "dagster_runway.media",
+    "RunwayPipelineConfig": "dagster_runway.pipeline",
+    "build_runway_pipeline": "dagster_runway.pipeline",
+    "RunwayPipelineComponent": "dagster_runway.component",
+    "write_gallery": "dagster_runway.pipeline.gallery",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "RunComfyResource":
-        from dagster_runway.resource import RunComfyResource
+    if name in _LAZY:
+        import importlib
 
-        return RunComfyResource
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dagster_runway' has no attribute {name!r}")

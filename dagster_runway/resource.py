@@ -6,10 +6,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dagster import ConfigurableResource, EnvVar, InitResourceContext
+from dagster_shared.libraries import DagsterLibraryRegistry
 from pydantic import Field, PrivateAttr
 
 from dagster_runway.client import DEFAULT_BASE_URL, AsyncRunComfyClient, RetryPolicy, RunComfyClient
 from dagster_runway.schema import MODEL_ID
+from dagster_runway.version import __version__
+
+DagsterLibraryRegistry.register("dagster-runway", __version__, is_dagster_package=False)
 
 
 class LiteralTokenWarning(UserWarning):

@@ -13,11 +13,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from dagster_runway.emulator import cli as emulator_cli
-
     emulator = commands.add_parser("emulator", help="Serve a local emulator of the RunComfy Model API.")
-    emulator_cli.add_arguments(emulator)
-    emulator.set_defaults(run=emulator_cli.run)
+    try:
+        from dagster_runway.emulator import cli as emulator_cli
+    except ImportError:  # starlette and uvicorn come with the extra
+        emulator.set_defaults(run=_emulator_missing)
+    else:
+        emulator_cli.add_arguments(emulator)
+        emulator.set_defaults(run=emulator_cli.run)
 
     from dagster_runway import demo
 
@@ -29,6 +32,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)
+
+
+EMULATOR_MISSING = "the emulator needs its extra: pip install 'dagster-runway[emulator]'"
+
+
+def _emulator_missing(args: argparse.Namespace) -> int:
+    print(f"dagster-runway emulator: error: {EMULATOR_MISSING}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

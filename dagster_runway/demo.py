@@ -180,7 +180,12 @@ def _run(args: argparse.Namespace) -> int:
             if not os.environ.get("RUNCOMFY_API_TOKEN"):
                 raise UsageError("RUNCOMFY_BASE_URL is set but RUNCOMFY_API_TOKEN is not")
         else:
-            from dagster_runway.emulator import Emulator, EmulatorConfig
+            try:
+                from dagster_runway.emulator import Emulator, EmulatorConfig
+            except ImportError:
+                from dagster_runway.cli import EMULATOR_MISSING
+
+                raise UsageError(f"{EMULATOR_MISSING}, or set RUNCOMFY_API_TOKEN to use the real service") from None
 
             emulator = stack.enter_context(Emulator(EmulatorConfig(time_scale=args.time_scale)))
             os.environ["RUNCOMFY_API_TOKEN"], base_url = emulator.token, emulator.base_url

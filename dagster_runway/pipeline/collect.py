@@ -51,6 +51,7 @@ from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.pipeline.gallery import gallery_uri
+from dagster_runway.pipeline.records import run_id_of as _run_id
 from dagster_runway.resource import RunComfyResource
 from dagster_runway.schema import RequestResult
 from dagster_runway.version import __version__
@@ -101,7 +102,7 @@ class CollectBatch:
         self.pipeline = pipeline
         self.resource = resource
         self.instance: DagsterInstance = context.instance
-        self.run_id: str | None = getattr(context, "run_id", None)
+        self.run_id: str | None = _run_id(context)
         self.log = context.log
         self.keys = list(keys)
         self.requests = dict(requests) if requests is not None else None

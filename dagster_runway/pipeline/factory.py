@@ -45,7 +45,6 @@ def build_definitions(pipeline: RunwayPipelineConfig, resource: RunComfyResource
     videos_job = define_asset_job(
         f"{pipeline.name}_collect_job" if deferred else f"{pipeline.name}_videos_job",
         selection=[pipeline.videos_key],
-        partitions_def=pipeline.partitions_def,
         executor_def=in_process_executor,  # one step: a second process per run would only cost its start
         description="Collect finished requests into videos, and check them."
         if deferred
@@ -54,7 +53,6 @@ def build_definitions(pipeline: RunwayPipelineConfig, resource: RunComfyResource
     verify_job = define_asset_job(
         f"{pipeline.name}_verify_job",
         selection=AssetSelection.checks_for_assets(pipeline.videos_key),
-        partitions_def=pipeline.partitions_def,
         executor_def=in_process_executor,
         description="Run the checks of stored videos again (checksum at rest, source unchanged, playable), "
         "without regenerating anything.",
@@ -68,7 +66,6 @@ def build_definitions(pipeline: RunwayPipelineConfig, resource: RunComfyResource
         submit_job = define_asset_job(
             f"{pipeline.name}_submit_job",
             selection=[pipeline.requests_key],
-            partitions_def=pipeline.partitions_def,
             executor_def=in_process_executor,
             description="Validate images and submit (or reuse) their requests, through the journal.",
         )

@@ -355,3 +355,9 @@ def step_failure_reasons(instance: DagsterInstance, run_id: str) -> dict[str, st
         value = failure_metadata.get("failed_partitions")
         reasons.update(getattr(value, "value", value) or {})
     return reasons
+
+
+def run_id_of(context: Any) -> str | None:
+    """The id of the run a step context belongs to (None for a context with no run, as in unit tests)."""
+    run = getattr(context, "run", None)
+    return getattr(run, "run_id", None)

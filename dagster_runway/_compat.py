@@ -35,6 +35,12 @@ from dagster._core.definitions.data_version import (
 # Dagster exports only its own sets (TableMetadataSet); the base class is not public.
 from dagster._core.definitions.metadata.metadata_set import NamespacedMetadataSet as NamespacedMetadataSet
 
+# What define_asset_job returns, for the annotations of the sensors and schedules that target the
+# pipeline's jobs; Dagster does not export the class.
+from dagster._core.definitions.unresolved_asset_job_definition import (  # noqa: E402
+    UnresolvedAssetJobDefinition as UnresolvedAssetJobDefinition,
+)
+
 # A run over a range of partitions: ``RunRequest`` takes one partition key only, so the range is
 # given by these tags, as Dagster's own backfills do.
 from dagster._core.storage.tags import (

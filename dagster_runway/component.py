@@ -50,12 +50,15 @@ def _attribute(annotation: Any, field: Any) -> tuple[Any, Any]:
     return annotation, Field(field.default, description=field.description)
 
 
+_ATTRIBUTES: dict[str, Any] = {
+    name: _attribute(field.annotation, field) for name, field in RunwayPipelineConfig.model_fields.items()
+}
 RunwayPipelineComponent = create_model(
     "RunwayPipelineComponent",
     __base__=_RunwayPipelineComponentBase,
     __module__=__name__,
     __doc__="Image-to-video with Runway Gen-4 Turbo on RunComfy: partitioned assets, checks, sensors and jobs.",
-    **{name: _attribute(field.annotation, field) for name, field in RunwayPipelineConfig.model_fields.items()},
+    **_ATTRIBUTES,
     api_token_env=(
         str,
         Field("RUNCOMFY_API_TOKEN", description="The environment variable that holds the API token (read in each run)."),

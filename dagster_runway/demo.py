@@ -146,6 +146,7 @@ def _run(args: argparse.Namespace) -> int:
     home = _prepare_home(Path(args.dagster_home))
     from dagster import DagsterInstance, EnvVar
 
+    from dagster_runway.client import DEFAULT_BASE_URL
     from dagster_runway.pipeline import RunwayPipelineConfig, build_runway_pipeline
     from dagster_runway.pipeline.gallery import write_gallery
     from dagster_runway.resource import RunComfyResource
@@ -196,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
             )
         # The token is read from the environment inside each run: never a literal Dagster would snapshot.
         resource = RunComfyResource(
-            api_token=EnvVar("RUNCOMFY_API_TOKEN"), **({"base_url": base_url} if base_url else {}), poll_interval=0.5
+            api_token=EnvVar("RUNCOMFY_API_TOKEN"), base_url=base_url or DEFAULT_BASE_URL, poll_interval=0.5
         )
         defs = build_runway_pipeline(images, output, resource=resource, **options)
         instance = stack.enter_context(DagsterInstance.get())
@@ -266,7 +267,7 @@ def _rows(defs: Any, instance: Any, config: Any) -> list[Row]:
     videos_key, requests_key = config.videos_key, config.requests_key
     current = {entry.partition_key: entry for entry in config.image_source().list()}
     rows = []
-    for key in instance.get_dynamic_partitions(config.partitions_def.name):
+    for key in instance.get_dynamic_partitions(config.dynamic_partitions_name):
         video = rec.latest_video(instance, videos_key, key)
         if video is None:
             failure = rec.latest_failure(instance, (requests_key, videos_key), key)
@@ -310,8 +311,8 @@ def _print_table(rows: list[Row]) -> None:
     ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
     print()
-    for row in table:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    for line in table:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
     for row in rows:
         if row.outcome not in ("ok", "checks failed", "stale"):
             print(f"\n{row.partition}: {row.outcome.split(': ', 1)[-1]}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -24,8 +24,8 @@ RATIOS: tuple[str, ...] = ("1584:672", "1280:720", "1104:832", "960:960", "832:1
 DURATIONS: tuple[int, ...] = (5, 10)
 SEED_MAX = 4294967295
 PROMPT_TEXT_MAX = 1000
-DEFAULT_RATIO = "1280:720"
-DEFAULT_DURATION = 5
+DEFAULT_RATIO: Final = "1280:720"
+DEFAULT_DURATION: Final = 5
 DEFAULT_SEED = 936116745
 DEFAULT_PROMPT_TEXT = (
     "The subject sits in the driver's seat of a parked car in the forest. She starts the engine and slowly "

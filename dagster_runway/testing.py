@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -95,7 +96,7 @@ class LocalDaemon:
         return outcome
 
     def _launch(
-        self, origin_tag: str, name: str, default_job: str | None, requests: list[RunRequest], outcome: TickOutcome
+        self, origin_tag: str, name: str, default_job: str | None, requests: Sequence[RunRequest], outcome: TickOutcome
     ) -> None:
         for request in requests:
             if request.run_key and self._launched(origin_tag, name, request.run_key):

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -60,6 +60,15 @@ RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 T = TypeVar("T")
+
+
+class _ErrorFields(TypedDict):
+    """What every RunComfyError of an HTTP answer carries."""
+
+    status_code: int | None
+    error_code: int | None
+    request_id: str | None
+    detail: Any
 
 
 @dataclass(frozen=True)
@@ -319,7 +328,7 @@ class RequestCore:
         code = code if isinstance(code, int) else _int_or_none(code)
         detail = body.get("detail") if isinstance(body, dict) else None
         text = self.redact(_error_text(body, response))
-        common = {"status_code": status, "error_code": code, "request_id": request_id, "detail": detail}
+        common: _ErrorFields = {"status_code": status, "error_code": code, "request_id": request_id, "detail": detail}
         where = f"RunComfy {what} for {target}"
 
         if status == 429:

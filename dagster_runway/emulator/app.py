@@ -326,7 +326,7 @@ class EmulatorApp:
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return error_response(exc.status_code, exc.status_code * 1000 + 1, exc.detail, headers=exc.headers)
+        return error_response(exc.status_code, exc.status_code * 1000 + 1, exc.detail, headers=dict(exc.headers) if exc.headers else None)
 
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
         logger.error("emulator: internal error on %s", request.url.path, exc_info=exc)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from starlette.types import Receive
 
@@ -51,7 +51,8 @@ class Holds:
             self._changed.notify_all()
         gone = asyncio.ensure_future(until_disconnected(receive))
         try:
-            await asyncio.wait([held.outcome, gone], return_when=asyncio.FIRST_COMPLETED)
+            waiting: list[asyncio.Future[Any]] = [held.outcome, gone]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
             with self._changed:

@@ -20,6 +20,7 @@ root.
 
 from __future__ import annotations
 
+import builtins
 import csv
 import hashlib
 import io
@@ -294,7 +295,7 @@ class ImageSource:
         )
 
     @property
-    def entries(self) -> list[ImageEntry]:
+    def entries(self) -> builtins.list[ImageEntry]:  # `list` is the method here
         """The entries of the last listing (lists once if never listed)."""
         if self._entries is None:
             self.list()

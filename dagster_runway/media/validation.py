@@ -17,6 +17,7 @@ import hashlib
 import io
 import struct
 from dataclasses import dataclass
+from typing import IO, cast
 
 import fsspec
 from PIL import Image, UnidentifiedImageError
@@ -160,7 +161,7 @@ def _identify(reader: _RangeReader, shown: str) -> tuple[str, int, int]:
         return "WEBP", size[0], size[1]
     try:
         # No warnings.catch_warnings() here: it is not thread-safe, and a sensor may validate in threads.
-        with Image.open(reader) as image:
+        with Image.open(cast(IO[bytes], reader)) as image:  # a file-like over ranged reads
             return str(image.format), image.width, image.height
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _fail(

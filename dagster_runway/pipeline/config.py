@@ -151,9 +151,14 @@ class RunwayPipelineConfig(BaseModel):
 
     # Derived names and objects
 
+    @property
+    def dynamic_partitions_name(self) -> str:
+        """The name of the dynamic partitions: one per image."""
+        return self.partitions_name or f"{self.name}_images"
+
     @cached_property
     def partitions_def(self) -> DynamicPartitionsDefinition:
-        return DynamicPartitionsDefinition(name=self.partitions_name or f"{self.name}_images")
+        return DynamicPartitionsDefinition(name=self.dynamic_partitions_name)
 
     @property
     def images_key(self) -> AssetKey:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -44,7 +44,7 @@ class Card:
 
 def cards(pipeline: RunwayPipelineConfig, instance: DagsterInstance) -> list[Card]:
     """Every partition's card, read from the event log and the source's listing."""
-    keys = instance.get_dynamic_partitions(pipeline.partitions_def.name)
+    keys = instance.get_dynamic_partitions(pipeline.dynamic_partitions_name)
     videos = rec.latest_videos(instance, pipeline.videos_key, keys)
     checks = _check_statuses(instance, pipeline, keys)
     listing = {entry.partition_key: entry for entry in pipeline.image_source().list()}
@@ -101,7 +101,7 @@ def write_gallery(pipeline: RunwayPipelineConfig, instance: DagsterInstance) -> 
 
 
 def _check_statuses(
-    instance: DagsterInstance, pipeline: RunwayPipelineConfig, keys: list[str]
+    instance: DagsterInstance, pipeline: RunwayPipelineConfig, keys: Sequence[str]
 ) -> dict[str, dict[str, str]]:
     """Each partition's check results that judged its latest video (as the UI counts them)."""
     infos = instance.event_log_storage.get_asset_check_partition_info(

@@ -19,6 +19,7 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     EventLogRecord,
+    MetadataValue,
 )
 
 from dagster_runway import _compat
@@ -353,7 +354,9 @@ def step_failure_reasons(instance: DagsterInstance, run_id: str) -> dict[str, st
         data = record.event_log_entry.dagster_event.step_failure_data  # type: ignore[union-attr]
         failure_metadata = (data.user_failure_data.metadata if data and data.user_failure_data else None) or {}
         value = failure_metadata.get("failed_partitions")
-        reasons.update(getattr(value, "value", value) or {})
+        found = value.value if isinstance(value, MetadataValue) else value
+        if isinstance(found, Mapping):
+            reasons.update({str(k): str(v) for k, v in found.items()})
     return reasons
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dagster import (
     DefaultScheduleStatus,
-    JobDefinition,
     RunRequest,
     RunsFilter,
     ScheduleEvaluationContext,
@@ -19,6 +18,7 @@ from dagster import (
     schedule,
 )
 
+from dagster_runway import _compat
 from dagster_runway.pipeline import reconcile as rc
 from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.pipeline.sensors import (
@@ -33,7 +33,7 @@ from dagster_runway.pipeline.sensors import (
 
 
 def build_submit_schedule(
-    pipeline: RunwayPipelineConfig, submit_job: JobDefinition, collect_job: str, submit_op: str, status_sensor: str
+    pipeline: RunwayPipelineConfig, submit_job: _compat.UnresolvedAssetJobDefinition, collect_job: str, submit_op: str, status_sensor: str
 ):
     assert pipeline.submit_schedule is not None
     name = f"{pipeline.name}_submit_schedule"
@@ -52,7 +52,7 @@ def build_submit_schedule(
         instance = context.instance
         found = discover(pipeline, instance, memory_key(pipeline, name))
         if found.new:
-            instance.add_dynamic_partitions(pipeline.partitions_def.name, found.new)
+            instance.add_dynamic_partitions(pipeline.dynamic_partitions_name, found.new)
         for record in found.records:
             instance.report_runless_asset_event(record)
         memory = rc.SensorMemory.from_json(load_memory(instance, memory_key(pipeline, status_sensor)) or {})
@@ -61,7 +61,7 @@ def build_submit_schedule(
                 f"{len(found.new)} new image(s) recorded; nothing submitted: the status sensor ({status_sensor}) has "
                 "not read the event log yet. Turn it on; the next tick submits what is owed."
             )
-        order = list(instance.get_dynamic_partitions(pipeline.partitions_def.name))
+        order = list(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
         for key, version in found.versions.items():
             memory.state(key).image_version = version  # what this listing saw, newer than the sensor's memory
         policy = rc.Policy(pipeline.on_change, pipeline.retry_failed_generations, pipeline.max_spend_usd)
@@ -90,7 +90,7 @@ def build_submit_schedule(
     return _submit
 
 
-def build_verify_schedule(pipeline: RunwayPipelineConfig, verify_job: JobDefinition, videos_op: str):
+def build_verify_schedule(pipeline: RunwayPipelineConfig, verify_job: _compat.UnresolvedAssetJobDefinition, videos_op: str):
     assert pipeline.verify_schedule is not None
 
     @schedule(
@@ -104,7 +104,7 @@ def build_verify_schedule(pipeline: RunwayPipelineConfig, verify_job: JobDefinit
         "anything, so silent corruption or a changed source shows in the UI.",
     )
     def _verify(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
-        order = list(context.instance.get_dynamic_partitions(pipeline.partitions_def.name))
+        order = list(context.instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
         tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
         requests = verify_run_requests(pipeline, order, videos_op, prefix=f"verify:{tick}")
         return requests or SkipReason("no partitions yet")

@@ -21,7 +21,6 @@ from dagster import (
     DagsterInstance,
     DagsterRunStatus,
     DefaultSensorStatus,
-    JobDefinition,
     RunRequest,
     RunsFilter,
     SensorEvaluationContext,
@@ -70,7 +69,7 @@ def save_memory(instance: Any, key: str, data: dict[str, Any]) -> int:
 
 
 def memory_key(pipeline: RunwayPipelineConfig, sensor_name: str) -> str:
-    return f"dagster_runway/{pipeline.partitions_def.name}/{sensor_name}"
+    return f"dagster_runway/{pipeline.dynamic_partitions_name}/{sensor_name}"
 
 
 def op_config(op_name: str, partitions: list[str], **extra: Any) -> dict[str, Any]:
@@ -100,7 +99,7 @@ def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: 
     recorded again, which costs one event each and pays nothing.
     """
     known: dict[str, str] = (load_memory(instance, memory) or {}).get("versions", {})
-    existing = set(instance.get_dynamic_partitions(pipeline.partitions_def.name))
+    existing = set(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
     entries = pipeline.image_source().list()
     found = Discovery(len(entries), {}, [], [], [])
     for entry in entries:
@@ -128,7 +127,7 @@ def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: 
     return found
 
 
-def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: JobDefinition | None, op_name: str):
+def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: _compat.UnresolvedAssetJobDefinition | None, op_name: str):
     """Lists the source each tick; adds a partition per new image and records every new or changed one.
 
     In deferred mode the status sensor decides what to submit; in blocking mode this sensor also
@@ -150,7 +149,7 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: JobDefini
         found = discover(pipeline, context.instance, memory_key(pipeline, name))
         run_requests: list[RunRequest] = []
         if pipeline.mode == "blocking":
-            order = [*context.instance.get_dynamic_partitions(pipeline.partitions_def.name), *found.new]
+            order = [*context.instance.get_dynamic_partitions(pipeline.dynamic_partitions_name), *found.new]
             wanted = found.new + (found.changed if pipeline.on_change == "regenerate" else [])
             run_requests = rc.batch_run_requests(
                 wanted,
@@ -225,7 +224,7 @@ class StatusTick:
             summary = {"rebuilding": True, "high_water": self.memory.high_water, "memory_bytes": size}
             self.context.log.info(f"Reading the event log to rebuild what is owed: up to storage id {self.memory.high_water}")
             return SensorResult(cursor=json.dumps(summary))
-        order = list(self.instance.get_dynamic_partitions(pipeline.partitions_def.name))
+        order = list(self.instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
         for key in order:
             self.memory.state(key)
         polled = self.poll(order, pipeline.sensor_budget_s - self.elapsed() - 2.0)
@@ -293,7 +292,7 @@ class StatusTick:
             return 0
         start = self.memory.round_robin % len(keys)
         keys = keys[start:] + keys[:start]
-        by_id = {states[k].request_id: k for k in keys}
+        by_id = {request_id: k for k in keys if (request_id := states[k].request_id) is not None}
         answers = _poll(self.resource, list(by_id), max(1.0, budget_s))
         polled = 0
         for request_id, answer in answers.items():
@@ -405,11 +404,11 @@ class StatusTick:
     def _uncreated_run_keys(self, order: list[str], since: float) -> set[str]:
         """Run keys this sensor requested recently whose runs the daemon has not created yet."""
         states = self.memory.partitions
-        recent = {states[k].run_key for k in order if states[k].run_key and states[k].launched_at >= since}
+        recent = {run_key for k in order if (run_key := states[k].run_key) and states[k].launched_at >= since}
         if not recent:
             return set()
         created = self.instance.get_run_records(RunsFilter(tags={RUN_KEY_TAG: sorted(recent)}))
-        return recent - {record.dagster_run.tags.get(RUN_KEY_TAG) for record in created}
+        return recent - {record.dagster_run.tags.get(RUN_KEY_TAG, "") for record in created}
 
     def _exhausted(self, key: str, state: rc.PartitionState, where: str, launched: int) -> None:
         """Record that the runs launched for a partition kept ending without a result."""
@@ -427,8 +426,8 @@ class StatusTick:
 
 def build_status_sensor(
     pipeline: RunwayPipelineConfig,
-    submit_job: JobDefinition,
-    collect_job: JobDefinition,
+    submit_job: _compat.UnresolvedAssetJobDefinition,
+    collect_job: _compat.UnresolvedAssetJobDefinition,
     submit_op: str,
     collect_op: str,
 ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 from pathlib import Path
 
@@ -299,6 +300,11 @@ def test_an_ambiguous_submit_is_flagged_and_never_silently_paid_again(
     failure = latest_failure(instance, "img00.png")
     assert failure.failure_class == "ambiguous" and "may have been accepted and billed" in failure.reason
     assert "force_after_ambiguous: true" in failure.next_step and "seed" in failure.next_step
+    # One fingerprint: every one the failure and the journal name is the one recorded on the partition.
+    recorded = failure.metadata["fingerprint"]
+    claims = list((tmp_path / "videos" / ".runway" / "claims").rglob("*.json"))
+    named = re.findall(r"\b[0-9a-f]{64}\b", failure.reason + failure.next_step + "".join(c.read_text() for c in claims))
+    assert named and set(named) == {recorded}, (named, recorded)
 
     assert _settle(daemon) == []  # the sensor does not retry it
     submit = defs.resolve_job_def("runway_submit_job")

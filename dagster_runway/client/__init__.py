@@ -124,9 +124,12 @@ class RunComfyClient(_ClientBase):
     def _run(self, call: Call[T]) -> T:
         return run_sync(call, lambda request: self._http.send(request))
 
-    def submit(self, input: InputLike) -> Submission:
-        """Submit one generation; billed. Never resubmitted after the body was sent (see ``AmbiguousSubmitError``)."""
-        return self._run(self._core.submit(input))
+    def submit(self, input: InputLike, *, fingerprint: str | None = None) -> Submission:
+        """Submit one generation; billed. Never resubmitted after the body was sent (see ``AmbiguousSubmitError``).
+
+        ``fingerprint`` is the caller's identity of this input (the pipeline's generation fingerprint),
+        named in an ``AmbiguousSubmitError``; by default, ``input_fingerprint`` of the body."""
+        return self._run(self._core.submit(input, fingerprint))
 
     def status(self, request_id: str) -> RequestStatus:
         return self._run(self._core.status(request_id))
@@ -237,8 +240,9 @@ class AsyncRunComfyClient(_ClientBase):
         except StopIteration as done:
             return done.value
 
-    async def submit(self, input: InputLike) -> Submission:
-        return await self._run(self._core.submit(input))
+    async def submit(self, input: InputLike, *, fingerprint: str | None = None) -> Submission:
+        """As ``RunComfyClient.submit``."""
+        return await self._run(self._core.submit(input, fingerprint))
 
     async def status(self, request_id: str) -> RequestStatus:
         return await self._run(self._core.status(request_id))

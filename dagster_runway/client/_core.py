@@ -174,12 +174,12 @@ class RequestCore:
 
     # -- the four calls ------------------------------------------------------------------------
 
-    def submit(self, input: ImageToVideoInput | Mapping[str, Any]) -> Call[Submission]:
+    def submit(self, input: ImageToVideoInput | Mapping[str, Any], fingerprint: str | None = None) -> Call[Submission]:
         model = input if isinstance(input, ImageToVideoInput) else self._validate_input(input)
         body = model.to_request()
         path = "/v1/models/" + "/".join(quote(part, safe="") for part in self.model_id.split("/"))
         request = httpx.Request("POST", self.base_url + path, json=body)
-        fingerprint = input_fingerprint(self.model_id, body)
+        fingerprint = fingerprint or input_fingerprint(self.model_id, body)
         return self._call(request, Submission, idempotent=False, what="submit", fingerprint=fingerprint)
 
     def status(self, request_id: str) -> Call[RequestStatus]:

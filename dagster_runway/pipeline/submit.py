@@ -521,7 +521,7 @@ class SubmitBatch:
                 "run the partition again.", retryable=True,
             )
         try:
-            submission: Submission = await client.submit(plan.model_input)
+            submission: Submission = await client.submit(plan.model_input, fingerprint=prepared.fingerprint)
         except AmbiguousSubmitError as exc:
             claim = await asyncio.to_thread(journal.record_ambiguous, claim, exc.message)
             return "failed", plan, self._ambiguous(prepared, claim)

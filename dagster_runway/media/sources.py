@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
+from fsspec.utils import glob_translate
 
 from ._fs import full_url, is_local, url_to_fs
 from .errors import SettingsError, SourceError, shown_path
@@ -67,44 +68,16 @@ class ImageEntry:
 
 
 def compile_patterns(patterns: Iterable[str]) -> re.Pattern[str]:
-    """One case-insensitive regex for glob ``patterns`` matched against a relative path.
-
-    ``**/`` matches zero or more folders, ``*`` and ``?`` stay within one path segment, ``[...]`` is a
-    character class (``[!...]`` negated).
-    """
+    """One case-insensitive regex for glob ``patterns`` matched against a relative path (fsspec's glob
+    translation: ``**/`` matches zero or more folders, ``*`` and ``?`` stay within one path segment,
+    ``[...]`` is a character class, ``[!...]`` negated)."""
     alternatives = []
     for pattern in patterns:
         pattern = pattern.strip().lstrip("/")
-        if pattern.startswith("./"):
-            pattern = pattern[2:]
-        out, i = [], 0
-        while i < len(pattern):
-            if pattern.startswith("**/", i):
-                out.append("(?:[^/]+/)*")
-                i += 3
-            elif pattern.startswith("**", i):
-                out.append(".*")
-                i += 2
-            elif pattern[i] == "*":
-                out.append("[^/]*")
-                i += 1
-            elif pattern[i] == "?":
-                out.append("[^/]")
-                i += 1
-            elif pattern[i] == "[" and "]" in pattern[i + 2 :]:
-                close = pattern.index("]", i + 2)
-                body = pattern[i + 1 : close]
-                if body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append(f"[{body.replace(chr(92), chr(92) * 2)}]")
-                i = close + 1
-            else:
-                out.append(re.escape(pattern[i]))
-                i += 1
-        alternatives.append("".join(out))
+        alternatives.append(glob_translate(pattern.removeprefix("./")))
     if not alternatives:
         raise ValueError("at least one glob pattern is needed, e.g. '**/*.png'")
-    return re.compile("|".join(f"(?:{alt})" for alt in alternatives) + r"\Z", re.IGNORECASE | re.DOTALL)
+    return re.compile("|".join(f"(?:{alt})" for alt in alternatives), re.IGNORECASE)
 
 
 def change_token_of(info: Mapping[str, Any]) -> str:

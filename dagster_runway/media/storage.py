@@ -46,6 +46,7 @@ from dagster_runway._redact import redact_url
 
 from ._fs import full_url, is_local, protocols, url_to_fs
 from .errors import DownloadError, MediaError, NotAVideoError, redact_message
+from .validation import content_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -484,8 +485,4 @@ def sha256_of(
 ) -> str:
     """Re-hash a stored object by streaming it (for the checksum-at-rest check)."""
     fs, path = url_to_fs(dest, storage_options)
-    digest = hashlib.sha256()
-    with fs.open(path, "rb", block_size=chunk_size) as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return content_sha256(fs, path, chunk_size=chunk_size)

@@ -350,9 +350,6 @@ def check_pixels(data: bytes, shown: str) -> None:
 
 
 def content_sha256(fs: fsspec.AbstractFileSystem, path: str, *, chunk_size: int = 4 * 2**20) -> str:
-    """The sha256 (hex) of a file's bytes, streamed in ``chunk_size`` reads."""
-    digest = hashlib.sha256()
+    """The sha256 (hex) of a file's bytes, streamed (fetched ``chunk_size`` at a time)."""
     with fs.open(path, "rb", block_size=chunk_size) as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()

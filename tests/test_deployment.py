@@ -85,6 +85,7 @@ def test_images_become_videos_on_a_real_deployment_within_its_run_and_pool_limit
     assert _max_overlap(steps) <= 1, steps
 
 REQUESTS = "runway/requests"
+QUIET_S = 10.0
 FAST = {"RUNWAY_MISSING_PROMPT": "service_default", "RUNWAY_OPTIONS": '{"status_interval_s": 3, "discovery_interval_s": 3}'}
 
 
@@ -111,11 +112,19 @@ def _settle(deployment, count: int, timeout: float = 240) -> dict[str, tuple[str
     def probe() -> tuple[dict[str, Any], list[Any]]:
         return _outcomes(deployment), deployment.graphql.runs(statuses=["QUEUED", "NOT_STARTED", "STARTING", "STARTED"])
 
-    outcomes, _ = deployment.wait_until(
-        probe, lambda state: len(state[0]) == count and not state[1], timeout=timeout, interval=1.0,
-        what=f"{count} partitions with a video or a failure, and no run in progress",
-    )  # fmt: skip
-    return outcomes
+    # Settled means it stays so for a quiet period longer than two status ticks (3 s each here): between
+    # two runs nothing is in progress, yet the sensor may still owe a collect or a resubmit.
+    deadline = time.monotonic() + timeout
+    while True:
+        outcomes, _ = deployment.wait_until(
+            probe, lambda state: len(state[0]) == count and not state[1], timeout=max(1.0, deadline - time.monotonic()),
+            interval=1.0, what=f"{count} partitions with a video or a failure, and no run in progress",
+        )  # fmt: skip
+        time.sleep(QUIET_S)
+        again, running = probe()
+        if again == outcomes and not running:
+            return outcomes
+        assert time.monotonic() < deadline, f"not settled within {timeout:.0f}s: {again}, runs {running}"
 
 
 def _assert_each_input_billed_once(deployment) -> None:

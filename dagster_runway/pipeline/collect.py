@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 import fsspec
-from dagster import AssetMaterialization, AssetRecordsFilter, DagsterInstance, MetadataValue
+from dagster import AssetMaterialization, DagsterInstance, MetadataValue
 
 from dagster_runway import _compat
 from dagster_runway import journal as jn
@@ -363,7 +363,8 @@ class CollectBatch:
         self, key: str, video: rec.VideoRecord, record: rec.RequestRecord | None
     ) -> Iterator[Any]:
         """The checks of a stored video, measured now, linked to its latest materialization."""
-        yield from ck.evaluate(self._stored_inputs(key, video, record), key, self._target(key, this_run=False))
+        self._unjudged.append((key, self._stored_inputs(key, video, record), False))
+        yield from self._judge()
 
     def _stored_inputs(self, key: str, video: rec.VideoRecord, record: rec.RequestRecord | None) -> ck.CheckInputs:
         probe, error = None, None
@@ -435,19 +436,6 @@ class CollectBatch:
                     storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
                 )
             yield from ck.evaluate(inputs, key, target)
-
-    def _target(self, key: str, *, this_run: bool) -> _compat.AssetCheckEvaluationTargetMaterializationData | None:
-        """The latest materialization of ``key``, which the checks judge; with ``this_run``, only if this run
-        just recorded it (events are stored as they are yielded)."""
-        records = self.instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=self.pipeline.videos_key, asset_partitions=[key]), limit=1
-        ).records
-        if not records or (this_run and self.run_id is not None and records[0].run_id != self.run_id):
-            return None
-        latest = records[0]
-        return _compat.AssetCheckEvaluationTargetMaterializationData(
-            storage_id=latest.storage_id, run_id=latest.run_id, timestamp=latest.timestamp
-        )
 
     def _provenance(self, key: str, record: rec.RequestRecord, video_sha256: str) -> dict[str, str]:
         """The video's inputs: its source image (so a changed image shows it stale) and, when deferred, its request."""

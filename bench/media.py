@@ -284,9 +284,12 @@ def main() -> None:
             # -- 2. storing a large video ---------------------------------------------------------
             serve_dir = tmp / "serve"
             serve_dir.mkdir()
-            video_size = max(200, args.video_mb) * MB
+            video_size = -(-max(200, args.video_mb) // 16) * 16 * MB  # whole 16 MB chunks
             with open(serve_dir / "video.mp4", "wb") as handle:
-                for _ in range(video_size // (16 * MB)):
+                # An MP4's first box, so that store_video's signature check passes; random bytes after it.
+                handle.write(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom")
+                handle.write(os.urandom(16 * MB - 24))
+                for _ in range(video_size // (16 * MB) - 1):
                     handle.write(os.urandom(16 * MB))
             http_port = _free_port()
             http_cmd = [

@@ -105,11 +105,15 @@ def _sample_images(home: Path) -> str:
     return str(folder)
 
 
-def _check_images(images: str, patterns: tuple[str, ...], found: int) -> None:
+def _count_images(images: str, config: Any) -> int:
+    """How many images ``--images`` holds; a missing folder or no match is a usage error."""
     if "://" not in images and not Path(images).is_dir():
         raise UsageError(f"--images: {images} is not a folder; give a folder of images or an s3:// prefix")
+    found = len(config.image_source().list())
     if found == 0:
-        raise UsageError(f"--images: no file in {images} matches {', '.join(patterns)}; add images or check the path")
+        patterns = ", ".join(config.patterns)
+        raise UsageError(f"--images: no file in {images} matches {patterns}; add images or check the path")
+    return found
 
 
 def _definitions_file(home: Path, images: str, output: str, options: dict[str, Any], base_url: str | None) -> Path:
@@ -164,10 +168,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_spend is not None:
         options["max_spend_usd"] = args.max_spend
     config = RunwayPipelineConfig(source=images, output=output, **options)
-    if "://" not in images and not Path(images).is_dir():
-        _check_images(images, config.patterns, 0)
-    found = len(config.image_source().list())
-    _check_images(images, config.patterns, found)
+    found = _count_images(images, config)
     with contextlib.ExitStack() as stack:
         base_url = os.environ.get("RUNCOMFY_BASE_URL")
         if real:

@@ -206,6 +206,9 @@ def test_a_daemon_restart_mid_submit_loses_nothing_and_leaves_nothing_stuck(depl
     stopping.start()
     time.sleep(1.0)
     deployment.emulator_admin("DELETE", "/faults").raise_for_status()
+    # The flagged image stays flagged: the dying run may cancel (refund) its request before the service
+    # fails it, and then the restarted daemon submits it again.
+    deployment.emulator_admin("POST", "/faults", json=[safety]).raise_for_status()
     deployment.emulator_admin("POST", "/release").raise_for_status()
     stopping.join(120)
     deployment.start_daemon()

@@ -6,28 +6,16 @@ files beside it, with no request per image. Patterns are matched here, case-inse
 ``*.png`` also finds ``CAT.PNG``; files and folders whose name starts with ``.`` are skipped
 (``.DS_Store``, macOS ``._x.png`` resource forks, temporary uploads).
 
-Sidecars, for ``dir/cat.png``, lowest precedence first: ``dir/cat.txt`` (the whole text is the
-prompt), ``dir/cat.json`` (an object of settings), ``dir/cat.png.txt``, ``dir/cat.png.json``. The
-``cat.*`` sidecars apply to every image with that stem (``cat.png`` and ``cat.jpg``); the full-name
-ones to one image. Sidecars take precedence over the manifest, which takes precedence over the
-defaults.
-
-Manifest: one CSV (a ``path`` column plus any of ``promptText``/``prompt``, ``ratio``, ``duration``,
-``seed``) or JSON (a list of objects with ``path``; an object mapping paths to settings; or
-``{"defaults": {...}, "images": <either>}``) for the whole source. Paths are relative to the source
-root.
+Per-image settings: sidecars (:mod:`.sidecars`) take precedence over the manifest (:mod:`.manifest`),
+which takes precedence over the defaults.
 """
 
 from __future__ import annotations
 
 import builtins
-import csv
-import hashlib
-import io
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
@@ -36,6 +24,7 @@ from fsspec.utils import glob_translate
 from ._fs import full_url, is_local, url_to_fs
 from .errors import SettingsError, SourceError, shown_path
 from .keys import partition_key_for
+from .manifest import Manifest, read_manifest
 from .settings import (
     AUTO_RATIO,
     GenerationSettings,
@@ -45,11 +34,10 @@ from .settings import (
     normalise_fields,
     resolve_auto_ratio,
 )
+from .sidecars import read_sidecar, sidecar_candidates
 from .validation import ImageInfo, content_sha256, validate_image
 
 DEFAULT_PATTERNS: tuple[str, ...] = ("**/*.png", "**/*.jpg", "**/*.jpeg", "**/*.webp")
-SIDECAR_MAX_BYTES = 1024 * 1024
-_MANIFEST_PATH_COLUMNS = ("path", "image", "file", "relpath", "filename")
 
 
 @dataclass(frozen=True)
@@ -100,30 +88,8 @@ def change_token_of(info: Mapping[str, Any]) -> str:
     return f"size:{size}"
 
 
-def _settings_token(manifest: _Manifest, relpath: str) -> str:
-    rows = [fields for _, fields in manifest.rows.get(relpath, [])]
-    if not rows and not manifest.defaults:
-        return ""
-    text = json.dumps([manifest.defaults, rows], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _sidecar_candidates(path: str) -> list[str]:
-    folder, _, name = path.rpartition("/")
-    prefix = f"{folder}/" if folder else ""
-    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
-    return [f"{prefix}{stem}.txt", f"{prefix}{stem}.json", f"{prefix}{name}.txt", f"{prefix}{name}.json"]
-
-
 def _hidden(relpath: str) -> bool:
     return any(segment.startswith(".") and segment not in (".", "..") for segment in relpath.split("/"))
-
-
-@dataclass
-class _Manifest:
-    url: str
-    defaults: dict[str, Any] = field(default_factory=dict)
-    rows: dict[str, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
 
 
 class ImageSource:
@@ -167,7 +133,7 @@ class ImageSource:
         self.root: str = root.rstrip("/") if root not in ("/", "") else root
         self._entries: list[ImageEntry] | None = None
         self._by_key: dict[str, ImageEntry] = {}
-        self._manifest: _Manifest | None = None
+        self._manifest: Manifest | None = None
         self._manifest_loaded = False
         #: Manifest paths that matched no image at the last listing (typos, deleted files).
         self.manifest_unmatched: list[str] = []
@@ -227,10 +193,10 @@ class ImageSource:
             relpath = self._relpath(path)
             if not relpath or _hidden(relpath) or not self._matcher.match(relpath):
                 continue
-            sidecars = tuple(c for c in _sidecar_candidates(path) if c in found and c != path)
+            sidecars = tuple(c for c in sidecar_candidates(path) if c in found and c != path)
             entry = self._entry(path, relpath, info, sidecars, [found[c] for c in sidecars])
             if manifest is not None:
-                entry = replace(entry, settings_token=_settings_token(manifest, relpath))
+                entry = replace(entry, settings_token=manifest.settings_token(relpath))
             entries.append(entry)
         entries.sort(key=lambda e: e.partition_key)
         by_key: dict[str, ImageEntry] = {}
@@ -305,7 +271,7 @@ class ImageSource:
         if info.get("type", "file") != "file":
             return None
         sidecars, infos = [], []
-        for candidate in _sidecar_candidates(path):
+        for candidate in sidecar_candidates(path):
             try:
                 sidecar_info = self.fs.info(candidate)
             except FileNotFoundError:
@@ -332,132 +298,15 @@ class ImageSource:
         path = f"{self.root}/{manifest}"
         return self.fs, path, full_url(self.fs, path)
 
-    def _load_manifest(self, *, refresh: bool = False) -> _Manifest | None:
+    def _load_manifest(self, *, refresh: bool = False) -> Manifest | None:
         if self.manifest is None:
             return None
         if self._manifest_loaded and not refresh:
             return self._manifest
         fs, path, shown = self._manifest_location()
-        try:
-            fs.invalidate_cache(path)
-            raw = fs.cat_file(path)
-        except FileNotFoundError:
-            raise SettingsError(
-                shown, "manifest file does not exist; fix the manifest path or create it"
-            ) from None
-        except Exception as exc:
-            raise SettingsError(shown, f"cannot read the manifest ({type(exc).__name__}: {exc})") from None
-        try:
-            text = bytes(raw).decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise SettingsError(shown, "manifest is not UTF-8 text; save it as UTF-8") from None
-        if path.lower().endswith(".csv"):
-            manifest = self._parse_csv(text, shown)
-        elif path.lower().endswith(".json"):
-            manifest = self._parse_json(text, shown)
-        else:
-            raise SettingsError(shown, "manifest must be a .csv or .json file")
-        self._manifest, self._manifest_loaded = manifest, True
-        return manifest
-
-    def _manifest_relpath(self, value: Any, where: str) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise SettingsError(
-                where, "missing image path; give the path relative to the source root", field="path"
-            )
-        text = value.strip().replace("\\", "/")
-        for prefix in (self.root_url.rstrip("/") + "/", self.root.rstrip("/") + "/"):
-            if text.startswith(prefix):
-                text = text[len(prefix) :]
-        while text.startswith("./"):
-            text = text[2:]
-        return text.lstrip("/")
-
-    def _add_row(self, manifest: _Manifest, relpath: str, where: str, fields: dict[str, Any]) -> None:
-        manifest.rows.setdefault(relpath, []).append((where, fields))
-
-    def _parse_csv(self, text: str, shown: str) -> _Manifest:
-        manifest = _Manifest(url=shown)
-        reader = csv.DictReader(io.StringIO(text))
-        columns = [c.strip() for c in reader.fieldnames or []]
-        path_column = next((c for c in _MANIFEST_PATH_COLUMNS if c in columns), None)
-        if path_column is None:
-            raise SettingsError(
-                shown, f"CSV manifest has no 'path' column (columns: {', '.join(columns) or 'none'})"
-            )
-        for row in reader:
-            where = f"{shown} (line {reader.line_num})"
-            cleaned = {(k or "").strip(): v for k, v in row.items()}
-            if None in row:
-                raise SettingsError(where, "row has more cells than the header has columns")
-            relpath = self._manifest_relpath(cleaned.pop(path_column), where)
-            self._add_row(manifest, relpath, where, normalise_fields(cleaned, source=where))
-        return manifest
-
-    def _parse_json(self, text: str, shown: str) -> _Manifest:
-        manifest = _Manifest(url=shown)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SettingsError(shown, f"manifest is not valid JSON ({exc})") from None
-        images: Any = data
-        if isinstance(data, dict) and ("images" in data or "defaults" in data):
-            extra = set(data) - {"images", "defaults"}
-            if extra:
-                raise SettingsError(
-                    shown, f"unknown top-level keys {sorted(extra)}; use 'defaults' and 'images'"
-                )
-            defaults = data.get("defaults") or {}
-            if not isinstance(defaults, dict):
-                raise SettingsError(shown, "'defaults' must be an object", field="defaults")
-            manifest.defaults = normalise_fields(defaults, source=f"{shown} (defaults)")
-            images = data.get("images") or []
-        if isinstance(images, dict):
-            for key, value in images.items():
-                where = f"{shown} ({key!r})"
-                if not isinstance(value, dict):
-                    raise SettingsError(where, "each image's settings must be an object")
-                relpath = self._manifest_relpath(key, where)
-                self._add_row(manifest, relpath, where, normalise_fields(value, source=where))
-        elif isinstance(images, list):
-            for index, item in enumerate(images):
-                where = f"{shown} (item {index})"
-                if not isinstance(item, dict):
-                    raise SettingsError(where, "each item must be an object with a 'path'")
-                item = dict(item)
-                key = next((c for c in _MANIFEST_PATH_COLUMNS if c in item), None)
-                relpath = self._manifest_relpath(item.pop(key) if key else None, where)
-                self._add_row(manifest, relpath, where, normalise_fields(item, source=where))
-        else:
-            raise SettingsError(
-                shown, "manifest must be a list of objects or an object mapping paths to settings"
-            )
-        return manifest
-
-    def _read_sidecar(self, path: str) -> dict[str, Any]:
-        shown = full_url(self.fs, path)
-        try:
-            raw = bytes(self.fs.cat_file(path, start=0, end=SIDECAR_MAX_BYTES + 1))
-        except FileNotFoundError:
-            raise SettingsError(shown, "sidecar disappeared while reading; re-run") from None
-        if len(raw) > SIDECAR_MAX_BYTES:
-            raise SettingsError(shown, "sidecar is larger than 1 MB; keep only the settings in it")
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise SettingsError(shown, "sidecar is not UTF-8 text; save it as UTF-8") from None
-        if path.endswith(".txt"):
-            prompt = text.strip()
-            return {"prompt_text": prompt} if prompt else {}
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SettingsError(shown, f"sidecar is not valid JSON ({exc}); fix the syntax") from None
-        if not isinstance(data, dict):
-            raise SettingsError(
-                shown, 'sidecar JSON must be an object like {"promptText": "...", "ratio": "auto"}'
-            )
-        return normalise_fields(data, source=shown)
+        root_prefixes = (self.root_url.rstrip("/") + "/", self.root.rstrip("/") + "/")
+        self._manifest, self._manifest_loaded = read_manifest(fs, path, shown, root_prefixes), True
+        return self._manifest
 
     def settings_for(
         self,
@@ -490,7 +339,7 @@ class ImageSource:
             layers.extend(rows)
             kinds.extend("manifest" for _ in rows)
         for sidecar in entry.sidecars:
-            layers.append((full_url(self.fs, sidecar), self._read_sidecar(sidecar)))
+            layers.append((full_url(self.fs, sidecar), read_sidecar(self.fs, sidecar)))
             kinds.append("sidecar")
         merged = merge_settings(self.defaults, layers)
         prompt_source = "defaults" if self.defaults.prompt_text is not None else "service default"

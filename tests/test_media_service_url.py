@@ -24,6 +24,7 @@ from dagster_runway.media import (
     service_image_url,
     store_video,
 )
+from dagster_runway.retry import RetryPolicy
 from tests.fixtures.s3 import S3Bucket
 from tests.test_media_support import jpeg_bytes, png_bytes
 
@@ -151,7 +152,11 @@ def test_presigned_query_never_shows_in_errors_or_logs(
 
     # A download that fails permanently: the error names the URL without its credential.
     with pytest.raises(DownloadError) as info:
-        store_video(url.replace("secret.png", "missing.png"), str(tmp_path / "v.mp4"), attempts=1)
+        store_video(
+            url.replace("secret.png", "missing.png"),
+            str(tmp_path / "v.mp4"),
+            retry=RetryPolicy(max_attempts=1),
+        )
     text = str(info.value)
     assert "missing.png" in text and REDACTED in text
     assert signature not in text and "Signature=" + signature not in text

@@ -22,6 +22,7 @@ from dagster_runway.media import (
     store_video,
     write_bytes_atomic,
 )
+from dagster_runway.retry import RetryPolicy
 from tests.fixtures.s3 import S3Bucket
 from tests.test_media_service_url import _submit_and_wait
 from tests.test_media_support import ScriptedServer, ServerScript, mp4_bytes, png_bytes, sha256
@@ -34,6 +35,9 @@ def mp4ish(size: int) -> bytes:
 
 
 PAYLOAD = mp4ish(3 * 2**20 + 12345)
+
+
+NO_WAIT = RetryPolicy(max_attempts=3, backoff_initial=0)
 
 
 def _serve(**script: object) -> ScriptedServer:
@@ -62,7 +66,7 @@ def test_local_store_streams_hashes_and_publishes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("ranges", [False, True], ids=["restart", "resume"])
 def test_truncated_body_is_retried(tmp_path: Path, ranges: bool) -> None:
     with _serve(truncate_times=1, truncate_fraction=0.4, ranges=ranges) as server:
-        stored = store_video(f"{server.url}/v.mp4", str(tmp_path / "v.mp4"), backoff_s=0)
+        stored = store_video(f"{server.url}/v.mp4", str(tmp_path / "v.mp4"), retry=NO_WAIT)
         requests = server.script.requests
     assert stored.attempts == 2 and stored.sha256 == sha256(PAYLOAD)
     assert (tmp_path / "v.mp4").read_bytes() == PAYLOAD
@@ -79,7 +83,11 @@ def test_always_truncated_fails_and_leaves_nothing_local(tmp_path: Path) -> None
     (tmp_path / "keep.mp4").write_bytes(b"old video")
     with _serve(always_truncate=True) as server:
         with pytest.raises(DownloadError) as info:
-            store_video(f"{server.url}/v.mp4?token=abc", str(tmp_path / "keep.mp4"), attempts=3, backoff_s=0)
+            store_video(
+                f"{server.url}/v.mp4?token=abc",
+                str(tmp_path / "keep.mp4"),
+                retry=RetryPolicy(max_attempts=3, backoff_initial=0),
+            )
         assert len(server.script.requests) == 3
     message = str(info.value)
     assert "after 3 attempt(s)" in message and "nothing was stored" in message
@@ -92,15 +100,39 @@ def test_always_truncated_fails_and_leaves_nothing_local(tmp_path: Path) -> None
 
 def test_retryable_statuses_then_success(tmp_path: Path) -> None:
     with _serve(statuses=[503, 429, 502]) as server:
-        stored = store_video(f"{server.url}/v.mp4", str(tmp_path / "v.mp4"), attempts=4, backoff_s=0)
+        stored = store_video(
+            f"{server.url}/v.mp4",
+            str(tmp_path / "v.mp4"),
+            retry=RetryPolicy(max_attempts=4, backoff_initial=0),
+        )
     assert stored.attempts == 4 and stored.sha256 == sha256(PAYLOAD)
+
+
+def test_downloads_follow_the_shared_retry_rule_for_retry_after(tmp_path: Path) -> None:
+    """The client's rule: a Retry-After is honoured when it is longer than the backoff, and one longer
+    than ``retry_after_max`` ends the download at once instead of holding the run."""
+    policy = RetryPolicy(max_attempts=3, backoff_initial=0, retry_after_max=5.0)
+    with _serve(statuses=[503], retry_after="0.3") as server:
+        started = time.monotonic()
+        stored = store_video(f"{server.url}/v.mp4", str(tmp_path / "v.mp4"), retry=policy)
+        assert time.monotonic() - started >= 0.3, "the server's Retry-After was honoured"
+    assert stored.attempts == 2
+    with _serve(statuses=[503], retry_after="3600") as server:
+        with pytest.raises(DownloadError, match="after 1 attempt"):
+            store_video(f"{server.url}/v.mp4", str(tmp_path / "w.mp4"), retry=policy)
+        assert len(server.script.requests) == 1
+    assert not (tmp_path / "w.mp4").exists()
 
 
 @pytest.mark.parametrize("status", [403, 404, 410])
 def test_permanent_statuses_are_not_retried(tmp_path: Path, status: int) -> None:
     with _serve(statuses=[status]) as server:
         with pytest.raises(DownloadError, match=f"HTTP {status}.*expired") as info:
-            store_video(f"{server.url}/v.mp4", str(tmp_path / "v.mp4"), attempts=5, backoff_s=0)
+            store_video(
+                f"{server.url}/v.mp4",
+                str(tmp_path / "v.mp4"),
+                retry=RetryPolicy(max_attempts=5, backoff_initial=0),
+            )
         assert len(server.script.requests) == 1
     assert "fresh URL" in str(info.value)
     assert list(tmp_path.iterdir()) == []
@@ -110,7 +142,7 @@ def test_connection_refused_is_retried_then_reported(tmp_path: Path) -> None:
     with _serve() as server:
         url = f"{server.url}/v.mp4"
     with pytest.raises(DownloadError, match=r"after 2 attempt\(s\).*ConnectError"):
-        store_video(url, str(tmp_path / "v.mp4"), attempts=2, backoff_s=0)
+        store_video(url, str(tmp_path / "v.mp4"), retry=RetryPolicy(max_attempts=2, backoff_initial=0))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -154,7 +186,10 @@ def test_s3_object_appears_only_when_complete_and_checked(s3: S3Bucket) -> None:
         worker = threading.Thread(
             target=store_video,
             args=(f"{server.url}/v", s3.url("videos/b.mp4")),
-            kwargs={"storage_options": s3.storage_options, "verify": lambda path: checked.append(os.path.getsize(path))},
+            kwargs={
+                "storage_options": s3.storage_options,
+                "verify": lambda path: checked.append(os.path.getsize(path)),
+            },
         )
         worker.start()
         assert server.script.paused.wait(10)
@@ -177,8 +212,7 @@ def test_s3_failed_download_aborts_the_upload(s3: S3Bucket) -> None:
             f"{server.url}/v",
             s3.url("videos/c.mp4"),
             storage_options=s3.storage_options,
-            attempts=2,
-            backoff_s=0,
+            retry=RetryPolicy(max_attempts=2, backoff_initial=0),
         )
     assert not s3.fs.exists(s3.path("videos/c.mp4"))
     assert _uploads(s3) == [], "no incomplete multipart upload is left behind"
@@ -188,7 +222,7 @@ def test_s3_truncation_retried_into_one_object(s3: S3Bucket) -> None:
     payload = mp4ish(10 * 2**20)
     with ScriptedServer(ServerScript(payload=payload, truncate_times=1, truncate_fraction=0.7)) as server:
         stored = store_video(
-            f"{server.url}/v", s3.url("videos/d.mp4"), storage_options=s3.storage_options, backoff_s=0
+            f"{server.url}/v", s3.url("videos/d.mp4"), storage_options=s3.storage_options, retry=NO_WAIT
         )
     assert stored.attempts == 2 and stored.sha256 == sha256(payload)
     assert s3.fs.cat_file(s3.path("videos/d.mp4")) == payload
@@ -211,19 +245,19 @@ def test_emulator_video_with_injected_truncation(emulator: Emulator, tmp_path: P
     clean = httpx.get(url).content
 
     emulator.add_fault(FaultRule(kind="truncate_video", endpoint="files", times=1))
-    stored = store_video(url, str(tmp_path / "emu.mp4"), backoff_s=0)
+    stored = store_video(url, str(tmp_path / "emu.mp4"), retry=NO_WAIT)
     assert stored.attempts == 2 and stored.sha256 == sha256(clean)
     probe = probe_video(stored.uri)
     assert probe.decodable and probe.codec == "h264" and probe.frames > 0
 
     emulator.add_fault(FaultRule(kind="truncate_video", endpoint="files", times=1))
-    on_s3 = store_video(url, s3.url("emu/emu.mp4"), storage_options=s3.storage_options, backoff_s=0)
+    on_s3 = store_video(url, s3.url("emu/emu.mp4"), storage_options=s3.storage_options, retry=NO_WAIT)
     assert on_s3.attempts == 2 and on_s3.sha256 == sha256(clean)
     assert sha256_of(on_s3.uri, s3.storage_options) == sha256(clean)
 
     emulator.add_fault(FaultRule(kind="truncate_video", endpoint="files", times=5))
     with pytest.raises(DownloadError):
-        store_video(url, str(tmp_path / "never.mp4"), attempts=2, backoff_s=0)
+        store_video(url, str(tmp_path / "never.mp4"), retry=RetryPolicy(max_attempts=2, backoff_initial=0))
     assert not (tmp_path / "never.mp4").exists() and _leftovers(tmp_path) == []
 
 
@@ -240,13 +274,19 @@ def test_write_bytes_atomic_local_and_s3(tmp_path: Path, s3: S3Bucket) -> None:
 
 def test_unfixable_urls_fail_at_once(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="UnsupportedProtocol.*check the video URL") as info:
-        store_video("ftp://example.com/v.mp4?sig=secret", str(tmp_path / "v.mp4"), attempts=5, backoff_s=0)
+        store_video(
+            "ftp://example.com/v.mp4?sig=secret",
+            str(tmp_path / "v.mp4"),
+            retry=RetryPolicy(max_attempts=5, backoff_initial=0),
+        )
     assert "secret" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_an_error_body_served_as_the_video_is_never_published(tmp_path: Path, s3: S3Bucket, where: str) -> None:
+def test_an_error_body_served_as_the_video_is_never_published(
+    tmp_path: Path, s3: S3Bucket, where: str
+) -> None:
     """A 2xx whose body is a JSON error (the service's quirk) is refused by its Content-Type or its bytes."""
     error = b'{"error_code": 500001, "error_message": "Internal error reported with HTTP 200"}'
     dest = str(tmp_path / "v.mp4") if where == "local" else s3.url("videos/v.mp4")
@@ -256,7 +296,7 @@ def test_an_error_body_served_as_the_video_is_never_published(tmp_path: Path, s3
             ScriptedServer(ServerScript(payload=error, content_type=content_type)) as server,
             pytest.raises(NotAVideoError, match="not a video|not an MP4"),
         ):
-            store_video(f"{server.url}/v.mp4", dest, storage_options=options, backoff_s=0)
+            store_video(f"{server.url}/v.mp4", dest, storage_options=options, retry=NO_WAIT)
     if where == "local":
         assert not Path(dest).exists() and _leftovers(tmp_path) == []
     else:

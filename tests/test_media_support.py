@@ -92,6 +92,8 @@ class ServerScript:
     content_type: str = "video/mp4"
     #: statuses answered (with an empty body) before serving, one per request
     statuses: list[int] = field(default_factory=list)
+    #: the Retry-After header sent with a 429 or 503 status
+    retry_after: str = "0"
     #: how many GETs announce the full Content-Length but send only ``truncate_fraction`` of it
     truncate_times: int = 0
     truncate_fraction: float = 0.5
@@ -146,7 +148,7 @@ class ScriptedServer:
             handler.send_response(status)
             handler.send_header("Content-Length", "0")
             if status in (429, 503):
-                handler.send_header("Retry-After", "0")
+                handler.send_header("Retry-After", script.retry_after)
             handler.end_headers()
             return
         body, code, extra = script.payload, 200, {}

@@ -8,7 +8,6 @@ error an answer maps to. The two clients only carry the actions out, with ``http
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import logging
@@ -17,7 +16,6 @@ import re
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Any, TypedDict, TypeVar
 from urllib.parse import quote
 
@@ -41,6 +39,7 @@ from dagster_runway.errors import (
     TransportError,
     WaitTimeoutError,
 )
+from dagster_runway.retry import RETRYABLE_STATUS, RetryPolicy, retry_after_seconds
 from dagster_runway.schema import (
     MODEL_ID,
     CancelResult,
@@ -56,7 +55,6 @@ logger = logging.getLogger("dagster_runway.client")
 
 DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
 USER_AGENT = f"dagster-runway/{__version__}"
-RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 T = TypeVar("T")
@@ -69,25 +67,6 @@ class _ErrorFields(TypedDict):
     error_code: int | None
     request_id: str | None
     detail: Any
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How the client retries calls that are safe to repeat.
-
-    Backoff is capped exponential with full jitter: before retry ``n`` it sleeps a random time in
-    ``[0, min(backoff_max, backoff_initial * 2**(n-1))]``, or the server's ``Retry-After`` when that
-    is longer. No call goes on past ``deadline`` seconds from its first attempt.
-    """
-
-    max_attempts: int = 5
-    backoff_initial: float = 0.5
-    backoff_max: float = 20.0
-    deadline: float = 120.0
-    retry_after_max: float = 60.0
-
-    def backoff(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0.0, min(self.backoff_max, self.backoff_initial * 2 ** (attempt - 1)))
 
 
 @dataclass(frozen=True)
@@ -113,20 +92,9 @@ def input_fingerprint(model_id: str, body: Mapping[str, Any]) -> str:
 
 def parse_retry_after(response: httpx.Response, body: Any) -> float | None:
     """Seconds to wait, from the ``Retry-After`` header (seconds or HTTP date) or a body field."""
-    header = response.headers.get("retry-after")
-    if header:
-        try:
-            return max(0.0, float(header))
-        except ValueError:
-            pass
-        try:
-            parsed = email.utils.parsedate_to_datetime(header)
-        except (TypeError, ValueError):  # neither seconds nor an HTTP date: ignore the header
-            parsed = None
-        if parsed is not None:
-            if parsed.tzinfo is None:  # "-0000": UTC, not local time
-                parsed = parsed.replace(tzinfo=UTC)
-            return max(0.0, parsed.timestamp() - time.time())
+    seconds = retry_after_seconds(response.headers.get("retry-after"))
+    if seconds is not None:
+        return seconds
     if isinstance(body, dict):
         for key in ("retry_after", "retryAfter"):
             value = body.get(key)
@@ -174,7 +142,9 @@ class RequestCore:
 
     # -- the four calls ------------------------------------------------------------------------
 
-    def submit(self, input: ImageToVideoInput | Mapping[str, Any], fingerprint: str | None = None) -> Call[Submission]:
+    def submit(
+        self, input: ImageToVideoInput | Mapping[str, Any], fingerprint: str | None = None
+    ) -> Call[Submission]:
         model = input if isinstance(input, ImageToVideoInput) else self._validate_input(input)
         body = model.to_request()
         path = "/v1/models/" + "/".join(quote(part, safe="") for part in self.model_id.split("/"))
@@ -247,7 +217,9 @@ class RequestCore:
             assert outcome is not None
             retry_after: float | None = None
             if isinstance(outcome, httpx.TransportError):
-                never_connected = isinstance(outcome, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+                never_connected = isinstance(
+                    outcome, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
+                )
                 cause = f"{type(outcome).__name__}: {self.redact(str(outcome)) or 'no detail'}"
                 if not idempotent and not never_connected:
                     raise AmbiguousSubmitError(
@@ -282,14 +254,8 @@ class RequestCore:
                         raise
                     error = exc
 
-            elapsed = time.monotonic() - started
-            remaining = policy.deadline - elapsed
-            delay = policy.backoff(attempt, self._rng)
-            if retry_after is not None:
-                if retry_after > policy.retry_after_max or retry_after > remaining:
-                    raise error
-                delay = max(delay, retry_after)
-            if attempt >= policy.max_attempts or delay > remaining:
+            delay = policy.next_delay(attempt, time.monotonic() - started, retry_after, self._rng)
+            if delay is None:
                 raise error
             logger.info(
                 "RunComfy %s for %s failed (%s); retry %d of %d in %.2fs",
@@ -303,7 +269,13 @@ class RequestCore:
             yield Sleep(delay)
 
     def _parse(
-        self, response: httpx.Response, model: type[BaseModel], *, what: str, target: str, request_id: str | None
+        self,
+        response: httpx.Response,
+        model: type[BaseModel],
+        *,
+        what: str,
+        target: str,
+        request_id: str | None,
     ) -> Any:
         status = response.status_code
         try:
@@ -328,7 +300,12 @@ class RequestCore:
         code = code if isinstance(code, int) else _int_or_none(code)
         detail = body.get("detail") if isinstance(body, dict) else None
         text = self.redact(_error_text(body, response))
-        common: _ErrorFields = {"status_code": status, "error_code": code, "request_id": request_id, "detail": detail}
+        common: _ErrorFields = {
+            "status_code": status,
+            "error_code": code,
+            "request_id": request_id,
+            "detail": detail,
+        }
         where = f"RunComfy {what} for {target}"
 
         if status == 429:
@@ -461,9 +438,13 @@ def failure_error(result: RequestResult) -> RunComfyError | None:
             request_id=rid,
         )
     if result.status is RequestState.CANCELLED:
-        return RequestCancelledError(f"Request {rid} was cancelled before it ran; submit again to retry.", request_id=rid)
+        return RequestCancelledError(
+            f"Request {rid} was cancelled before it ran; submit again to retry.", request_id=rid
+        )
     if result.status in (RequestState.SUCCEEDED, RequestState.COMPLETED) and not result.video_urls:
-        return ServerError(f"Request {rid} succeeded but its result has no video URL in 'output'.", request_id=rid)
+        return ServerError(
+            f"Request {rid} succeeded but its result has no video URL in 'output'.", request_id=rid
+        )
     return None
 
 
@@ -504,7 +485,9 @@ def wait_call(
         except RunComfyError as exc:
             if not exc.retryable or time.monotonic() >= deadline:
                 raise
-            logger.warning("Polling request %s failed for now (%s); polling on", request_id, type(exc).__name__)
+            logger.warning(
+                "Polling request %s failed for now (%s); polling on", request_id, type(exc).__name__
+            )
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             if cancel_on_timeout and last_state == RequestState.IN_QUEUE.value:

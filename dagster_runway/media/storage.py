@@ -17,7 +17,8 @@ broken file:
 
 A truncated body (the connection closes early, ``httpx.RemoteProtocolError``, or fewer bytes than
 ``Content-Length``), a transport error, or a 408/425/429/5xx answer is retried with exponential
-backoff and full jitter, up to ``attempts`` in all. A retry resumes with a ``Range`` request when the
+backoff and full jitter by the package's one retry rule (:class:`dagster_runway.retry.RetryPolicy`,
+``DOWNLOAD_RETRY`` unless given). A retry resumes with a ``Range`` request when the
 server supports ranges (guarded by ``If-Range`` on the ETag), and starts over otherwise. On final
 failure nothing is published and no temporary file or upload is left behind.
 """
@@ -30,7 +31,6 @@ import hashlib
 import logging
 import mimetypes
 import os
-import random
 import re
 import tempfile
 import time
@@ -43,6 +43,7 @@ import fsspec
 import httpx
 
 from dagster_runway._redact import redact_url
+from dagster_runway.retry import DOWNLOAD_RETRY, RetryPolicy, retry_after_seconds
 
 from ._fs import full_url, is_local, protocols, url_to_fs
 from .errors import DownloadError, MediaError, NotAVideoError, redact_message
@@ -52,8 +53,6 @@ logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
 S3_PART_SIZE = 8 * 1024 * 1024
-RETRY_AFTER_MAX_S = 30.0
-BACKOFF_MAX_S = 10.0
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _BINARY_TYPES = frozenset({"application/octet-stream", "binary/octet-stream", "application/mp4"})
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
@@ -217,7 +216,9 @@ def write_bytes_atomic(
     return full_url(fs, path)
 
 
-def remove_stale_parts(dest: str, storage_options: Mapping[str, Any] | None = None, *, older_than_s: float = 3600) -> int:
+def remove_stale_parts(
+    dest: str, storage_options: Mapping[str, Any] | None = None, *, older_than_s: float = 3600
+) -> int:
     """Delete temporary files that earlier attempts left beside a local ``dest`` (a kill mid-download):
     those of processes that are gone, and any older than ``older_than_s``. Returns how many."""
     fs, path = url_to_fs(dest, storage_options)
@@ -257,16 +258,6 @@ class _Retryable(Exception):
 
 #: Transport failures worth another attempt: timeouts, resets, refused connections, bodies cut short.
 _RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, min(RETRY_AFTER_MAX_S, float(value)))
-    except ValueError:
-        return None
 
 
 def _permanent_fix(status: int) -> str:
@@ -334,7 +325,7 @@ class _Download:
     def _consume(self, response: httpx.Response, resuming: bool, chunk_size: int) -> None:
         status = response.status_code
         if status in _RETRY_STATUSES:
-            raise _Retryable(f"HTTP {status}", _retry_after(response))
+            raise _Retryable(f"HTTP {status}", retry_after_seconds(response.headers.get("retry-after")))
         if status not in (200, 206):
             raise DownloadError(f"{self.shown}: HTTP {status} from the video URL; {_permanent_fix(status)}")
         length_header = response.headers.get("content-length", "")
@@ -375,9 +366,8 @@ def store_video(
     *,
     storage_options: Mapping[str, Any] | None = None,
     client: httpx.Client | None = None,
-    attempts: int = 3,
+    retry: RetryPolicy = DOWNLOAD_RETRY,
     timeout: float = 120.0,
-    backoff_s: float = 0.5,
     content_type: str | None = None,
     chunk_size: int = CHUNK_SIZE,
     verify: Callable[[str], Any] | None = None,
@@ -387,8 +377,8 @@ def store_video(
     Returns the stored URI, size, sha256 and content type. ``client`` is reused if given (its own
     timeouts apply); otherwise one is made with ``timeout`` per read. ``content_type`` defaults to the
     response's ``video/*`` type, else a guess from ``dest``'s extension, else ``video/mp4``. Raises
-    :class:`DownloadError` (with the URL's query redacted) once ``attempts`` are used up or on an
-    answer that retrying cannot fix (e.g. 403/404 for an expired link); then nothing is published and
+    :class:`DownloadError` (with the URL's query redacted) once ``retry`` gives up, or on an answer
+    that retrying cannot fix (e.g. 403/404 for an expired link); then nothing is published and
     no temporary file or upload is left.
 
     Only a video is published: an answer whose Content-Type is neither ``video/*`` nor binary, or
@@ -396,8 +386,6 @@ def store_video(
     :class:`NotAVideoError`, and so does ``verify(local_path)`` raising a ``MediaError`` (e.g. a probe
     that fails), called on the complete body before it is published.
     """
-    if attempts < 1:
-        raise ValueError("attempts must be at least 1")
     fs, path = url_to_fs(dest, storage_options)
     state = _Download(url, dest, fs, path, content_type)
     own_client = client is None
@@ -405,6 +393,7 @@ def store_video(
         timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)), follow_redirects=True
     )
     attempt = 0
+    started = time.monotonic()
     try:
         while True:
             attempt += 1
@@ -413,19 +402,17 @@ def store_video(
                 break
             except _Retryable as exc:
                 reason = redact_message(exc.reason)
-                if attempt >= attempts:
+                delay = retry.next_delay(attempt, time.monotonic() - started, exc.retry_after)
+                if delay is None:
                     raise DownloadError(
                         f"{state.shown}: download failed after {attempt} attempt(s), last error: {reason}; "
-                        "nothing was stored. Retry later, or raise attempts"
+                        "nothing was stored. Retry later"
                     ) from None
-                delay = exc.retry_after
-                if delay is None:  # exponential backoff with full jitter
-                    delay = random.uniform(0, min(BACKOFF_MAX_S, backoff_s * 2 ** (attempt - 1)))
                 logger.warning(
                     "retrying download of %s (attempt %d of %d) in %.2fs: %s",
                     redact_url(url),
                     attempt + 1,
-                    attempts,
+                    retry.max_attempts,
                     delay,
                     reason,
                 )
@@ -438,7 +425,9 @@ def store_video(
             try:
                 verify(state.sink.local_path)
             except MediaError as exc:
-                raise NotAVideoError(f"{state.shown}: the downloaded file is not a playable video ({exc}); nothing was stored") from None
+                raise NotAVideoError(
+                    f"{state.shown}: the downloaded file is not a playable video ({exc}); nothing was stored"
+                ) from None
         try:
             state.sink.commit()
         except Exception as exc:

@@ -17,6 +17,9 @@ stored), and ``base_url`` overrides the API's address (an emulator, for example)
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 from typing import Any
 
 import dagster as dg
@@ -30,12 +33,22 @@ from dagster_runway.resource import RunComfyResource
 
 class _RunwayPipelineComponentBase(dg.Component, dg.Resolvable, dg.Model):
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
-        options = {name: getattr(self, name) for name in self.model_fields_set if name in RunwayPipelineConfig.model_fields}
+        options = {
+            name: getattr(self, name)
+            for name in self.model_fields_set
+            if name in RunwayPipelineConfig.model_fields
+        }
         pipeline = RunwayPipelineConfig.model_validate(options)
         api_token_env: str = getattr(self, "api_token_env")  # noqa: B009 - a generated field
         base_url: str = getattr(self, "base_url")  # noqa: B009
-        resource = RunComfyResource(api_token=dg.EnvVar(api_token_env), base_url=base_url)
-        return build_definitions(pipeline, resource)
+        return build_definitions(pipeline, _resource(api_token_env, base_url))
+
+
+@functools.cache
+def _resource(api_token_env: str, base_url: str) -> RunComfyResource:
+    """One resource object per (token variable, base URL): Dagster merges the definitions of several
+    components only when a shared resource key holds the very same object."""
+    return RunComfyResource(api_token=dg.EnvVar(api_token_env), base_url=base_url)
 
 
 def _attribute(annotation: Any, field: Any) -> tuple[Any, Any]:
@@ -61,8 +74,75 @@ RunwayPipelineComponent = create_model(
     **_ATTRIBUTES,
     api_token_env=(
         str,
-        Field("RUNCOMFY_API_TOKEN", description="The environment variable that holds the API token (read in each run)."),
+        Field(
+            "RUNCOMFY_API_TOKEN",
+            description="The environment variable that holds the API token (read in each run).",
+        ),
     ),
     base_url=(str, Field(DEFAULT_BASE_URL, description="The API's base URL, e.g. a local emulator's.")),
 )
 del _RunwayPipelineComponentBase  # only the generated class is a component to list and scaffold
+
+
+class RunwayScaffoldParams(BaseModel):
+    """What ``dg scaffold defs dagster_runway.component.RunwayPipelineComponent <path> --source ... --output ...``
+    writes into the new ``defs.yaml``."""
+
+    source: str = Field(
+        "{{ context.project_root }}/images", description="The folder or s3:// prefix of the images."
+    )
+    output: str = Field(
+        "{{ context.project_root }}/videos", description="Where the videos and the journal go."
+    )
+    api_token_env: str = Field(
+        "RUNCOMFY_API_TOKEN", description="The environment variable that holds the token."
+    )
+    max_spend_usd: float = Field(10.0, gt=0, description="The spending cap written into the new component.")
+
+
+_TEMPLATE = """\
+# Image-to-video with Runway Gen-4 Turbo on RunComfy: one partition per image, one video per partition.
+# Every attribute is a RunwayPipelineConfig option (the README's options table lists them all).
+type: {type_name}
+
+attributes:
+  key_prefix: [{key_prefix}]   # assets <prefix>/images, /requests, /videos; jobs and sensors are named after it
+  group_name: {key_prefix}
+  source: {source}   # a folder, or s3://bucket/prefix/
+  output: {output}
+  defaults:
+    ratio: auto      # picked from each image's aspect
+    duration: 5
+    # prompt_text: "slow dolly-in, golden hour"   # or a sidecar beside each image: cat.png -> cat.txt
+  missing_prompt: fail   # an image with no prompt fails before anything is paid
+  max_spend_usd: {max_spend_usd}
+  api_token_env: {api_token_env}   # the token itself is read in each run, never written here
+  # base_url: http://127.0.0.1:8188   # a local emulator: `dagster-runway emulator --port 8188`
+"""
+
+
+class RunwayPipelineScaffolder(dg.Scaffolder[RunwayScaffoldParams]):
+    """Writes a ``defs.yaml`` with the attributes a first run needs, commented, instead of ``{}``. The
+    key prefix is the new folder's name, so a second pipeline in a project does not collide with the first."""
+
+    @classmethod
+    def get_scaffold_params(cls) -> type[RunwayScaffoldParams]:
+        return RunwayScaffoldParams
+
+    def scaffold(self, request: dg.ScaffoldRequest[RunwayScaffoldParams]) -> None:
+        params = request.params
+        if request.scaffold_format != "yaml" or request.append:
+            dg.scaffold_component(request, params.model_dump())
+            return
+        text = _TEMPLATE.format(
+            type_name=request.type_name,
+            key_prefix=re.sub(r"\W+", "_", request.target_path.name).strip("_") or "runway",
+            source=json.dumps(params.source),  # a JSON string is a valid double-quoted YAML string
+            output=json.dumps(params.output),
+            max_spend_usd=params.max_spend_usd,
+            api_token_env=json.dumps(params.api_token_env),
+        )
+        (request.target_path / "defs.yaml").write_text(text, encoding="utf-8")
+
+
+RunwayPipelineComponent = dg.scaffold_with(RunwayPipelineScaffolder)(RunwayPipelineComponent)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 
 from dagster_runway import RunComfyResource, RunwayPipelineComponent, build_runway_pipeline
 from dagster_runway.pipeline import RunwayPipelineConfig
@@ -51,10 +52,14 @@ base_url: http://127.0.0.1:8188
     assert sorted(s.name for s in defs.sensors) == sorted(s.name for s in factory.sensors)
     assert sorted(j.name for j in defs.jobs) == sorted(j.name for j in factory.jobs)
     resource = defs.resources["runcomfy"]
-    assert isinstance(resource.api_token, dg.EnvVar) and resource.api_token.env_var_name == "MY_RUNCOMFY_TOKEN"
+    assert (
+        isinstance(resource.api_token, dg.EnvVar) and resource.api_token.env_var_name == "MY_RUNCOMFY_TOKEN"
+    )
     assert resource.base_url == "http://127.0.0.1:8188"
     sensor = next(s for s in defs.sensors if s.name.endswith("discovery_sensor"))
-    assert sensor.minimum_interval_seconds == RunwayPipelineConfig.model_fields["discovery_interval_s"].default
+    assert (
+        sensor.minimum_interval_seconds == RunwayPipelineConfig.model_fields["discovery_interval_s"].default
+    )
 
 
 def test_a_bad_attribute_is_named_by_the_options_model(tmp_path: Path) -> None:
@@ -95,7 +100,28 @@ def test_dg_scaffolds_the_component_into_a_project(tmp_path: Path) -> None:
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("out", "__pycache__"))
     listed = _dg("list", "components", cwd=project)
     assert "dagster_runway.component.RunwayPipelineComponent" in listed.stdout, listed.stdout + listed.stderr
-    scaffolded = _dg("scaffold", "defs", "dagster_runway.component.RunwayPipelineComponent", "more_videos", cwd=project)
+    scaffolded = _dg(
+        "scaffold", "defs", "dagster_runway.component.RunwayPipelineComponent", "more_videos",
+        "--source", "s3://stills/in/", "--max-spend-usd", "2.5",
+        cwd=project,
+    )  # fmt: skip
     assert scaffolded.returncode == 0, scaffolded.stderr[-3000:]
     written = (project / "runway_videos" / "defs" / "more_videos" / "defs.yaml").read_text()
-    assert "type: dagster_runway.component.RunwayPipelineComponent" in written
+    attributes = yaml.safe_load(written)["attributes"]
+    assert yaml.safe_load(written)["type"] == "dagster_runway.component.RunwayPipelineComponent"
+    assert attributes["source"] == "s3://stills/in/" and attributes["max_spend_usd"] == 2.5
+    assert attributes["key_prefix"] == ["more_videos"] and attributes["api_token_env"] == "RUNCOMFY_API_TOKEN"
+    assert (
+        attributes["output"] == "{{ context.project_root }}/videos" and attributes["missing_prompt"] == "fail"
+    )
+    # The scaffolded pipeline loads beside the project's first one: its own prefix, jobs and sensors.
+    checked = _dg("check", "defs", cwd=project)
+    assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+    listed = _dg("list", "defs", "--json", cwd=project)
+    found = json.loads(listed.stdout)
+    assert len(found["assets"]) == 6 and len(found["sensors"]) == 4, listed.stdout[-2000:]
+    assert {a["asset_key"] for a in found["assets"] if a["group_name"] == "more_videos"} == {
+        "more_videos/images",
+        "more_videos/requests",
+        "more_videos/videos",
+    }

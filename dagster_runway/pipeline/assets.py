@@ -16,6 +16,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from dagster_runway._compat import hold_storage_connections
 from dagster_runway._redact import redact_url
 from dagster_runway.pipeline import checks as ck
 from dagster_runway.pipeline import failures as fl
@@ -109,6 +110,7 @@ def build_requests_asset(pipeline: RunwayPipelineConfig):
         required_resource_keys={pipeline.resource_key},
     )
     def _requests(context: AssetExecutionContext, config: SubmitConfig) -> Iterator[Any]:
+        hold_storage_connections(context.instance)
         keys = _selected(context, config.partitions)
         batch = SubmitBatch(
             pipeline,
@@ -176,6 +178,7 @@ def build_videos_asset(pipeline: RunwayPipelineConfig):
         required_resource_keys={pipeline.resource_key},
     )
     def _videos(context: AssetExecutionContext, config: CollectConfig) -> Iterator[Any]:
+        hold_storage_connections(context.instance)
         resource = _resource(context, pipeline)
         keys = _selected(context, config.partitions)
         if pipeline.videos_key not in context.selected_asset_keys:

@@ -322,6 +322,55 @@ class _Download:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # a bad URL, a redirect loop: retrying cannot help
             raise DownloadError(f"{self.shown}: {type(exc).__name__}: {exc}; check the video URL") from None
 
+    def fetch(self, http: httpx.Client, retry: RetryPolicy, chunk_size: int) -> int:
+        """The whole body into the sink, retried by ``retry``; returns the attempts it took."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self.attempt(http, chunk_size)
+                return attempt
+            except _Retryable as exc:
+                reason = redact_message(exc.reason)
+                delay = retry.next_delay(attempt, time.monotonic() - started, exc.retry_after)
+                if delay is None:
+                    raise DownloadError(
+                        f"{self.shown}: download failed after {attempt} attempt(s), last error: {reason}; "
+                        "nothing was stored. Retry later"
+                    ) from None
+                logger.warning(
+                    "retrying download of %s (attempt %d of %d) in %.2fs: %s",
+                    redact_url(self.url),
+                    attempt + 1,
+                    retry.max_attempts,
+                    delay,
+                    reason,
+                )
+                if delay > 0:
+                    time.sleep(delay)
+
+    def publish(self, verify: Callable[[str], Any] | None) -> None:
+        """Check the complete body is a video (signature, then ``verify``), then make it visible."""
+        assert self.sink is not None
+        self.sink.close()
+        _check_signature(self.sink.local_path, self.shown, self.dest)
+        if verify is not None:
+            try:
+                verify(self.sink.local_path)
+            except MediaError as exc:
+                raise NotAVideoError(
+                    f"{self.shown}: the downloaded file is not a playable video ({exc}); nothing was stored"
+                ) from None
+        try:
+            self.sink.commit()
+        except Exception as exc:
+            raise DownloadError(
+                f"{self.shown}: could not publish the video ({type(exc).__name__}: {exc}); check write access "
+                "to the destination"
+            ) from None
+        self.sink = None
+
     def _consume(self, response: httpx.Response, resuming: bool, chunk_size: int) -> None:
         status = response.status_code
         if status in _RETRY_STATUSES:
@@ -392,50 +441,9 @@ def store_video(
     http = client or httpx.Client(
         timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)), follow_redirects=True
     )
-    attempt = 0
-    started = time.monotonic()
     try:
-        while True:
-            attempt += 1
-            try:
-                state.attempt(http, chunk_size)
-                break
-            except _Retryable as exc:
-                reason = redact_message(exc.reason)
-                delay = retry.next_delay(attempt, time.monotonic() - started, exc.retry_after)
-                if delay is None:
-                    raise DownloadError(
-                        f"{state.shown}: download failed after {attempt} attempt(s), last error: {reason}; "
-                        "nothing was stored. Retry later"
-                    ) from None
-                logger.warning(
-                    "retrying download of %s (attempt %d of %d) in %.2fs: %s",
-                    redact_url(url),
-                    attempt + 1,
-                    retry.max_attempts,
-                    delay,
-                    reason,
-                )
-                if delay > 0:
-                    time.sleep(delay)
-        assert state.sink is not None
-        state.sink.close()
-        _check_signature(state.sink.local_path, state.shown, dest)
-        if verify is not None:
-            try:
-                verify(state.sink.local_path)
-            except MediaError as exc:
-                raise NotAVideoError(
-                    f"{state.shown}: the downloaded file is not a playable video ({exc}); nothing was stored"
-                ) from None
-        try:
-            state.sink.commit()
-        except Exception as exc:
-            raise DownloadError(
-                f"{state.shown}: could not publish the video ({type(exc).__name__}: {exc}); check write access "
-                "to the destination"
-            ) from None
-        state.sink = None
+        attempts = state.fetch(http, retry, chunk_size)
+        state.publish(verify)
     except BaseException as exc:
         if state.sink is not None:
             state.sink.abort()
@@ -453,7 +461,7 @@ def store_video(
         size=state.received,
         sha256=state.digest.hexdigest(),
         content_type=state.content_type or guess_content_type(dest),
-        attempts=attempt,
+        attempts=attempts,
     )
 
 

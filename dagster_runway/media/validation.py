@@ -249,30 +249,7 @@ def validate_image(
     the whole file. Raises :class:`ImageValidationError` naming the file, the rule and the fix.
     """
     shown = full_url(fs, path)
-    if size is None:
-        try:
-            size = int(fs.size(path))
-        except FileNotFoundError:
-            raise _fail(
-                shown, "file does not exist", "check the path, or re-list the source", "unreadable"
-            ) from None
-        except Exception as exc:  # noqa: BLE001 - report any storage failure with the file named
-            raise _fail(
-                shown,
-                f"cannot read the file ({type(exc).__name__}: {exc})",
-                "check access to the storage",
-                "unreadable",
-            ) from None
-    if size == 0:
-        raise _fail(shown, "file is empty (0 bytes)", _FIX_REEXPORT, "empty")
-    if size >= IMAGE_MAX_BYTES:
-        raise _fail(
-            shown,
-            f"file size {size / 2**20:.1f} MB is not under the limit of 16 MB",
-            "compress it (JPEG quality ~90) or scale it down",
-            "size",
-        )
-
+    size = _checked_size(fs, path, shown, size)
     reader = _RangeReader(fs, path, size, HEADER_BUDGET)
     try:
         head = reader.read(32)
@@ -287,18 +264,48 @@ def validate_image(
         ) from None
     except ImageValidationError:
         raise
-    except FileNotFoundError:
-        raise _fail(
-            shown, "file does not exist", "check the path, or re-list the source", "unreadable"
-        ) from None
     except Exception as exc:  # noqa: BLE001 - a storage error while reading the header
+        raise _unreadable(shown, exc) from None
+
+    _check_header(shown, fmt, width, height)
+    bytes_read = reader.bytes_read + _check_tail(fs, path, shown, fmt, size, head)
+    if deep:
+        bytes_read += _deep_decode(fs, path, shown)
+    return ImageInfo(path=path, format=fmt, width=width, height=height, size=size, bytes_read=bytes_read)
+
+
+def _unreadable(shown: str, exc: Exception) -> ImageValidationError:
+    if isinstance(exc, FileNotFoundError):
+        return _fail(shown, "file does not exist", "check the path, or re-list the source", "unreadable")
+    return _fail(
+        shown,
+        f"cannot read the file ({type(exc).__name__}: {exc})",
+        "check access to the storage",
+        "unreadable",
+    )
+
+
+def _checked_size(fs: fsspec.AbstractFileSystem, path: str, shown: str, size: int | None) -> int:
+    """The file's size (asked of the storage when not listed), within the service's limit."""
+    if size is None:
+        try:
+            size = int(fs.size(path))
+        except Exception as exc:  # noqa: BLE001 - report any storage failure with the file named
+            raise _unreadable(shown, exc) from None
+    if size == 0:
+        raise _fail(shown, "file is empty (0 bytes)", _FIX_REEXPORT, "empty")
+    if size >= IMAGE_MAX_BYTES:
         raise _fail(
             shown,
-            f"cannot read the file ({type(exc).__name__}: {exc})",
-            "check access to the storage",
-            "unreadable",
-        ) from None
+            f"file size {size / 2**20:.1f} MB is not under the limit of 16 MB",
+            "compress it (JPEG quality ~90) or scale it down",
+            "size",
+        )
+    return size
 
+
+def _check_header(shown: str, fmt: str, width: int, height: int) -> None:
+    """The service's rules on what the header says: format, sides, aspect."""
     if fmt not in ACCEPTED_FORMATS:
         raise _fail(shown, f"format {fmt} is not accepted", _FIX_FORMAT, "format")
     if width <= 0 or height <= 0:
@@ -319,10 +326,6 @@ def validate_image(
             "crop it or pick another image",
             "aspect",
         )
-    bytes_read = reader.bytes_read + _check_tail(fs, path, shown, fmt, size, head)
-    if deep:
-        bytes_read += _deep_decode(fs, path, shown)
-    return ImageInfo(path=path, format=fmt, width=width, height=height, size=size, bytes_read=bytes_read)
 
 
 def _deep_decode(fs: fsspec.AbstractFileSystem, path: str, shown: str) -> int:

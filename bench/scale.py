@@ -8,10 +8,10 @@ For each answer latency (``--latencies``, 0.1 s and 0 by default):
    flight, polls them with ``status_many`` every ``--baseline-poll-s`` and, as each finishes, fetches its
    result and downloads its video to disk. Its wall time is the floor of the work itself.
 2. The pipeline: ``tests/fixtures/deployment.py``'s ``Deployment`` (a fresh database on a throwaway
-   PostgreSQL cluster, DAGSTER_HOME with Postgres storage, the QueuedRunCoordinator, pools,
-   ``dagster-daemon run`` and ``dagster-webserver`` over the repo's ``definitions.py``, the emulator
-   process). Both sensors are turned on through GraphQL and the clock runs until the N-th
-   ``runway/videos`` partition is materialized.
+   PostgreSQL cluster, DAGSTER_HOME with Postgres storage, the QueuedRunCoordinator, pools, sensors in
+   threads as in the deployment guide, ``dagster-daemon run`` and ``dagster-webserver`` over the repo's
+   ``definitions.py``, the emulator process). Both sensors are turned on through GraphQL and the clock
+   runs until the N-th ``runway/videos`` partition is materialized.
 
 Printed: overhead per video = (pipeline wall - emulator-alone wall) / N; runs per partition (submit and
 collect); queue-to-start latency of runs and where a run's time goes (queued, launched, step start,
@@ -207,7 +207,8 @@ def run_pipeline(
         "collect_batch_size": args.collect_batch_size,
         **json.loads(args.options or "{}"),
     }
-    instance_config: dict[str, Any] = {}
+    # As the deployment guide's dagster.yaml: the two sensors tick side by side.
+    instance_config: dict[str, Any] = {"sensors": {"use_threads": True, "num_workers": 4}}
     if args.dequeue_interval is not None:
         instance_config["run_coordinator"] = {
             "module": "dagster._core.run_coordinator",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import time
@@ -440,3 +441,22 @@ def test_corrupt_pixel_data_behind_an_intact_header_fails_before_paying(
     assert failure.failure_class == "invalid_input"
     assert "broken.png" in failure.reason and "image data is corrupt" in failure.reason
     assert "re-export" in failure.reason
+
+
+def test_a_large_drop_is_recorded_a_batch_per_tick_and_finished_without_loss(
+    tmp_path: Path, emulator, instance: DagsterInstance
+) -> None:
+    write_images(tmp_path / "images", valid=5, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), discovery_batch_size=2)
+    daemon = LocalDaemon(defs, instance)
+    ticks = [daemon.tick("runway_discovery_sensor") for _ in range(4)]
+    assert [t.new_partitions for t in ticks] == [2, 2, 1, 0]
+    assert [t.events for t in ticks] == [4, 4, 2, 0], "a materialization and an observation per recorded image"
+    assert [json.loads(t.cursor or "{}")["deferred"] for t in ticks] == [3, 1, 0, 0]
+    assert sorted(instance.get_dynamic_partitions(PARTITIONS)) == [f"img{i:02d}.png" for i in range(5)]
+    # A changed image beyond the batch is found again at the next tick, not forgotten.
+    for i, name in enumerate(("img00.png", "img01.png", "img02.png")):
+        (tmp_path / "images" / name).write_bytes(png_bytes(320, 200, (1, 2, i)))
+    changed = [json.loads(daemon.tick("runway_discovery_sensor").cursor or "{}") for _ in range(3)]
+    assert [(c["changed"], c["deferred"]) for c in changed] == [(2, 1), (1, 0), (0, 0)]
+    assert run_until_idle(daemon) == [] and emulator.ledger().billed_submissions == 5

@@ -68,8 +68,14 @@ class RunwayPipelineConfig(BaseModel):
     pool: str | None = Field(
         default="runcomfy_api", description="Dagster concurrency pool of the steps that submit (paid calls)."
     )
-    submit_batch_size: int = Field(default=50, ge=1, description="Partitions per submit run (sensors, backfills).")
-    collect_batch_size: int = Field(default=25, ge=1, description="Partitions per collect run (sensors, backfills).")
+    submit_batch_size: int = Field(default=200, ge=1, description="Partitions per submit run (sensors, backfills).")
+    collect_batch_size: int = Field(default=100, ge=1, description="Partitions per collect run (sensors, backfills).")
+    discovery_batch_size: int = Field(
+        default=1000,
+        ge=1,
+        description="New or changed images one discovery tick records (two events each); the rest wait for the "
+        "next tick, so a tick stays short when thousands of images arrive at once.",
+    )
     discovery_interval_s: int = Field(default=30, ge=1, description="Seconds between discovery sensor ticks.")
     status_interval_s: int = Field(default=15, ge=1, description="Seconds between status sensor ticks.")
     sensor_budget_s: float = Field(

@@ -88,6 +88,7 @@ class Discovery:
     new: list[str]
     changed: list[str]
     records: list[AssetMaterialization | AssetObservation]
+    deferred: int = 0  # new or changed images left for the next tick (``discovery_batch_size``)
 
 
 def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: str) -> Discovery:
@@ -96,20 +97,30 @@ def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: 
     A materialization shows the image as present in the catalog; the observation is what Dagster's
     staleness reads for an external asset. Both carry the image's version (bytes, sidecars, manifest
     row). The versions seen are kept in the instance under ``memory``; when lost, every image is
-    recorded again, which costs one event each and pays nothing.
+    recorded again, which costs one event each and pays nothing. At most ``discovery_batch_size``
+    images are recorded per call, in partition-key order; the rest keep their last known version (or
+    none), so the next call finds them again.
     """
     known: dict[str, str] = (load_memory(instance, memory) or {}).get("versions", {})
     existing = set(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
     entries = pipeline.image_source().list()
     found = Discovery(len(entries), {}, [], [], [])
+    recorded = 0
     for entry in entries:
         partition = entry.partition_key
         version = rec.image_version(entry.change_token, entry.sidecar_token, entry.settings_token)
+        if partition in existing and known.get(partition) == version:
+            found.versions[partition] = version
+            continue
+        if recorded >= pipeline.discovery_batch_size:
+            found.deferred += 1
+            if partition in known:
+                found.versions[partition] = known[partition]
+            continue
+        recorded += 1
         found.versions[partition] = version
         if partition not in existing:
             found.new.append(partition)
-        elif known.get(partition) == version:
-            continue
         elif partition in known:
             found.changed.append(partition)
         values = {
@@ -161,13 +172,16 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: _compat.U
             )
         context.log.info(
             f"Listed {found.images} images in {time.monotonic() - started:.2f}s: {len(found.new)} new, "
-            f"{len(found.changed)} changed."
+            f"{len(found.changed)} changed"
+            + (f"; {found.deferred} more at the next tick (discovery_batch_size)." if found.deferred else ".")
         )
         return SensorResult(
             run_requests=run_requests,
             dynamic_partitions_requests=[pipeline.partitions_def.build_add_request(found.new)] if found.new else [],
             asset_events=found.records,
-            cursor=json.dumps({"images": found.images, "new": len(found.new), "changed": len(found.changed)}),
+            cursor=json.dumps(
+                {"images": found.images, "new": len(found.new), "changed": len(found.changed), "deferred": found.deferred}
+            ),
         )
 
     return _discovery

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from dagster_runway.client import RetryPolicy, input_fingerprint
-from dagster_runway.client._core import parse_retry_after
+from dagster_runway.client._errors import parse_retry_after
 from dagster_runway.emulator import Emulator, FaultRule
 from dagster_runway.errors import (
     AmbiguousSubmitError,

@@ -1,8 +1,8 @@
 """Layer 2: the RunComfy Model API clients. Nothing here knows of Dagster.
 
 ``RunComfyClient`` and ``AsyncRunComfyClient`` have the same surface and share one request core
-(``_core.RequestCore``), which holds the retry and error rules; they differ only in how they send
-and sleep.
+(``_core.RequestCore``), which applies the retry rule (``dagster_runway.retry``) and the error mapping
+(``_errors``); they differ only in how they send and sleep.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from dagster_runway.client._core import (
     USER_AGENT,
     Call,
     RequestCore,
-    RetryPolicy,
     Sleep,
-    failure_error,
     input_fingerprint,
     run_sync,
     wait_call,
 )
+from dagster_runway.client._errors import failure_error
 from dagster_runway.errors import RunComfyError
+from dagster_runway.retry import RetryPolicy
 from dagster_runway.schema import (
     MODEL_ID,
     CancelResult,

@@ -11,8 +11,8 @@ Then the status sensor (``build_runway_pipeline(...)``'s ``runway_status_sensor`
 ``build_sensor_context``) ticks until two ticks in a row have polled (the first rebuilds its memory from
 the event log, the next are steady state), and after each tick the asset events it returned are
 written to the instance, as the daemon does. Each tick's phases are timed by wrapping ``StatusTick``'s
-methods: memory read, event-log ingest, listing partitions, polls (the HTTP part and the rest), owed
-computation (with the runs query) and the memory write.
+methods: memory read, the runs in progress (read first), event-log ingest, listing partitions, polls
+(the HTTP part and the rest), owed computation and the memory write.
 
 Baseline, in the same run: the async client's ``status_many`` over the same ids at the resource's
 ``max_concurrency`` (``--concurrency``): the floor a tick's polls cannot beat.
@@ -56,8 +56,8 @@ PHASES = (
     "list partitions",
     "poll: HTTP",
     "poll: other",
-    "owed: runs query",
-    "owed: other",
+    "runs in progress",
+    "owed",
     "memory write",
 )
 
@@ -295,14 +295,13 @@ def timed_phases(tick: Tick) -> Iterator[None]:
     wrap(sensors, "_poll", "poll: HTTP")
     wrap(sensors.StatusTick, "owed", "owed")
     wrap(DagsterInstance, "get_dynamic_partitions", "list partitions")
-    wrap(DagsterInstance, "get_run_records", "owed: runs query")
+    wrap(sensors.StatusTick, "runs_in_progress", "runs in progress")
     try:
         yield
     finally:
         for owner, name, original in reversed(patches):
             setattr(owner, name, original)
         tick.phases["poll: other"] = tick.phases.pop("poll", 0.0) - tick.phases["poll: HTTP"]
-        tick.phases["owed: other"] = tick.phases.pop("owed", 0.0) - tick.phases["owed: runs query"]
 
 
 def run_tick(number: int, defs: Any, instance: Any, memory: Callable[[], dict[str, Any]]) -> Tick:

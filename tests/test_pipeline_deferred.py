@@ -460,3 +460,37 @@ def test_a_large_drop_is_recorded_a_batch_per_tick_and_finished_without_loss(
     changed = [json.loads(daemon.tick("runway_discovery_sensor").cursor or "{}") for _ in range(3)]
     assert [(c["changed"], c["deferred"]) for c in changed] == [(2, 1), (1, 0), (0, 0)]
     assert run_until_idle(daemon) == [] and emulator.ledger().billed_submissions == 5
+
+
+def test_a_run_that_ends_during_a_status_tick_is_not_launched_again_by_that_tick(
+    tmp_path: Path, emulator, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tick reads the runs in progress before the event log: a run that ends between the two reads
+    still covers its partitions in that tick (the other order launched them again, ~20% of the
+    partitions at 1,000 images on the real daemon)."""
+    from dagster import DagsterRunStatus
+    from dagster._core.test_utils import create_run_for_test
+
+    from dagster_runway.pipeline import sensors
+
+    write_images(tmp_path / "images", valid=1, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
+    daemon = LocalDaemon(defs, instance)
+    daemon.tick("runway_discovery_sensor")
+    (key,) = instance.get_dynamic_partitions(PARTITIONS)
+    run = create_run_for_test(
+        instance, job_name="runway_submit_job", status=DagsterRunStatus.STARTED, tags={_compat.PARTITION_NAME_TAG: key}
+    )
+    assert daemon.tick("runway_status_sensor").run_ids == []  # the run in progress covers the partition
+
+    ingest = sensors.StatusTick.ingest
+
+    def ingest_then_the_run_ends(self: sensors.StatusTick, budget_s: float) -> None:
+        ingest(self, budget_s)
+        instance.report_run_failed(run)  # it ends, having recorded nothing, while the tick goes on
+
+    monkeypatch.setattr(sensors.StatusTick, "ingest", ingest_then_the_run_ends)
+    assert daemon.tick("runway_status_sensor").run_ids == []
+    monkeypatch.setattr(sensors.StatusTick, "ingest", ingest)
+    relaunched = daemon.tick("runway_status_sensor")  # the next tick sees it ended: the partition is owed
+    assert len(relaunched.run_ids) == 1 and emulator.ledger().billed_submissions == 1

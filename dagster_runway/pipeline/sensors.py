@@ -21,6 +21,7 @@ from dagster import (
     DagsterInstance,
     DagsterRunStatus,
     DefaultSensorStatus,
+    RunRecord,
     RunRequest,
     RunsFilter,
     SensorEvaluationContext,
@@ -232,6 +233,10 @@ class StatusTick:
 
     def run(self) -> SensorResult:
         pipeline = self.pipeline
+        # Runs before events: a run that ends after this snapshot still covers its partitions, and one
+        # that ended before it has written its events, which the ingest below reads. The other order
+        # lets a run end between the two reads, and its partitions would be launched again.
+        runs = self.runs_in_progress()
         self.ingest(pipeline.sensor_budget_s / 3)
         if not self.memory.caught_up:
             size = save_memory(self.instance, self.memory_key, self.memory.to_json())
@@ -242,7 +247,7 @@ class StatusTick:
         for key in order:
             self.memory.state(key)
         polled = self.poll(order, pipeline.sensor_budget_s - self.elapsed() - 2.0)
-        run_requests, counts = self.owed(order)
+        run_requests, counts = self.owed(order, runs)
         size = save_memory(self.instance, self.memory_key, self.memory.to_json())
         summary = {**counts, "polled": polled, "high_water": self.memory.high_water, "memory_bytes": size}
         self.context.log.info(
@@ -338,10 +343,22 @@ class StatusTick:
         self.memory.round_robin = start + polled
         return polled
 
-    def owed(self, order: list[str]) -> tuple[list[RunRequest], dict[str, int]]:
+    def runs_in_progress(self) -> tuple[list[RunRecord], set[str]]:
+        """The runs not finished, and the run keys this sensor requested recently whose runs the daemon
+        has not created yet (the daemon creates them after the tick that asks)."""
+        runs = list(self.instance.get_run_records(RunsFilter(statuses=NOT_FINISHED)))
+        return runs, self._uncreated_run_keys(time.time() - self.grace)
+
+    @property
+    def grace(self) -> float:
+        return max(60.0, 4.0 * self.pipeline.status_interval_s)
+
+    def owed(
+        self, order: list[str], in_progress: tuple[list[RunRecord], set[str]]
+    ) -> tuple[list[RunRequest], dict[str, int]]:
         """Launch a run for every partition owed a submit or a collect that no run in progress covers."""
         pipeline, states = self.pipeline, self.memory.partitions
-        runs = self.instance.get_run_records(RunsFilter(statuses=NOT_FINISHED))
+        runs, uncreated = in_progress
         coverage = rc.covered(
             runs,
             order=order,
@@ -353,9 +370,7 @@ class StatusTick:
         )
         counts = {"done": 0, "failed": 0, "in_flight": 0, "submit": 0, "collect": 0, "running": 0, "scheduled": 0}
         now = time.time()
-        # The daemon creates the runs a tick requests after the tick; until then they cover nothing.
-        grace = max(60.0, 4.0 * pipeline.status_interval_s)
-        uncreated = self._uncreated_run_keys(order, now - grace)
+        grace = self.grace
         owed: dict[str, list[str]] = {"submit": [], "collect": []}
         for key in order:
             state = states[key]
@@ -415,10 +430,10 @@ class StatusTick:
                 states[key].run_key, states[key].launched_at = request.run_key, now
         return requests, counts
 
-    def _uncreated_run_keys(self, order: list[str], since: float) -> set[str]:
-        """Run keys this sensor requested recently whose runs the daemon has not created yet."""
-        states = self.memory.partitions
-        recent = {run_key for k in order if (run_key := states[k].run_key) and states[k].launched_at >= since}
+    def _uncreated_run_keys(self, since: float) -> set[str]:
+        """Run keys this sensor requested since ``since`` whose runs the daemon has not created yet."""
+        states = self.memory.partitions.values()
+        recent = {run_key for state in states if (run_key := state.run_key) and state.launched_at >= since}
         if not recent:
             return set()
         created = self.instance.get_run_records(RunsFilter(tags={RUN_KEY_TAG: sorted(recent)}))

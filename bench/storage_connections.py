@@ -24,17 +24,6 @@ from harness import command_line, postgres_cluster  # noqa: E402
 from dagster_runway._compat import hold_storage_connections  # noqa: E402
 
 
-def _sessions(params) -> int:
-    connection = params.connect()
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_stat_force_next_flush()")
-            cursor.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s", (params.db_name,))
-            return int(cursor.fetchone()[0])
-    finally:
-        connection.close()
-
-
 def measure(cluster, events: int, held: bool) -> tuple[float, float, int]:
     params = cluster.create_database()
     try:
@@ -43,14 +32,14 @@ def measure(cluster, events: int, held: bool) -> tuple[float, float, int]:
                 hold_storage_connections(instance)
             keys = [f"k{i}" for i in range(events)]
             instance.add_dynamic_partitions("images", keys)
-            sessions = _sessions(params)
+            sessions = params.sessions()
             wall, cpu = time.perf_counter(), time.process_time()
             for key in keys:
                 instance.report_runless_asset_event(
                     dg.AssetMaterialization(["runway", "videos"], partition=key, metadata={"runway/key": key})
                 )
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            return wall / events * 1000, cpu / events * 1000, _sessions(params) - sessions - 1
+            return wall / events * 1000, cpu / events * 1000, params.sessions() - sessions - 1
     finally:
         cluster.drop_database(params.db_name)
 

@@ -546,10 +546,11 @@ def test_latency_delays_answers_without_blocking_others(
 
 def test_the_same_seed_gives_the_same_queue_waits(emulator_factory: Factory, http_api: Connect) -> None:
     def queue_waits(seed: int) -> list[float]:
-        # Queue waits of 0 to 0.5 s, then 0.05 s in progress.
+        # Queue waits of 0 to 2 s, then 0.2 s in progress: the draws are far apart compared with the
+        # lag of the emulator's scheduler on a loaded machine (tens of ms), which the waits include.
         emulator = emulator_factory(
             random_seed=seed,
-            time_scale=0.05,
+            time_scale=0.2,
             queue_seconds=(0, 10),
             render_seconds=(1, 1),
             max_concurrency=10,
@@ -566,8 +567,8 @@ def test_the_same_seed_gives_the_same_queue_waits(emulator_factory: Factory, htt
         ]
 
     first, again, other = queue_waits(7), queue_waits(7), queue_waits(8)
-    assert first == pytest.approx(again, abs=0.05)
-    assert first != pytest.approx(other, abs=0.05)
+    assert first == pytest.approx(again, abs=0.15)
+    assert first != pytest.approx(other, abs=0.15)
 
 
 # Lifecycle and layering

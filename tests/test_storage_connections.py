@@ -19,18 +19,6 @@ from tests.pipeline_helpers import make_defs, run_until_idle, video_materializat
 pytestmark = pytest.mark.deployment
 
 
-def _sessions(db: PostgresParams) -> int:
-    """Sessions the server has started on ``db`` so far (this query's own included)."""
-    connection = db.connect()
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_stat_force_next_flush()")
-            cursor.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s", (db.db_name,))
-            return int(cursor.fetchone()[0])
-    finally:
-        connection.close()
-
-
 def _events(db: PostgresParams) -> int:
     connection = db.connect()
     try:
@@ -58,20 +46,20 @@ def _report(instance: dg.DagsterInstance, count: int) -> None:
 def test_held_connections_open_a_few_sessions_where_dagster_opens_one_per_statement(
     postgres_db: PostgresParams, pg_instance: dg.DagsterInstance
 ) -> None:
-    before = _sessions(postgres_db)
+    before = postgres_db.sessions()
     _report(pg_instance, 40)
-    plain = _sessions(postgres_db) - before - 1
+    plain = postgres_db.sessions() - before - 1
     assert plain >= 40, f"dagster-postgres opens a connection per statement: {plain} sessions for 40 events"
 
     hold_storage_connections(pg_instance)
     hold_storage_connections(pg_instance)  # a second call keeps the same pool
-    before = _sessions(postgres_db)
+    before = postgres_db.sessions()
     pg_instance.report_runless_asset_event(dg.AssetMaterialization("b"))  # opens the held connections
-    opened = _sessions(postgres_db) - before - 1
-    before = _sessions(postgres_db)
+    opened = postgres_db.sessions() - before - 1
+    before = postgres_db.sessions()
     for i in range(40):
         pg_instance.report_runless_asset_event(dg.AssetMaterialization("b", metadata={"i": i}))
-    assert _sessions(postgres_db) - before - 1 == 0, "40 more events reuse the held connections"
+    assert postgres_db.sessions() - before - 1 == 0, "40 more events reuse the held connections"
     assert opened <= 3, f"one connection per storage at most, got {opened}"
 
 
@@ -82,9 +70,9 @@ def test_a_pipeline_run_on_postgres_writes_its_events_over_held_connections(
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
     daemon = LocalDaemon(defs, pg_instance)
     daemon.tick("runway_discovery_sensor")
-    before_sessions, before_events = _sessions(postgres_db), _events(postgres_db)
+    before_sessions, before_events = postgres_db.sessions(), _events(postgres_db)
     assert run_until_idle(daemon) == []
-    sessions = _sessions(postgres_db) - before_sessions - 1
+    sessions = postgres_db.sessions() - before_sessions - 1
     events = _events(postgres_db) - before_events
     assert video_materialization_count(pg_instance) == 4 and emulator.ledger().billed_submissions == 4
     # Measured: 81 sessions for 65 events (the sensor ticks before the first run open their own); 376

@@ -18,6 +18,7 @@ from .errors import (
 )
 from .keys import KEY_MAX_LEN, partition_key_for
 from .probe import VideoProbe, extract_poster, poster_uri_for, probe_video
+from .publish import guess_content_type, remove_stale_parts, write_bytes_atomic
 from .service_url import DATA_URI_MAX_BYTES, data_uri_length, service_image_url
 from .settings import (
     AUTO_RATIO,
@@ -27,14 +28,7 @@ from .settings import (
     resolve_auto_ratio,
 )
 from .sources import DEFAULT_PATTERNS, ImageEntry, ImageSource, change_token_of
-from .storage import (
-    StoredVideo,
-    guess_content_type,
-    remove_stale_parts,
-    sha256_of,
-    store_video,
-    write_bytes_atomic,
-)
+from .storage import StoredVideo, sha256_of, store_video
 from .validation import ImageInfo, check_pixels, content_sha256, validate_image
 
 __all__ = [

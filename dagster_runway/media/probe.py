@@ -22,7 +22,7 @@ from PIL import Image
 
 from ._fs import full_url, is_local, url_to_fs
 from .errors import VideoProbeError
-from .storage import write_bytes_atomic
+from .publish import write_bytes_atomic
 
 READ_BLOCK = 4 * 1024 * 1024
 

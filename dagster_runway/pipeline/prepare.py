@@ -1,0 +1,108 @@
+"""Before any money: check one image to the last pixel and settle the exact input it would be sent with.
+
+``prepare`` reads the image once (the header first, then every pixel), resolves its settings (sidecars,
+manifest, defaults) and computes the generation fingerprint, the identity of one paid generation that
+the journal, reuse and every message about a possibly billed submit use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from dagster import MetadataValue
+
+from dagster_runway.media import ImageEntry, ImageSource, check_pixels, validate_image
+from dagster_runway.pipeline import metadata as md
+from dagster_runway.pipeline import records as rec
+from dagster_runway.pipeline.config import RunwayPipelineConfig
+from dagster_runway.schema import DEFAULT_PROMPT_TEXT
+from dagster_runway.version import __version__
+
+
+def generation_fingerprint(model_id: str, image_sha256: str, fields: dict[str, Any]) -> str:
+    """The identity of one paid generation: the model, the image's bytes and every input field.
+
+    This is *the* fingerprint: the journal is keyed by it, reuse matches on it, and every message
+    about a possibly billed submit names it. ``fields`` exclude ``promptImage``, whose URL changes.
+    """
+    canonical = json.dumps(
+        {"model": model_id, "image_sha256": image_sha256, "fields": fields}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One partition, checked and ready to submit."""
+
+    key: str
+    entry: ImageEntry
+    width: int
+    height: int
+    image_format: str
+    sha256: str
+    fields: dict[str, Any]
+    fingerprint: str
+    settings_sources: tuple[str, ...]
+    prompt_source: str
+    model_id: str
+    prompt_warning: str | None = None
+
+    @property
+    def source_version(self) -> str:
+        return rec.image_version(self.entry.change_token, self.entry.sidecar_token, self.entry.settings_token)
+
+    @property
+    def estimate_usd_seconds(self) -> int:
+        return int(self.fields["duration"])
+
+    def metadata(self) -> dict[str, Any]:
+        """Lineage of the input: what goes to the service, from which file."""
+        prompt = self.fields.get("promptText")
+        return {
+            **md.RunwayMetadata(
+                fingerprint=self.fingerprint,
+                model=self.model_id,
+                input=MetadataValue.json(self.fields),
+                prompt_text=prompt if prompt is not None else DEFAULT_PROMPT_TEXT,
+                prompt_source=self.prompt_source,
+                prompt_warning=self.prompt_warning,
+                ratio=self.fields["ratio"],
+                duration_s=self.fields["duration"],
+                seed=str(self.fields["seed"]),
+                settings_from=", ".join(self.settings_sources),
+                source_path=MetadataValue.path(self.entry.url),
+                source_sha256=self.sha256,
+                source_change_token=self.entry.change_token,
+                source_version=self.source_version,
+                source_size_bytes=self.entry.size,
+                source_pixels=f"{self.width}x{self.height} {self.image_format}",
+                package_version=__version__,
+            )
+        }
+
+
+def prepare(pipeline: RunwayPipelineConfig, source: ImageSource, key: str, entry: ImageEntry, model_id: str) -> Prepared:
+    """Check one image and settle its input. Raises ``MediaError`` naming the file, the rule and the fix."""
+    info = validate_image(source.fs, entry.path, size=entry.size)  # the header first: cheap, bounded reads
+    data = source.fs.cat_file(entry.path)  # then every pixel (under 16 MB, as the header check proved)
+    check_pixels(data, entry.url)
+    sha256 = hashlib.sha256(data).hexdigest()
+    settings = source.settings_for(entry, image_size=(info.width, info.height), content_sha256=sha256)
+    fields = settings.request_fields()
+    return Prepared(
+        key=key,
+        entry=entry,
+        width=info.width,
+        height=info.height,
+        image_format=info.format,
+        sha256=sha256,
+        fields=fields,
+        fingerprint=generation_fingerprint(model_id, sha256, fields),
+        settings_sources=tuple(settings.sources),
+        prompt_source=settings.prompt_source,
+        model_id=model_id,
+    )

@@ -47,6 +47,9 @@ def test_with_a_submit_schedule_images_are_submitted_at_its_ticks_only(
 
     sent = daemon.tick_schedule("runway_submit_schedule")
     assert len(sent.run_ids) == 1 and emulator.ledger().billed_submissions == 3
+    # Another tick before the status sensor's next one: the schedule reads what that run recorded
+    # (the sensor's memory is a tick old) and sends nothing again.
+    assert daemon.tick_schedule("runway_submit_schedule").run_ids == []
     assert run_until_idle(daemon) == []  # the status sensor collects as soon as they are done
     assert all(video_metadata(instance, k) for k in instance.get_dynamic_partitions(PARTITIONS))
 

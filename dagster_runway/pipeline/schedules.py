@@ -9,6 +9,8 @@ reconciliation memory the schedule reads.
 
 from __future__ import annotations
 
+import time
+
 from dagster import (
     DefaultScheduleStatus,
     RunRequest,
@@ -29,6 +31,7 @@ from dagster_runway.pipeline.sensors import (
     load_memory,
     memory_key,
     op_config,
+    read_events,
 )
 
 
@@ -55,18 +58,22 @@ def build_submit_schedule(
             instance.add_dynamic_partitions(pipeline.dynamic_partitions_name, found.new)
         for record in found.records:
             instance.report_runless_asset_event(record)
+        # As the status sensor: the runs in progress before the events, so that a run ending in between
+        # still covers its partitions, and the sensor's memory brought up to date (it may be a tick old).
+        runs = instance.get_run_records(RunsFilter(statuses=NOT_FINISHED))
         memory = rc.SensorMemory.from_json(load_memory(instance, memory_key(pipeline, status_sensor)) or {})
         if not memory.caught_up:
             return SkipReason(
                 f"{len(found.new)} new image(s) recorded; nothing submitted: the status sensor ({status_sensor}) has "
                 "not read the event log yet. Turn it on; the next tick submits what is owed."
             )
+        read_events(instance, pipeline, memory, time.monotonic() + pipeline.sensor_budget_s / 3)
         order = list(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
         for key, version in found.versions.items():
             memory.state(key).image_version = version  # what this listing saw, newer than the sensor's memory
         policy = rc.Policy(pipeline.on_change, pipeline.retry_failed_generations, pipeline.max_spend_usd)
         coverage = rc.covered(
-            instance.get_run_records(RunsFilter(statuses=NOT_FINISHED)),
+            runs,
             order=order,
             requests_key=pipeline.requests_key,
             videos_key=pipeline.videos_key,

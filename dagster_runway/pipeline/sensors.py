@@ -199,6 +199,56 @@ def _poll(resource: RunComfyResource, ids: list[str], budget: float) -> dict[str
     return asyncio.run(main())
 
 
+def read_events(
+    instance: DagsterInstance, pipeline: RunwayPipelineConfig, memory: rc.SensorMemory, deadline: float
+) -> None:
+    """Apply the event log's records after ``memory.high_water`` to ``memory``, page by page, until the
+    log is read (``memory.caught_up``) or the monotonic ``deadline`` passes."""
+    while True:
+        page = rec.page_after(
+            instance,
+            requests_key=pipeline.requests_key,
+            videos_key=pipeline.videos_key,
+            images_key=pipeline.images_key,
+            after=memory.high_water,
+        )
+        events: list[tuple[int, Any]] = [
+            *((r.storage_id, r) for r in page.requests),
+            *((v.storage_id, v) for v in page.videos),
+            *((f.storage_id, f) for f in page.failures),
+            *((i[2], i) for i in page.images),
+        ]
+        for _, event in sorted(events, key=lambda pair: pair[0]):
+            if isinstance(event, rec.RequestRecord):
+                memory.state(event.partition).saw_request(
+                    event.request_id, event.attempt, event.source_version, event.storage_id
+                )
+            elif isinstance(event, rec.VideoRecord):
+                memory.state(event.partition).saw_video(event.request_id, event.storage_id)
+            elif isinstance(event, rec.FailureRecord):
+                memory.state(event.partition).saw_failure(
+                    rc.Failure(
+                        failure_class=event.failure_class,
+                        source_version=event.source_version,
+                        storage_id=event.storage_id,
+                        request_id=event.request_id,
+                        retry_at=event.metadata.get("retry_at"),
+                        cap_usd=event.metadata.get("spend_cap_usd"),
+                    )
+                )
+            else:
+                partition, version, _ = event
+                state = memory.state(partition)
+                if state.image_version != version:
+                    state.image_version, state.submit_runs, state.collect_runs = version, 0, 0
+        memory.high_water = page.high_water
+        if not page.more:
+            memory.caught_up = True
+            return
+        if time.monotonic() > deadline:
+            return
+
+
 class StatusTick:
     """One tick of the status sensor: read what is new, poll what is in flight, launch what is owed."""
 
@@ -257,51 +307,8 @@ class StatusTick:
         return SensorResult(run_requests=run_requests, asset_events=self.events, cursor=json.dumps(summary))
 
     def ingest(self, budget_s: float) -> None:
-        """Apply the event log's new records to the memory, page by page, within ``budget_s``."""
-        memory, pipeline = self.memory, self.pipeline
-        while True:
-            page = rec.page_after(
-                self.instance,
-                requests_key=pipeline.requests_key,
-                videos_key=pipeline.videos_key,
-                images_key=pipeline.images_key,
-                after=memory.high_water,
-            )
-            events: list[tuple[int, Any]] = [
-                *((r.storage_id, r) for r in page.requests),
-                *((v.storage_id, v) for v in page.videos),
-                *((f.storage_id, f) for f in page.failures),
-                *((i[2], i) for i in page.images),
-            ]
-            for _, event in sorted(events, key=lambda pair: pair[0]):
-                if isinstance(event, rec.RequestRecord):
-                    memory.state(event.partition).saw_request(
-                        event.request_id, event.attempt, event.source_version, event.storage_id
-                    )
-                elif isinstance(event, rec.VideoRecord):
-                    memory.state(event.partition).saw_video(event.request_id, event.storage_id)
-                elif isinstance(event, rec.FailureRecord):
-                    memory.state(event.partition).saw_failure(
-                        rc.Failure(
-                            failure_class=event.failure_class,
-                            source_version=event.source_version,
-                            storage_id=event.storage_id,
-                            request_id=event.request_id,
-                            retry_at=event.metadata.get("retry_at"),
-                            cap_usd=event.metadata.get("spend_cap_usd"),
-                        )
-                    )
-                else:
-                    partition, version, _ = event
-                    state = memory.state(partition)
-                    if state.image_version != version:
-                        state.image_version, state.submit_runs, state.collect_runs = version, 0, 0
-            memory.high_water = page.high_water
-            if not page.more:
-                memory.caught_up = True
-                return
-            if self.elapsed() > budget_s:
-                return
+        """Apply the event log's new records to the memory, within ``budget_s`` of the tick's start."""
+        read_events(self.instance, self.pipeline, self.memory, self.started + budget_s)
 
     def poll(self, order: list[str], budget_s: float) -> int:
         """Poll requests in flight, round-robin from where the last tick stopped; observe changes."""

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from dagster_runway._process import pid_alive
 from dagster_runway.media._fs import is_local, url_to_fs
 
 CLAIMED = "claimed"
@@ -62,13 +63,7 @@ class Owner:
         """Whether the owning process still runs: known on this host only (``None`` elsewhere)."""
         if self.host != socket.gethostname():
             return None
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(self.pid)
 
     def describe(self) -> str:
         run = f"run {self.run_id} " if self.run_id else ""

@@ -28,6 +28,8 @@ from dagster import (
     build_sensor_context,
 )
 
+from dagster_runway._process import pid_alive
+
 SENSOR_TAG = "dagster/sensor_name"
 SCHEDULE_TAG = "dagster/schedule_name"
 RUN_KEY_TAG = "dagster/run_key"
@@ -143,7 +145,7 @@ class LocalDaemon:
         for run in self.instance.get_runs(RunsFilter(statuses=_UNFINISHED)):
             driver = run.tags.get(DRIVER_TAG, "")
             driver_host, _, pid = driver.rpartition(":")
-            if driver_host != host or not pid.isdigit() or _alive(int(pid)):
+            if driver_host != host or not pid.isdigit() or pid_alive(int(pid)):
                 continue
             self.instance.report_run_failed(run, f"The process that ran it ({driver}) is gone (it was killed).")
             failed.append(run.run_id)
@@ -154,13 +156,3 @@ def _job_name(sensor_def: SensorDefinition) -> str | None:
     """The sensor's one job, or None when it names several (each run request then names its own) or none."""
     targets = sensor_def.targets
     return targets[0].job_name if len(targets) == 1 else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

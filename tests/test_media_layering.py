@@ -7,7 +7,12 @@ from pathlib import Path
 
 import dagster_runway.media as media
 
-ALLOWED_PACKAGE_MODULES = {"dagster_runway.schema", "dagster_runway._redact", "dagster_runway.retry"}
+ALLOWED_PACKAGE_MODULES = {
+    "dagster_runway.schema",
+    "dagster_runway._redact",
+    "dagster_runway._process",
+    "dagster_runway.retry",
+}
 
 
 def _imports(path: Path) -> set[str]:

@@ -23,6 +23,8 @@ from typing import Any, BinaryIO
 
 import fsspec
 
+from dagster_runway._process import pid_alive
+
 from ._fs import full_url, is_local, protocols, url_to_fs
 
 S3_PART_SIZE = 8 * 1024 * 1024
@@ -191,7 +193,7 @@ def remove_stale_parts(
     for candidate in glob.glob(glob.escape(prefix) + "*.part"):
         pid_text = candidate[len(prefix) :].split(".", 1)[0]
         try:
-            stale = time.time() - os.path.getmtime(candidate) > older_than_s or not _pid_alive(int(pid_text))
+            stale = time.time() - os.path.getmtime(candidate) > older_than_s or not pid_alive(int(pid_text))
         except (OSError, ValueError):
             stale = True
         if stale:
@@ -199,13 +201,3 @@ def remove_stale_parts(
                 os.unlink(candidate)
                 removed += 1
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

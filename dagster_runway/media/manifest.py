@@ -58,7 +58,9 @@ def read_manifest(
             shown, "manifest file does not exist; fix the manifest path or create it"
         ) from None
     except Exception as exc:
-        raise SettingsError(shown, f"cannot read the manifest ({type(exc).__name__}: {exc})") from None
+        raise SettingsError(
+            shown, f"cannot read the manifest ({type(exc).__name__}: {exc}); check its path and read access"
+        ) from None
     try:
         text = bytes(raw).decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -67,7 +69,7 @@ def read_manifest(
         return parse_csv(text, shown, root_prefixes)
     if path.lower().endswith(".json"):
         return parse_json(text, shown, root_prefixes)
-    raise SettingsError(shown, "manifest must be a .csv or .json file")
+    raise SettingsError(shown, "manifest must be a .csv or .json file; rename it, or convert it to CSV or JSON")
 
 
 def _relpath(value: Any, where: str, root_prefixes: Sequence[str]) -> str:
@@ -97,7 +99,7 @@ def parse_csv(text: str, shown: str, root_prefixes: Sequence[str] = ()) -> Manif
         where = f"{shown} (line {reader.line_num})"
         cleaned = {(k or "").strip(): v for k, v in row.items()}
         if None in row:
-            raise SettingsError(where, "row has more cells than the header has columns")
+            raise SettingsError(where, "row has more cells than the header has columns; quote cells that contain commas")
         relpath = _relpath(cleaned.pop(path_column), where, root_prefixes)
         manifest._add(relpath, where, normalise_fields(cleaned, source=where))
     return manifest
@@ -108,7 +110,7 @@ def parse_json(text: str, shown: str, root_prefixes: Sequence[str] = ()) -> Mani
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SettingsError(shown, f"manifest is not valid JSON ({exc})") from None
+        raise SettingsError(shown, f"manifest is not valid JSON ({exc}); fix the syntax at that position") from None
     images: Any = data
     if isinstance(data, dict) and ("images" in data or "defaults" in data):
         extra = set(data) - {"images", "defaults"}
@@ -123,7 +125,9 @@ def parse_json(text: str, shown: str, root_prefixes: Sequence[str] = ()) -> Mani
         for key, value in images.items():
             where = f"{shown} ({key!r})"
             if not isinstance(value, dict):
-                raise SettingsError(where, "each image's settings must be an object")
+                raise SettingsError(
+                    where, 'each image\'s settings must be an object, e.g. {"promptText": "...", "ratio": "auto"}'
+                )
             relpath = _relpath(key, where, root_prefixes)
             manifest._add(relpath, where, normalise_fields(value, source=where))
     elif isinstance(images, list):

@@ -180,7 +180,9 @@ class _Download:
     def _consume(self, response: httpx.Response, resuming: bool, chunk_size: int) -> None:
         status = response.status_code
         if status in _RETRY_STATUSES:
-            raise _Retryable(f"HTTP {status}", retry_after_seconds(response.headers.get("retry-after")))
+            retry_after = retry_after_seconds(response.headers.get("retry-after"))
+            waited = f" (the server asked to wait {retry_after:.0f} s)" if retry_after is not None else ""
+            raise _Retryable(f"HTTP {status}{waited}", retry_after)
         if status not in (200, 206):
             raise DownloadError(f"{self.shown}: HTTP {status} from the video URL; {_permanent_fix(status)}")
         length_header = response.headers.get("content-length", "")

@@ -4,11 +4,15 @@ For the demo, tests and benchmarks. It does what ``dagster-daemon`` does for the
 the sensor's partition requests and asset events, keeps its cursor in the instance, never launches a
 run key it has launched before (whatever became of that run), and launches the runs. Runs are tagged
 with this process, so that a later ``LocalDaemon`` marks runs of a process that died as failed, as
-the daemon's run monitoring would. In production, ``dagster dev`` or ``dagster-daemon`` do all this.
+the daemon's run monitoring would. The runs a tick requested are kept in the instance until each is
+launched; a tick interrupted by the death of its process is finished by the next tick of that sensor
+or schedule, as the daemon resumes an interrupted tick (the status sensor waits for a requested run
+whose creation it has not seen yet). In production, ``dagster dev`` or ``dagster-daemon`` do all this.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Sequence
@@ -35,6 +39,7 @@ SCHEDULE_TAG = "dagster/schedule_name"
 RUN_KEY_TAG = "dagster/run_key"
 DRIVER_TAG = "runway/driver"  # "<host>:<pid>" of the LocalDaemon that ran it
 _CURSOR_KEY = "dagster_runway/local_daemon/cursor/"
+_PENDING_KEY = "dagster_runway/local_daemon/pending/"  # + sensor or schedule name: what its tick has yet to launch
 _UNFINISHED = [DagsterRunStatus.STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.NOT_STARTED]
 
 
@@ -71,6 +76,7 @@ class LocalDaemon:
     def tick(self, sensor_name: str) -> TickOutcome:
         sensor_def = self.defs.resolve_sensor_def(sensor_name)
         outcome = TickOutcome(sensor_name)
+        self._resume_interrupted(SENSOR_TAG, sensor_name, outcome)
         with build_sensor_context(
             instance=self.instance,
             cursor=self.cursor(sensor_name) or None,
@@ -100,19 +106,24 @@ class LocalDaemon:
     def _launch(
         self, origin_tag: str, name: str, default_job: str | None, requests: Sequence[RunRequest], outcome: TickOutcome
     ) -> None:
+        todo = []
         for request in requests:
             if request.run_key and self._launched(origin_tag, name, request.run_key):
                 outcome.skipped_run_keys.append(request.run_key)
                 continue
+            job_name = request.job_name or default_job
+            assert job_name is not None, f"{name} requested a run without naming its job"
+            todo.append(request.with_replaced_attrs(job_name=job_name))
+        for done, request in enumerate(todo):
+            self._save_pending(name, todo[done:])
             tags = {**request.tags, origin_tag: name, DRIVER_TAG: self.driver}
             if request.run_key:
                 tags[RUN_KEY_TAG] = request.run_key
-            job_name = request.job_name or default_job
-            assert job_name is not None, f"{name} requested a run without naming its job"
             run_config = dict(request.run_config)
             if self.log_level:
                 run_config["loggers"] = {"console": {"config": {"log_level": self.log_level}}}
-            run = self.defs.resolve_job_def(job_name).execute_in_process(
+            assert request.job_name is not None
+            run = self.defs.resolve_job_def(request.job_name).execute_in_process(
                 instance=self.instance,
                 run_config=run_config,
                 tags=tags,
@@ -120,11 +131,42 @@ class LocalDaemon:
                 raise_on_error=False,
             )
             (outcome.run_ids if run.success else outcome.failed_run_ids).append(run.run_id)
+        if todo:
+            self._save_pending(name, [])
+
+    def _save_pending(self, name: str, requests: Sequence[RunRequest]) -> None:
+        from dagster_runway import _compat
+
+        pending = [
+            {
+                "job_name": r.job_name,
+                "run_key": r.run_key,
+                "tags": dict(r.tags),
+                "run_config": r.run_config,
+                "partition_key": r.partition_key,
+            }
+            for r in requests
+        ]
+        _compat.kv_set(self.instance, _PENDING_KEY + name, json.dumps({"driver": self.driver, "requests": pending}))
+
+    def _resume_interrupted(self, origin_tag: str, name: str, outcome: TickOutcome) -> None:
+        """Launch what a tick of ``name`` in a process now gone requested but did not launch."""
+        from dagster_runway import _compat
+
+        data = json.loads(_compat.kv_get(self.instance, _PENDING_KEY + name) or "{}")
+        driver_host, _, pid = str(data.get("driver", "")).rpartition(":")
+        if not data.get("requests") or data["driver"] == self.driver:
+            return
+        if driver_host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid)):
+            return  # a live driver is launching them, or one elsewhere that this process cannot judge
+        requests = [RunRequest(**fields) for fields in data["requests"]]
+        self._launch(origin_tag, name, None, requests, outcome)
 
     def tick_schedule(self, schedule_name: str, at: datetime | None = None) -> TickOutcome:
         """Evaluate a schedule as of ``at`` (now by default) and run what it requests."""
         schedule_def = self.defs.resolve_schedule_def(schedule_name)
         outcome = TickOutcome(schedule_name)
+        self._resume_interrupted(SCHEDULE_TAG, schedule_name, outcome)
         with build_schedule_context(
             instance=self.instance,
             scheduled_execution_time=at or datetime.now(UTC),

@@ -494,3 +494,47 @@ def test_a_run_that_ends_during_a_status_tick_is_not_launched_again_by_that_tick
     monkeypatch.setattr(sensors.StatusTick, "ingest", ingest)
     relaunched = daemon.tick("runway_status_sensor")  # the next tick sees it ended: the partition is owed
     assert len(relaunched.run_ids) == 1 and emulator.ledger().billed_submissions == 1
+
+
+def test_runs_a_tick_requested_before_its_process_died_are_launched_by_the_next_tick(
+    tmp_path: Path, emulator, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the daemon resumes an interrupted tick: without it, the status sensor would hold the
+    partitions for the run it requested (whose creation it waits for) until its grace ran out."""
+    import socket
+
+    from dagster import JobDefinition
+
+    write_images(tmp_path / "images", valid=3, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
+    dead = LocalDaemon(defs, instance)
+    dead.driver = f"{socket.gethostname()}:{_reaped_pid()}"
+    dead.tick("runway_discovery_sensor")
+
+    class Died(Exception):
+        pass
+
+    def die(*args: object, **kwargs: object) -> None:
+        raise Died  # the process is killed after the tick, before its run is created
+
+    with monkeypatch.context() as patch:
+        patch.setattr(JobDefinition, "execute_in_process", die)
+        with pytest.raises(Died):
+            dead.tick("runway_status_sensor")
+    assert emulator.ledger().submissions == 0 and instance.get_runs() == []
+
+    again = LocalDaemon(defs, instance)
+    resumed = again.tick("runway_status_sensor")  # first the dead tick's submit run, then its own requests
+    assert instance.get_run_by_id(resumed.run_ids[0]).job_name == "runway_submit_job"
+    assert emulator.ledger().billed_submissions == 3
+    assert run_until_idle(again) == []  # settles at once: no wait for a run that will never be created
+    assert video_materialization_count(instance) == 3 and emulator.ledger().billed_submissions == 3
+
+
+def _reaped_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

@@ -419,14 +419,16 @@ def wait_for_answer(
     poll_s: float = 0.2,
 ) -> Claim:
     """Wait while another live owner's claim has no answer; return it answered, or as it stands when
-    the owner is gone or ``timeout_s`` has passed (then it is still ``claimed``)."""
+    the owner is gone or ``timeout_s`` has passed (then it is still ``claimed``). The claim is read
+    again before each judgement: ``claim`` may be a copy taken before its owner answered and ended."""
     deadline = time.monotonic() + timeout_s
     current = claim
-    while current.state == CLAIMED and time.monotonic() < deadline and owner_alive(current.owner):
-        time.sleep(poll_s)
+    while True:
         with contextlib.suppress(Exception):
             current = journal.read(claim.fingerprint, claim.attempt) or current
-    return current
+        if current.state != CLAIMED or time.monotonic() >= deadline or not owner_alive(current.owner):
+            return current
+        time.sleep(poll_s)
 
 
 __all__ = [

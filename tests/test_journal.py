@@ -176,6 +176,16 @@ def test_waiting_on_a_live_owner_returns_its_answer_and_stops_when_it_is_gone(tm
     assert gone.state == CLAIMED  # nobody will answer it: the caller reports it ambiguous
 
 
+def test_a_copy_taken_before_its_owner_answered_and_ended_is_read_again(tmp_path: Path) -> None:
+    """A run that saw another's claim open, and judged it only after that owner had rejected it and
+    ended, reported the claim ambiguous ("may have been billed") though nothing had been sent."""
+    journal = Journal(str(tmp_path / "journal"))
+    seen = _claim(journal)  # the copy the other run holds
+    journal.record_rejected(seen, "spend cap reached; nothing was sent or billed")  # then its owner ends
+    judged = wait_for_answer(journal, seen, owner_alive=lambda owner: False, timeout_s=0)
+    assert judged.state == REJECTED and "nothing was sent" in (judged.reason or "")
+
+
 def test_owner_liveness_is_known_on_this_host_only() -> None:
     me = Owner.current()
     assert me.process_alive() is True

@@ -231,13 +231,10 @@ class SubmitBatch:
     def _settle_open_claim(self, prepared: Prepared, claim: jn.Claim) -> jn.Claim:
         """A claim with no answer yet: wait while its owner may still answer; else repair it from the
         event log if the answer was recorded there; else it stays open (ambiguous)."""
-        remaining = self.claim_timeout_s - (time.time() - claim.claimed_at)
-        if remaining > 0:
-            if self._owner_alive(claim.owner):
-                self.log.info(
-                    f"{prepared.key}: {claim.owner.describe()} is submitting this input now; waiting for its answer"
-                )
-            claim = jn.wait_for_answer(self.journal, claim, owner_alive=self._owner_alive, timeout_s=remaining)
+        remaining = max(0.0, self.claim_timeout_s - (time.time() - claim.claimed_at))
+        if remaining > 0 and self._owner_alive(claim.owner):
+            self.log.info(f"{prepared.key}: {claim.owner.describe()} is submitting this input now; waiting for its answer")
+        claim = jn.wait_for_answer(self.journal, claim, owner_alive=self._owner_alive, timeout_s=remaining)
         if claim.state != jn.CLAIMED:
             return claim
         recorded = rec.latest_request(self.instance, self.pipeline.submit_key, prepared.key)

@@ -6,7 +6,10 @@ with the name that broke. Anything with a public equivalent is imported from ``d
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import weakref
+from collections.abc import Iterator
 
 from dagster import DagsterInstance
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
@@ -78,7 +81,44 @@ def hold_storage_connections(instance: DagsterInstance) -> None:
     if instance in _HOLDING:
         return
     instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=4)
+    # The pool holds one connection, and storing a tagged asset event asks ``has_table`` on a second
+    # one inside the first's transaction: a new connection per event (and a query). Tables do not
+    # disappear under a running process, so the answer is kept for the instance's life.
+    storage = instance.event_log_storage
+    if "has_table" not in vars(storage):
+        storage.has_table = functools.cache(storage.has_table)  # type: ignore[method-assign]
     _HOLDING.add(instance)
+
+
+@contextlib.contextmanager
+def storage_connections_held(instance: DagsterInstance) -> Iterator[None]:
+    """Hold the storage connections for a block, then close them and go back to a connection per
+    statement: for a sensor or schedule tick, whose instance may live on in a long-lived code server or
+    in the local driver (``hold_storage_connections`` is for a run's process, which ends). A no-op
+    where the instance already holds them for good.
+
+    A tick that records 1,000 images writes 2,000 events. Returned as the tick's ``asset_events``,
+    the daemon writes them after the tick with a connection per statement (25 s on PostgreSQL in
+    ``python bench/scale.py``); written by the tick over held connections, they take a few seconds.
+    ``DagsterInstance.dispose`` leaves the engines open, so the pooled ones are disposed here and the
+    storages given back their own (``_engine`` is the attribute of dagster-postgres' and dagster-mysql's
+    storages; SQLite's have none and hold nothing).
+    """
+    if instance in _HOLDING:
+        yield
+        return
+    storages = [instance.run_storage, instance.event_log_storage, instance.schedule_storage]
+    engines = [(storage, engine) for storage in storages if (engine := getattr(storage, "_engine", None)) is not None]
+    hold_storage_connections(instance)
+    try:
+        yield
+    finally:
+        _HOLDING.discard(instance)
+        vars(instance.event_log_storage).pop("has_table", None)
+        for storage, engine in engines:
+            pooled, storage._engine = storage._engine, engine  # type: ignore[union-attr]
+            if pooled is not engine:
+                pooled.dispose()
 
 
 def kv_get(instance: DagsterInstance, key: str) -> str | None:
@@ -109,4 +149,5 @@ __all__ = [
     "is_valid_cron_string",
     "kv_get",
     "kv_set",
+    "storage_connections_held",
 ]

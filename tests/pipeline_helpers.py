@@ -19,6 +19,7 @@ from dagster_runway.testing import LocalDaemon
 
 VIDEOS = AssetKey(["runway", "videos"])
 REQUESTS = AssetKey(["runway", "requests"])
+IMAGES = AssetKey(["runway", "images"])
 PARTITIONS = "runway_images"
 
 
@@ -99,6 +100,14 @@ def failure_reasons(instance: DagsterInstance, run_id: str) -> dict[str, str]:
 
 def latest_failure(instance: DagsterInstance, key: str) -> rec.FailureRecord | None:
     return rec.latest_failure(instance, (REQUESTS, VIDEOS), key)
+
+
+def image_records(instance: DagsterInstance) -> tuple[int, int]:
+    """The image records in the instance: (materializations, observations) of ``runway/images``."""
+    return (
+        len(instance.fetch_materializations(IMAGES, limit=10_000).records),
+        len(instance.fetch_observations(IMAGES, limit=10_000).records),
+    )
 
 
 def video_materialization_count(instance: DagsterInstance) -> int:

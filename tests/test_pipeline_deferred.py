@@ -26,6 +26,7 @@ from .pipeline_helpers import (
     VIDEOS,
     check_statuses,
     failure_reasons,
+    image_records,
     latest_failure,
     make_defs,
     png_bytes,
@@ -136,7 +137,9 @@ def test_a_changed_image_marks_its_video_stale_without_paying(tmp_path: Path, em
     assert status("img00.png") == fresh
     time.sleep(0.01)
     files["img00.png"].write_bytes(png_bytes(320, 180, (0, 250, 0)))
-    assert daemon.tick("runway_discovery_sensor").events == 2  # the image recorded again (materialization, observation)
+    before = image_records(instance)
+    daemon.tick("runway_discovery_sensor")
+    assert image_records(instance) == (before[0] + 1, before[1] + 1), "the changed image is recorded again"
     assert run_until_idle(daemon) == []
     assert status("img00.png") == (StaleStatus.STALE, StaleStatus.STALE)
     assert status("img01.png") == fresh
@@ -449,9 +452,12 @@ def test_a_large_drop_is_recorded_a_batch_per_tick_and_finished_without_loss(
     write_images(tmp_path / "images", valid=5, invalid=False)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), discovery_batch_size=2)
     daemon = LocalDaemon(defs, instance)
-    ticks = [daemon.tick("runway_discovery_sensor") for _ in range(4)]
+    ticks, recorded = [], []
+    for _ in range(4):
+        ticks.append(daemon.tick("runway_discovery_sensor"))
+        recorded.append(image_records(instance))
     assert [t.new_partitions for t in ticks] == [2, 2, 1, 0]
-    assert [t.events for t in ticks] == [4, 4, 2, 0], "a materialization and an observation per recorded image"
+    assert recorded == [(2, 2), (4, 4), (5, 5), (5, 5)], "a materialization and an observation per recorded image"
     assert [json.loads(t.cursor or "{}")["deferred"] for t in ticks] == [3, 1, 0, 0]
     assert sorted(instance.get_dynamic_partitions(PARTITIONS)) == [f"img{i:02d}.png" for i in range(5)]
     # A changed image beyond the batch is found again at the next tick, not forgotten.

@@ -1,4 +1,5 @@
-"""Runs of the pipeline keep their storage connections on PostgreSQL instead of one per statement.
+"""Runs and sensor ticks of the pipeline keep their storage connections on PostgreSQL instead of one
+per statement, and a tick closes them when it ends.
 
 Judged by PostgreSQL itself: ``pg_stat_database.sessions`` counts every session the server started.
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dagster_runway._compat import hold_storage_connections
+from dagster_runway._compat import hold_storage_connections, storage_connections_held
 from dagster_runway.testing import LocalDaemon
 from tests.fixtures.deployment import PostgresParams
 from tests.pipeline_helpers import make_defs, run_until_idle, video_materialization_count, write_images
@@ -33,6 +34,19 @@ def _events(db: PostgresParams) -> int:
 def pg_instance(postgres_db: PostgresParams) -> Iterator[dg.DagsterInstance]:
     with dg.instance_for_test(overrides={"storage": postgres_db.dagster_storage()}) as instance:
         yield instance
+
+
+def _open_connections(db: PostgresParams) -> int:
+    """Connections open on the database now, the asking one left out."""
+    connection = db.connect()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (db.db_name,)
+            )
+            return int(cursor.fetchone()[0])
+    finally:
+        connection.close()
 
 
 def _report(instance: dg.DagsterInstance, count: int) -> None:
@@ -75,8 +89,41 @@ def test_a_pipeline_run_on_postgres_writes_its_events_over_held_connections(
     sessions = postgres_db.sessions() - before_sessions - 1
     events = _events(postgres_db) - before_events
     assert video_materialization_count(pg_instance) == 4 and emulator.ledger().billed_submissions == 4
-    # Measured: 81 sessions for 65 events (the sensor ticks before the first run open their own); 376
-    # when the runs do not hold their connections.
+    # Measured: 62 sessions for 65 events, most of them the driver's own statements between ticks
+    # and runs; 376 when neither the runs nor the ticks hold their connections.
     assert sessions < 2 * events, (
         f"{sessions} sessions for {events} events: the runs did not hold their connections"
     )
+
+
+def test_a_block_holds_the_connections_and_closes_them_when_it_ends(
+    postgres_db: PostgresParams, pg_instance: dg.DagsterInstance
+) -> None:
+    _report(pg_instance, 1)
+    idle = _open_connections(postgres_db)
+    before = postgres_db.sessions()
+    with storage_connections_held(pg_instance):
+        _report(pg_instance, 40)
+        assert _open_connections(postgres_db) > idle, "the connections are held inside the block"
+    assert postgres_db.sessions() - before - 1 <= 3, "one connection per storage at most"
+    assert _open_connections(postgres_db) == idle, "the block closes what it opened"
+    _report(pg_instance, 1)  # the instance works on after it
+
+
+def test_a_discovery_tick_writes_its_records_over_held_connections_and_closes_them(
+    tmp_path: Path, emulator, postgres_db: PostgresParams, pg_instance: dg.DagsterInstance
+) -> None:
+    write_images(tmp_path / "images", valid=60, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
+    daemon = LocalDaemon(defs, pg_instance)
+    pg_instance.get_dynamic_partitions("runway_images")  # the instance's own first connections
+    idle = _open_connections(postgres_db)
+    before_sessions, before_events = postgres_db.sessions(), _events(postgres_db)
+    assert daemon.tick("runway_discovery_sensor").new_partitions == 60
+    sessions = postgres_db.sessions() - before_sessions - 1
+    events = _events(postgres_db) - before_events
+    assert events == 120, "a materialization and an observation per image"
+    # Measured: 10 sessions, most of them the driver's own statements around the tick (its cursor, the
+    # partitions), which open one each as the daemon's do; the tick's 120 events share held ones.
+    assert sessions < events / 5, f"{sessions} sessions for a tick that wrote {events} events"
+    assert _open_connections(postgres_db) == idle, "the tick closed the connections it held"

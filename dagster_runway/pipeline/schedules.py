@@ -53,46 +53,45 @@ def build_submit_schedule(
     )
     def _submit(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
         instance = context.instance
-        found = discover(pipeline, instance, memory_key(pipeline, name))
-        if found.new:
-            instance.add_dynamic_partitions(pipeline.dynamic_partitions_name, found.new)
-        for record in found.records:
-            instance.report_runless_asset_event(record)
-        # As the status sensor: the runs in progress before the events, so that a run ending in between
-        # still covers its partitions, and the sensor's memory brought up to date (it may be a tick old).
-        runs = instance.get_run_records(RunsFilter(statuses=NOT_FINISHED))
-        memory = rc.SensorMemory.from_json(load_memory(instance, memory_key(pipeline, status_sensor)) or {})
-        if not memory.caught_up:
-            return SkipReason(
-                f"{len(found.new)} new image(s) recorded; nothing submitted: the status sensor ({status_sensor}) has "
-                "not read the event log yet. Turn it on; the next tick submits what is owed."
+        with _compat.storage_connections_held(instance):
+            found = discover(pipeline, instance, memory_key(pipeline, name))
+            if found.new:
+                instance.add_dynamic_partitions(pipeline.dynamic_partitions_name, found.new)
+            # As the status sensor: the runs in progress before the events, so that a run ending in between
+            # still covers its partitions, and the sensor's memory brought up to date (it may be a tick old).
+            runs = instance.get_run_records(RunsFilter(statuses=NOT_FINISHED))
+            memory = rc.SensorMemory.from_json(load_memory(instance, memory_key(pipeline, status_sensor)) or {})
+            if not memory.caught_up:
+                return SkipReason(
+                    f"{len(found.new)} new image(s) recorded; nothing submitted: the status sensor ({status_sensor}) has "
+                    "not read the event log yet. Turn it on; the next tick submits what is owed."
+                )
+            read_events(instance, pipeline, memory, time.monotonic() + pipeline.sensor_budget_s / 3)
+            order = list(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
+            for key, version in found.versions.items():
+                memory.state(key).image_version = version  # what this listing saw, newer than the sensor's memory
+            policy = rc.Policy(pipeline.on_change, pipeline.retry_failed_generations, pipeline.max_spend_usd)
+            coverage = rc.covered(
+                runs,
+                order=order,
+                requests_key=pipeline.requests_key,
+                videos_key=pipeline.videos_key,
+                submit_job=submit_job.name,
+                collect_job=collect_job,
+                stale_after_s=STALE_RUN_S,
             )
-        read_events(instance, pipeline, memory, time.monotonic() + pipeline.sensor_budget_s / 3)
-        order = list(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
-        for key, version in found.versions.items():
-            memory.state(key).image_version = version  # what this listing saw, newer than the sensor's memory
-        policy = rc.Policy(pipeline.on_change, pipeline.retry_failed_generations, pipeline.max_spend_usd)
-        coverage = rc.covered(
-            runs,
-            order=order,
-            requests_key=pipeline.requests_key,
-            videos_key=pipeline.videos_key,
-            submit_job=submit_job.name,
-            collect_job=collect_job,
-            stale_after_s=STALE_RUN_S,
-        )
-        owed = [k for k in order if rc.stage(memory.state(k), policy) == "submit" and k not in coverage.submit]
-        tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
-        requests = rc.batch_run_requests(
-            owed,
-            order,
-            max_batch=pipeline.submit_batch_size,
-            prefix=f"scheduled:{tick}",
-            identity=lambda k: str(memory.state(k).image_version),
-            config_for=lambda batch: op_config(submit_op, batch),
-            tags={LAUNCHED_BY: name},
-        )
-        return requests or SkipReason(f"{len(found.new)} new image(s); nothing is owed a submit.")
+            owed = [k for k in order if rc.stage(memory.state(k), policy) == "submit" and k not in coverage.submit]
+            tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
+            requests = rc.batch_run_requests(
+                owed,
+                order,
+                max_batch=pipeline.submit_batch_size,
+                prefix=f"scheduled:{tick}",
+                identity=lambda k: str(memory.state(k).image_version),
+                config_for=lambda batch: op_config(submit_op, batch),
+                tags={LAUNCHED_BY: name},
+            )
+            return requests or SkipReason(f"{len(found.new)} new image(s); nothing is owed a submit.")
 
     return _submit
 

@@ -49,6 +49,9 @@ NOT_FINISHED = [
 # A run still not finished after this long is taken as lost (its worker died unnoticed).
 STALE_RUN_S = 6 * 3600.0
 LAUNCHED_BY = "runway/launched_by"
+# Requests polled at once by the status sensor; their changes are recorded before the next slice, so
+# the tick's time includes its writes (about 1 ms each over held connections).
+POLL_SLICE = 500
 RUN_KEY_TAG = "dagster/run_key"
 
 
@@ -88,37 +91,39 @@ class Discovery:
     versions: dict[str, str]
     new: list[str]
     changed: list[str]
-    records: list[AssetMaterialization | AssetObservation]
+    recorded: int = 0  # images recorded (a materialization and an observation each)
     deferred: int = 0  # new or changed images left for the next tick (``discovery_batch_size``)
 
 
 def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: str) -> Discovery:
-    """List the source; find new partitions and new or changed images, with a record of each.
+    """List the source; find new partitions and new or changed images, and record each of those.
 
     A materialization shows the image as present in the catalog; the observation is what Dagster's
     staleness reads for an external asset. Both carry the image's version (bytes, sidecars, manifest
-    row). The versions seen are kept in the instance under ``memory``; when lost, every image is
-    recorded again, which costs one event each and pays nothing. At most ``discovery_batch_size``
-    images are recorded per call, in partition-key order; the rest keep their last known version (or
-    none), so the next call finds them again.
+    row), and are written here, before the versions seen are kept in the instance under ``memory``:
+    a tick that dies in between records them again at the next call, which costs events and pays
+    nothing. At most ``discovery_batch_size`` images are recorded per call, in partition-key order;
+    the rest keep their last known version (or none), so the next call finds them again. The caller
+    holds the storage connections (``_compat.storage_connections_held``): 2,000 events otherwise open
+    a connection per statement.
     """
     known: dict[str, str] = (load_memory(instance, memory) or {}).get("versions", {})
     existing = set(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
     entries = pipeline.image_source().list()
-    found = Discovery(len(entries), {}, [], [], [])
-    recorded = 0
+    found = Discovery(len(entries), {}, [], [])
+    records: list[AssetMaterialization | AssetObservation] = []
     for entry in entries:
         partition = entry.partition_key
         version = rec.image_version(entry.change_token, entry.sidecar_token, entry.settings_token)
         if partition in existing and known.get(partition) == version:
             found.versions[partition] = version
             continue
-        if recorded >= pipeline.discovery_batch_size:
+        if found.recorded >= pipeline.discovery_batch_size:
             found.deferred += 1
             if partition in known:
                 found.versions[partition] = known[partition]
             continue
-        recorded += 1
+        found.recorded += 1
         found.versions[partition] = version
         if partition not in existing:
             found.new.append(partition)
@@ -133,8 +138,10 @@ def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: 
             )
         }
         tags = {_compat.DATA_VERSION_TAG: version}
-        found.records.append(AssetMaterialization(pipeline.images_key, partition=partition, metadata=values, tags=tags))
-        found.records.append(AssetObservation(pipeline.images_key, partition=partition, metadata=values, tags=tags))
+        records.append(AssetMaterialization(pipeline.images_key, partition=partition, metadata=values, tags=tags))
+        records.append(AssetObservation(pipeline.images_key, partition=partition, metadata=values, tags=tags))
+    for record in records:
+        instance.report_runless_asset_event(record)
     save_memory(instance, memory, {"versions": found.versions})
     return found
 
@@ -158,7 +165,8 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: _compat.U
     )
     def _discovery(context: SensorEvaluationContext) -> SensorResult:
         started = time.monotonic()
-        found = discover(pipeline, context.instance, memory_key(pipeline, name))
+        with _compat.storage_connections_held(context.instance):
+            found = discover(pipeline, context.instance, memory_key(pipeline, name))
         run_requests: list[RunRequest] = []
         if pipeline.mode == "blocking":
             order = [*context.instance.get_dynamic_partitions(pipeline.dynamic_partitions_name), *found.new]
@@ -172,14 +180,13 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: _compat.U
                 config_for=lambda batch: op_config(op_name, batch),
             )
         context.log.info(
-            f"Listed {found.images} images in {time.monotonic() - started:.2f}s: {len(found.new)} new, "
-            f"{len(found.changed)} changed"
+            f"Listed {found.images} images and recorded {found.recorded} in {time.monotonic() - started:.2f}s: "
+            f"{len(found.new)} new, {len(found.changed)} changed"
             + (f"; {found.deferred} more at the next tick (discovery_batch_size)." if found.deferred else ".")
         )
         return SensorResult(
             run_requests=run_requests,
             dynamic_partitions_requests=[pipeline.partitions_def.build_add_request(found.new)] if found.new else [],
-            asset_events=found.records,
             cursor=json.dumps(
                 {"images": found.images, "new": len(found.new), "changed": len(found.changed), "deferred": found.deferred}
             ),
@@ -271,7 +278,7 @@ class StatusTick:
         self.submit_op, self.collect_op = submit_op, collect_op
         self.started = time.monotonic()
         self.memory = rc.SensorMemory.from_json(load_memory(self.instance, self.memory_key) or {})
-        self.events: list[Any] = []
+        self.recorded = 0  # events this tick wrote
         self.policy = rc.Policy(pipeline.on_change, pipeline.retry_failed_generations, pipeline.max_spend_usd)
 
     @property
@@ -296,59 +303,78 @@ class StatusTick:
         order = list(self.instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
         for key in order:
             self.memory.state(key)
-        polled = self.poll(order, pipeline.sensor_budget_s - self.elapsed() - 2.0)
+        polled = self.poll(order, self.poll_budget())
         run_requests, counts = self.owed(order, runs)
         size = save_memory(self.instance, self.memory_key, self.memory.to_json())
         summary = {**counts, "polled": polled, "high_water": self.memory.high_water, "memory_bytes": size}
         self.context.log.info(
-            f"{len(order)} partitions: {counts}; polled {polled} in {self.elapsed():.2f}s; {len(run_requests)} run(s) "
-            "requested."
+            f"{len(order)} partitions: {counts}; polled {polled} in {self.elapsed():.2f}s, {self.recorded} change(s) "
+            f"recorded; {len(run_requests)} run(s) requested."
         )
-        return SensorResult(run_requests=run_requests, asset_events=self.events, cursor=json.dumps(summary))
+        return SensorResult(run_requests=run_requests, cursor=json.dumps(summary))
+
+    def record(self, event: AssetObservation) -> None:
+        """Write an event now, over the tick's held connections (the daemon would write a tick's
+        ``asset_events`` after it, a connection per statement, before it creates the tick's runs)."""
+        self.instance.report_runless_asset_event(event)
+        self.recorded += 1
 
     def ingest(self, budget_s: float) -> None:
         """Apply the event log's new records to the memory, within ``budget_s`` of the tick's start."""
         read_events(self.instance, self.pipeline, self.memory, self.started + budget_s)
 
     def poll(self, order: list[str], budget_s: float) -> int:
-        """Poll requests in flight, round-robin from where the last tick stopped; observe changes."""
+        """Poll requests in flight, round-robin from where the last tick stopped, a slice at a time,
+        recording each change as it is seen, until all are polled or ``budget_s`` is spent."""
         states = self.memory.partitions
         keys = [k for k in order if rc.stage(states[k], self.policy) == "in_flight"]
         if not keys or budget_s <= 0:
             return 0
         start = self.memory.round_robin % len(keys)
         keys = keys[start:] + keys[:start]
-        by_id = {request_id: k for k in keys if (request_id := states[k].request_id) is not None}
-        answers = _poll(self.resource, list(by_id), max(1.0, budget_s))
+        end = time.monotonic() + max(1.0, budget_s)
         polled = 0
-        for request_id, answer in answers.items():
-            key = by_id[request_id]
-            state = states[key]
-            if isinstance(answer, RequestNotFoundError):
-                status, position = "expired", None
-            elif isinstance(answer, RunComfyError):
-                self.context.log.warning(f"{key}: polling request {request_id} failed for now: {answer}")
-                continue
-            else:
-                status, position = answer.status.value, answer.queue_position
-            polled += 1
-            if status != state.status:
-                self.events.append(
-                    AssetObservation(
-                        asset_key=self.pipeline.requests_key,
-                        partition=key,
-                        description=f"Request {request_id} is {status}"
-                        + (f" (queue position {position})" if position is not None else ""),
-                        metadata={
-                            **md.RunwayMetadata(request_id=request_id, status=status, queue_position=position)
-                        },
-                    )
-                )
-                state.status, state.queue_position = status, position
-                if status in rc.TERMINAL_STATUSES and not state.ready_at:
-                    state.ready_at = time.time()
+        for first in range(0, len(keys), POLL_SLICE):
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            by_id = {rid: k for k in keys[first : first + POLL_SLICE] if (rid := states[k].request_id) is not None}
+            for request_id, answer in _poll(self.resource, list(by_id), left).items():
+                polled += self._apply(by_id[request_id], request_id, answer)
         self.memory.round_robin = start + polled
         return polled
+
+    def poll_budget(self) -> float:
+        """Seconds this tick may poll: what the tick's budget leaves, and at most twice the status
+        interval (10 s at least). The runs owed are requested after the polls, so a request found
+        finished waits for its collect run no longer than that, however many are in flight."""
+        left = self.pipeline.sensor_budget_s - self.elapsed() - 2.0
+        return min(left, max(10.0, 2.0 * self.pipeline.status_interval_s))
+
+    def _apply(self, key: str, request_id: str, answer: RequestStatus | RunComfyError) -> int:
+        """Apply one poll's answer to the partition's state, recording a change; 1 if it was answered."""
+        state = self.memory.partitions[key]
+        if isinstance(answer, RequestNotFoundError):
+            status, position = "expired", None
+        elif isinstance(answer, RunComfyError):
+            self.context.log.warning(f"{key}: polling request {request_id} failed for now: {answer}")
+            return 0
+        else:
+            status, position = answer.status.value, answer.queue_position
+        if status != state.status:
+            self.record(
+                AssetObservation(
+                    asset_key=self.pipeline.requests_key,
+                    partition=key,
+                    description=f"Request {request_id} is {status}"
+                    + (f" (queue position {position})" if position is not None else ""),
+                    metadata={**md.RunwayMetadata(request_id=request_id, status=status, queue_position=position)},
+                )
+            )
+            state.status, state.queue_position = status, position
+            if status in rc.TERMINAL_STATUSES and not state.ready_at:
+                state.ready_at = time.time()
+        return 1
 
     def runs_in_progress(self) -> tuple[list[RunRecord], set[str]]:
         """The runs not finished, and the run keys this sensor requested recently whose runs the daemon
@@ -456,7 +482,7 @@ class StatusTick:
             f"materialize {'runway/requests' if where == 'submit' else 'runway/videos'} for this partition.",
             request_id=state.request_id,
         )
-        self.events.append(failure.observation(self.pipeline.videos_key, state.image_version))
+        self.record(failure.observation(self.pipeline.videos_key, state.image_version))
         state.failure = rc.Failure(fl.RUNS_EXHAUSTED, state.image_version, 2**62, state.request_id)
 
 
@@ -483,16 +509,17 @@ def build_status_sensor(
     )
     def _status(context: SensorEvaluationContext) -> SensorResult:
         resource: RunComfyResource = getattr(context.resources, pipeline.resource_key)
-        return StatusTick(
-            pipeline,
-            context,
-            resource,
-            sensor_name=name,
-            submit_job=submit_job.name,
-            collect_job=collect_job.name,
-            submit_op=submit_op,
-            collect_op=collect_op,
-        ).run()
+        with _compat.storage_connections_held(context.instance):
+            return StatusTick(
+                pipeline,
+                context,
+                resource,
+                sensor_name=name,
+                submit_job=submit_job.name,
+                collect_job=collect_job.name,
+                submit_op=submit_op,
+                collect_op=collect_op,
+            ).run()
 
     return _status
 

@@ -393,6 +393,35 @@ def test_status_sensor_polls_round_robin_inside_its_budget(tmp_path: Path, emula
     assert video_materialization_count(instance) == 6
 
 
+def test_a_status_tick_polls_for_at_most_twice_its_interval_then_launches_what_it_found(
+    tmp_path: Path, emulator, instance
+):
+    from dagster_runway import RunComfyResource
+    from dagster_runway.pipeline import build_runway_pipeline
+
+    write_images(tmp_path / "images", valid=24, invalid=False)
+    resource = RunComfyResource(api_token=emulator.token, base_url=emulator.base_url, max_concurrency=1)
+    defs = build_runway_pipeline(
+        str(tmp_path / "images"),
+        str(tmp_path / "videos"),
+        resource=resource,
+        status_interval_s=1,
+        missing_prompt="service_default",
+    )
+    daemon = LocalDaemon(defs, instance)
+    daemon.tick("runway_discovery_sensor")
+    daemon.tick("runway_status_sensor")  # submits the 24; the emulator renders them at once
+    # 24 polls one at a time at 0.5 s each need 12 s: more than twice the interval (10 s at least), and
+    # less than the tick's budget (40 s).
+    emulator.add_fault(FaultRule(kind="slow", endpoint="status", delay_seconds=0.5))
+    daemon.tick("runway_status_sensor")
+    first = status_summary(daemon)
+    assert 0 < first["polled"] < 24, first
+    assert first["collect"] == first["polled"], "what the polls found finished is launched by this tick"
+    assert run_until_idle(daemon, max_ticks=20) == []  # the next tick polls the rest
+    assert video_materialization_count(instance) == 24 and emulator.ledger().billed_submissions == 24
+
+
 def test_a_copied_or_renamed_image_reuses_the_request_of_the_same_input(
     tmp_path: Path, emulator, instance: DagsterInstance
 ):
@@ -444,6 +473,19 @@ def test_corrupt_pixel_data_behind_an_intact_header_fails_before_paying(
     assert failure.failure_class == "invalid_input"
     assert "broken.png" in failure.reason and "image data is corrupt" in failure.reason
     assert "re-export" in failure.reason
+
+
+def test_a_discovery_tick_past_its_time_budget_records_the_rest_at_the_next_ticks(
+    tmp_path: Path, emulator, instance: DagsterInstance
+) -> None:
+    write_images(tmp_path / "images", valid=3, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), sensor_budget_s=0.001)
+    daemon = LocalDaemon(defs, instance)
+    ticks = [daemon.tick("runway_discovery_sensor") for _ in range(4)]
+    # Each tick records one image (at least one, so that a slow listing still makes progress).
+    assert [t.new_partitions for t in ticks] == [1, 1, 1, 0]
+    assert [json.loads(t.cursor or "{}")["deferred"] for t in ticks] == [2, 1, 0, 0]
+    assert image_records(instance) == (3, 3)
 
 
 def test_a_large_drop_is_recorded_a_batch_per_tick_and_finished_without_loss(

@@ -54,7 +54,7 @@ def build_submit_schedule(
     def _submit(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
         instance = context.instance
         with _compat.storage_connections_held(instance):
-            found = discover(pipeline, instance, memory_key(pipeline, name))
+            found = discover(pipeline, instance, memory_key(pipeline, name), time.monotonic() + pipeline.sensor_budget_s / 2)
             if found.new:
                 instance.add_dynamic_partitions(pipeline.dynamic_partitions_name, found.new)
             # As the status sensor: the runs in progress before the events, so that a run ending in between

@@ -95,40 +95,33 @@ class Discovery:
     deferred: int = 0  # new or changed images left for the next tick (``discovery_batch_size``)
 
 
-def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: str) -> Discovery:
+def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: str, deadline: float) -> Discovery:
     """List the source; find new partitions and new or changed images, and record each of those.
 
     A materialization shows the image as present in the catalog; the observation is what Dagster's
     staleness reads for an external asset. Both carry the image's version (bytes, sidecars, manifest
-    row), and are written here, before the versions seen are kept in the instance under ``memory``:
-    a tick that dies in between records them again at the next call, which costs events and pays
-    nothing. At most ``discovery_batch_size`` images are recorded per call, in partition-key order;
-    the rest keep their last known version (or none), so the next call finds them again. The caller
-    holds the storage connections (``_compat.storage_connections_held``): 2,000 events otherwise open
-    a connection per statement.
+    row), and are written as each image is found, before the versions seen are kept in the instance
+    under ``memory``: a tick that dies in between records them again at the next call, which costs
+    events and pays nothing. At most ``discovery_batch_size`` images are recorded per call, in
+    partition-key order, and after the first none past the monotonic ``deadline``; the rest keep their last known
+    version (or none), so the next call finds them again. The caller holds the storage connections
+    (``_compat.storage_connections_held``): 2,000 events otherwise open a connection per statement.
     """
     known: dict[str, str] = (load_memory(instance, memory) or {}).get("versions", {})
     existing = set(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
     entries = pipeline.image_source().list()
     found = Discovery(len(entries), {}, [], [])
-    records: list[AssetMaterialization | AssetObservation] = []
     for entry in entries:
         partition = entry.partition_key
         version = rec.image_version(entry.change_token, entry.sidecar_token, entry.settings_token)
         if partition in existing and known.get(partition) == version:
             found.versions[partition] = version
             continue
-        if found.recorded >= pipeline.discovery_batch_size:
+        if found.recorded >= pipeline.discovery_batch_size or (found.recorded and time.monotonic() > deadline):
             found.deferred += 1
             if partition in known:
                 found.versions[partition] = known[partition]
             continue
-        found.recorded += 1
-        found.versions[partition] = version
-        if partition not in existing:
-            found.new.append(partition)
-        elif partition in known:
-            found.changed.append(partition)
         values = {
             **md.RunwayMetadata(
                 source_path=md.uri_value(entry.url, pipeline.source_storage_options),
@@ -138,10 +131,14 @@ def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: 
             )
         }
         tags = {_compat.DATA_VERSION_TAG: version}
-        records.append(AssetMaterialization(pipeline.images_key, partition=partition, metadata=values, tags=tags))
-        records.append(AssetObservation(pipeline.images_key, partition=partition, metadata=values, tags=tags))
-    for record in records:
-        instance.report_runless_asset_event(record)
+        instance.report_runless_asset_event(AssetMaterialization(pipeline.images_key, partition=partition, metadata=values, tags=tags))
+        instance.report_runless_asset_event(AssetObservation(pipeline.images_key, partition=partition, metadata=values, tags=tags))
+        found.recorded += 1
+        found.versions[partition] = version
+        if partition not in existing:
+            found.new.append(partition)
+        elif partition in known:
+            found.changed.append(partition)
     save_memory(instance, memory, {"versions": found.versions})
     return found
 
@@ -166,7 +163,7 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: _compat.U
     def _discovery(context: SensorEvaluationContext) -> SensorResult:
         started = time.monotonic()
         with _compat.storage_connections_held(context.instance):
-            found = discover(pipeline, context.instance, memory_key(pipeline, name))
+            found = discover(pipeline, context.instance, memory_key(pipeline, name), started + pipeline.sensor_budget_s)
         run_requests: list[RunRequest] = []
         if pipeline.mode == "blocking":
             order = [*context.instance.get_dynamic_partitions(pipeline.dynamic_partitions_name), *found.new]
@@ -182,7 +179,7 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: _compat.U
         context.log.info(
             f"Listed {found.images} images and recorded {found.recorded} in {time.monotonic() - started:.2f}s: "
             f"{len(found.new)} new, {len(found.changed)} changed"
-            + (f"; {found.deferred} more at the next tick (discovery_batch_size)." if found.deferred else ".")
+            + (f"; {found.deferred} more at the next tick (discovery_batch_size, time budget)." if found.deferred else ".")
         )
         return SensorResult(
             run_requests=run_requests,

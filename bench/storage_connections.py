@@ -1,6 +1,7 @@
 """What holding storage connections saves on PostgreSQL: events written per second by one process,
 with Dagster's default (a new connection per statement) and with the connections held as the
 pipeline's runs hold them (``dagster_runway._compat.hold_storage_connections``), in the same run.
+Each event is a partitioned materialization with a data version, as the pipeline's records are.
 
     .venv/bin/python bench/storage_connections.py [--events 300] [--rounds 2]
 
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dagster as dg  # noqa: E402
 from harness import command_line, postgres_cluster  # noqa: E402
 
-from dagster_runway._compat import hold_storage_connections  # noqa: E402
+from dagster_runway._compat import DATA_VERSION_TAG, hold_storage_connections  # noqa: E402
 
 
 def measure(cluster, events: int, held: bool) -> tuple[float, float, int]:
@@ -36,7 +37,9 @@ def measure(cluster, events: int, held: bool) -> tuple[float, float, int]:
             wall, cpu = time.perf_counter(), time.process_time()
             for key in keys:
                 instance.report_runless_asset_event(
-                    dg.AssetMaterialization(["runway", "videos"], partition=key, metadata={"runway/key": key})
+                    dg.AssetMaterialization(
+                        ["runway", "videos"], partition=key, metadata={"runway/key": key}, tags={DATA_VERSION_TAG: key}
+                    )
                 )
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             return wall / events * 1000, cpu / events * 1000, params.sessions() - sessions - 1

@@ -77,7 +77,12 @@ class RunwayPipelineConfig(BaseModel):
         "next tick, so a tick stays short when thousands of images arrive at once.",
     )
     discovery_interval_s: int = Field(default=30, ge=1, description="Seconds between discovery sensor ticks.")
-    status_interval_s: int = Field(default=15, ge=1, description="Seconds between status sensor ticks.")
+    status_interval_s: int = Field(
+        default=15,
+        ge=1,
+        description="Seconds between status sensor ticks. A tick polls for at most twice this (10 s at least), "
+        "then launches the collects it found owed.",
+    )
     sensor_budget_s: float = Field(
         default=40.0, gt=0, le=55, description="Time budget of one sensor tick, under Dagster's 60 s timeout."
     )

@@ -73,8 +73,9 @@ class RunwayPipelineConfig(BaseModel):
     discovery_batch_size: int = Field(
         default=1000,
         ge=1,
-        description="New or changed images one discovery tick records (two events each); the rest wait for the "
-        "next tick, so a tick stays short when thousands of images arrive at once.",
+        description="New or changed images one discovery tick records at most (two events each, and none past "
+        "the tick's time budget); the rest wait for the next tick, so a tick stays short when thousands of images "
+        "arrive at once.",
     )
     discovery_interval_s: int = Field(default=30, ge=1, description="Seconds between discovery sensor ticks.")
     status_interval_s: int = Field(

@@ -92,7 +92,7 @@ class Discovery:
     new: list[str]
     changed: list[str]
     recorded: int = 0  # images recorded (a materialization and an observation each)
-    deferred: int = 0  # new or changed images left for the next tick (``discovery_batch_size``)
+    deferred: int = 0  # new or changed images left for the next tick (``discovery_batch_size``, deadline)
 
 
 def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: str, deadline: float) -> Discovery:
@@ -103,9 +103,10 @@ def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: 
     row), and are written as each image is found, before the versions seen are kept in the instance
     under ``memory``: a tick that dies in between records them again at the next call, which costs
     events and pays nothing. At most ``discovery_batch_size`` images are recorded per call, in
-    partition-key order, and after the first none past the monotonic ``deadline``; the rest keep their last known
-    version (or none), so the next call finds them again. The caller holds the storage connections
-    (``_compat.storage_connections_held``): 2,000 events otherwise open a connection per statement.
+    partition-key order, and none past the monotonic ``deadline`` but the first; the rest keep their
+    last known version (or none), so the next call finds them again. The caller holds the storage
+    connections (``_compat.storage_connections_held``): 2,000 events otherwise open a connection per
+    statement.
     """
     known: dict[str, str] = (load_memory(instance, memory) or {}).get("versions", {})
     existing = set(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))

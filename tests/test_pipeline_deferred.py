@@ -365,21 +365,22 @@ def test_the_spend_cap_refuses_before_paying_and_the_rest_goes_when_it_is_raised
     assert all(video_metadata(instance, k) for k in keys)
 
 
-def test_status_sensor_polls_round_robin_inside_its_budget(tmp_path: Path, emulator_factory, instance):
+def _one_call_at_a_time(tmp_path: Path, emulator, instance, **options) -> LocalDaemon:
+    """A pipeline whose resource makes one API call at a time, over the images in ``tmp_path``."""
     from dagster_runway import RunComfyResource
     from dagster_runway.pipeline import build_runway_pipeline
 
-    emulator = emulator_factory(latency_seconds=0.4)
-    write_images(tmp_path / "images", valid=6, invalid=False)
     resource = RunComfyResource(api_token=emulator.token, base_url=emulator.base_url, max_concurrency=1)
     defs = build_runway_pipeline(
-        str(tmp_path / "images"),
-        str(tmp_path / "videos"),
-        resource=resource,
-        sensor_budget_s=4.0,
-        missing_prompt="service_default",
+        str(tmp_path / "images"), str(tmp_path / "videos"), resource=resource, missing_prompt="service_default", **options
     )
-    daemon = LocalDaemon(defs, instance)
+    return LocalDaemon(defs, instance)
+
+
+def test_status_sensor_polls_round_robin_inside_its_budget(tmp_path: Path, emulator_factory, instance):
+    emulator = emulator_factory(latency_seconds=0.4)
+    write_images(tmp_path / "images", valid=6, invalid=False)
+    daemon = _one_call_at_a_time(tmp_path, emulator, instance, sensor_budget_s=4.0)
     emulator.pause()
     daemon.tick("runway_discovery_sensor")
     daemon.tick("runway_status_sensor")  # submits the six
@@ -396,19 +397,8 @@ def test_status_sensor_polls_round_robin_inside_its_budget(tmp_path: Path, emula
 def test_a_status_tick_polls_for_at_most_twice_its_interval_then_launches_what_it_found(
     tmp_path: Path, emulator, instance
 ):
-    from dagster_runway import RunComfyResource
-    from dagster_runway.pipeline import build_runway_pipeline
-
     write_images(tmp_path / "images", valid=24, invalid=False)
-    resource = RunComfyResource(api_token=emulator.token, base_url=emulator.base_url, max_concurrency=1)
-    defs = build_runway_pipeline(
-        str(tmp_path / "images"),
-        str(tmp_path / "videos"),
-        resource=resource,
-        status_interval_s=1,
-        missing_prompt="service_default",
-    )
-    daemon = LocalDaemon(defs, instance)
+    daemon = _one_call_at_a_time(tmp_path, emulator, instance, status_interval_s=1)
     daemon.tick("runway_discovery_sensor")
     daemon.tick("runway_status_sensor")  # submits the 24; the emulator renders them at once
     # 24 polls one at a time at 0.5 s each need 12 s: more than twice the interval (10 s at least), and

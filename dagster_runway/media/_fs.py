@@ -28,6 +28,11 @@ def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    """S3 or an S3-compatible store (s3fs): multipart uploads, ``ContentType`` on writes."""
+    return bool({"s3", "s3a"} & set(protocols(fs)))
+
+
 def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
     return bool({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"} & set(protocols(fs)))
 

@@ -25,7 +25,7 @@ import fsspec
 
 from dagster_runway._process import pid_alive
 
-from ._fs import full_url, is_local, protocols, url_to_fs
+from ._fs import full_url, is_local, is_s3, url_to_fs
 
 S3_PART_SIZE = 8 * 1024 * 1024
 
@@ -36,7 +36,23 @@ def part_prefix(path: str) -> str:
     return os.path.join(folder, f".{name}.")
 
 
-class LocalSink:
+class _Body:
+    """The temporary file a body is written to before it is published."""
+
+    handle: BinaryIO | None
+
+    def write(self, data: bytes) -> None:
+        assert self.handle is not None
+        self.handle.write(data)
+
+    def reset(self) -> None:
+        """Start the body again (a retried download)."""
+        assert self.handle is not None
+        self.handle.seek(0)
+        self.handle.truncate()
+
+
+class LocalSink(_Body):
     """A hidden temporary file beside the destination, renamed over it on commit."""
 
     def __init__(self, path: str) -> None:
@@ -44,16 +60,7 @@ class LocalSink:
         self.folder = os.path.dirname(path) or "."
         os.makedirs(self.folder, exist_ok=True)
         self.local_path = f"{part_prefix(path)}{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
-        self.handle: BinaryIO | None = open(self.local_path, "wb")  # noqa: SIM115 - closed in commit/abort
-
-    def write(self, data: bytes) -> None:
-        assert self.handle is not None
-        self.handle.write(data)
-
-    def reset(self) -> None:
-        assert self.handle is not None
-        self.handle.seek(0)
-        self.handle.truncate()
+        self.handle = open(self.local_path, "wb")  # noqa: SIM115 - closed in commit/abort
 
     def close(self) -> None:
         """Flush the body to disk, so that it can be checked before the commit."""
@@ -82,7 +89,7 @@ class LocalSink:
             os.unlink(self.local_path)
 
 
-class SpoolSink:
+class SpoolSink(_Body):
     """Any remote filesystem: the body is spooled to a local temporary file (so it can be checked), then
     uploaded. On S3 the upload is a multipart upload opened with ``autocommit=False``: the object
     appears only at ``commit()``, and ``discard()`` aborts it. Elsewhere, a temporary sibling is moved
@@ -91,16 +98,7 @@ class SpoolSink:
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, content_type: str) -> None:
         self.fs, self.path, self.content_type = fs, path, content_type
         handle, self.local_path = tempfile.mkstemp(prefix="dagster-runway-", suffix=".part")
-        self.handle: BinaryIO | None = os.fdopen(handle, "wb")
-
-    def write(self, data: bytes) -> None:
-        assert self.handle is not None
-        self.handle.write(data)
-
-    def reset(self) -> None:
-        assert self.handle is not None
-        self.handle.seek(0)
-        self.handle.truncate()
+        self.handle = os.fdopen(handle, "wb")
 
     def close(self) -> None:
         if self.handle is not None:
@@ -110,7 +108,7 @@ class SpoolSink:
     def commit(self) -> None:
         self.close()
         try:
-            if {"s3", "s3a"} & set(protocols(self.fs)):
+            if is_s3(self.fs):
                 self._upload(self.path, autocommit=False)
             else:
                 folder, _, name = self.path.rpartition("/")
@@ -122,7 +120,7 @@ class SpoolSink:
                 os.unlink(self.local_path)
 
     def _upload(self, path: str, *, autocommit: bool) -> None:
-        extra = {"ContentType": self.content_type} if {"s3", "s3a"} & set(protocols(self.fs)) else {}
+        extra = {"ContentType": self.content_type} if is_s3(self.fs) else {}
         remote = self.fs.open(path, "wb", block_size=S3_PART_SIZE, autocommit=autocommit, **extra)
         try:
             with open(self.local_path, "rb") as local:
@@ -176,7 +174,7 @@ def write_bytes_atomic(
             raise
     else:
         extra = {"ContentType": content_type or guess_content_type(dest, "application/octet-stream")}
-        fs.pipe_file(path, data, **(extra if {"s3", "s3a"} & set(protocols(fs)) else {}))
+        fs.pipe_file(path, data, **(extra if is_s3(fs) else {}))
     return full_url(fs, path)
 
 

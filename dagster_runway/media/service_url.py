@@ -22,7 +22,7 @@ import fsspec
 
 from dagster_runway._redact import redact_url
 
-from ._fs import full_url, is_local, is_loopback_host, is_object_store, protocols
+from ._fs import full_url, is_local, is_loopback_host, is_object_store, is_s3, protocols
 from .errors import ServiceUrlError
 from .validation import ACCEPTED_FORMATS, sniff_mime
 
@@ -99,7 +99,7 @@ def service_image_url(
                 "pick an expiry that covers the queue wait, e.g. 3600"
             )
         mime = mime_type or _mime_from_name(path)
-        extra = {"ResponseContentType": mime} if mime and protos & {"s3", "s3a"} else {}
+        extra = {"ResponseContentType": mime} if mime and is_s3(fs) else {}
         try:
             url = fs.sign(path, expiration=presign_expires_s, **extra)
         except NotImplementedError:

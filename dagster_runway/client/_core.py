@@ -262,7 +262,8 @@ class RequestCore:
             except ValidationError as exc:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
                 raise ServerError(
-                    f"RunComfy answered {what} for {target} with an unexpected body ({problems}).",
+                    f"RunComfy answered {what} for {target} with an unexpected body ({problems}). The API may "
+                    "have changed: upgrade dagster-runway, or report this message.",
                     status_code=status,
                     request_id=request_id,
                 ) from None

@@ -123,8 +123,16 @@ def error_for(
         )
     if status >= 500 or (200 <= status < 300):
         kind = "an error in a 2xx answer" if status < 300 else f"HTTP {status}"
-        return ServerError(f"{where} failed with {kind}: {text}.", **common)
-    return RunComfyError(f"{where} failed with HTTP {status}: {text}.", **common)
+        return ServerError(
+            f"{where} failed with {kind}: {text}. The fault is on the service's side and the client has "
+            "retried what was safe to retry; run again later.",
+            **common,
+        )
+    return RunComfyError(
+        f"{where} failed with HTTP {status}: {text}. The Model API does not answer this; check that base_url "
+        "points at it.",
+        **common,
+    )
 
 
 def effective_status(status: int, error_code: int | None) -> int:
@@ -192,6 +200,8 @@ def failure_error(result: RequestResult) -> RunComfyError | None:
         )
     if result.status in (RequestState.SUCCEEDED, RequestState.COMPLETED) and not result.video_urls:
         return ServerError(
-            f"Request {rid} succeeded but its result has no video URL in 'output'.", request_id=rid
+            f"Request {rid} succeeded but its result has no video URL in 'output'. Fetch the result again "
+            "later; if it stays empty, ask RunComfy support about this request id.",
+            request_id=rid,
         )
     return None

@@ -154,11 +154,8 @@ class LocalDaemon:
         from dagster_runway import _compat
 
         data = json.loads(_compat.kv_get(self.instance, _PENDING_KEY + name) or "{}")
-        driver_host, _, pid = str(data.get("driver", "")).rpartition(":")
-        if not data.get("requests") or data["driver"] == self.driver:
-            return
-        if driver_host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid)):
-            return  # a live driver is launching them, or one elsewhere that this process cannot judge
+        if not data.get("requests") or not _driver_gone(str(data.get("driver", ""))):
+            return  # nothing left, or a live driver is launching them (or one elsewhere, not judged here)
         requests = [RunRequest(**fields) for fields in data["requests"]]
         self._launch(origin_tag, name, None, requests, outcome)
 
@@ -182,16 +179,21 @@ class LocalDaemon:
 
     def fail_runs_of_dead_drivers(self) -> list[str]:
         """Mark as failed the unfinished runs that a LocalDaemon of a process now gone was running."""
-        host = socket.gethostname()
         failed = []
         for run in self.instance.get_runs(RunsFilter(statuses=_UNFINISHED)):
             driver = run.tags.get(DRIVER_TAG, "")
-            driver_host, _, pid = driver.rpartition(":")
-            if driver_host != host or not pid.isdigit() or pid_alive(int(pid)):
+            if not _driver_gone(driver):
                 continue
             self.instance.report_run_failed(run, f"The process that ran it ({driver}) is gone (it was killed).")
             failed.append(run.run_id)
         return failed
+
+
+def _driver_gone(driver: str) -> bool:
+    """Whether the driver ``"<host>:<pid>"`` was a process of this host that has ended (one elsewhere
+    cannot be judged from here, so it is not gone)."""
+    host, _, pid = driver.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
 def _job_name(sensor_def: SensorDefinition) -> str | None:

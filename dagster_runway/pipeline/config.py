@@ -9,7 +9,9 @@ from dagster import AssetKey, DynamicPartitionsDefinition
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dagster_runway import _compat
+from dagster_runway._redact import redact_url
 from dagster_runway.media import DEFAULT_PATTERNS, GenerationSettings, ImageSource, poster_uri_for
+from dagster_runway.media.overlap import inside
 
 Mode = Literal["deferred", "blocking"]
 OnChange = Literal["regenerate", "mark_stale"]
@@ -91,7 +93,30 @@ class RunwayPipelineConfig(BaseModel):
         default=True, description="When a run is terminated, cancel the queued requests it submitted."
     )
     presign_expires_s: int = Field(
-        default=3600, ge=60, description="Expiry of presigned URLs given to the service for object-store images."
+        default=4 * 3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="Expiry of presigned URLs given to the service for object-store images; longer than "
+        "`max_render_s`, so that a request the service starts late can still fetch its image.",
+    )
+    max_render_s: float = Field(
+        default=3 * 3600,
+        gt=0,
+        description="Seconds after its submit that a request may stay queued or rendering. Past it, the status "
+        "sensor cancels a queued request (refunded), reports one still rendering with what it may cost, and "
+        "fails the partition as `render_timeout`.",
+    )
+    max_video_bytes: int = Field(
+        default=1024**3,
+        ge=1024,
+        description="Largest video a download accepts (by `Content-Length` and by bytes received); a 10 s clip "
+        "is a few MB.",
+    )
+    download_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Total deadline of one video download, retries included: a body that drips slower fails "
+        "the download (retried at the next collect), it cannot hold the step.",
     )
     public_base_url: str | None = Field(
         default=None, description="HTTPS base URL under which a local source folder is served, if it is."
@@ -159,7 +184,32 @@ class RunwayPipelineConfig(BaseModel):
             raise ValueError("key_prefix must be a non-empty string or sequence of non-empty strings")
         if self.spend_window_h is not None and self.max_spend_usd is None:
             raise ValueError("spend_window_h needs max_spend_usd: set the cap the window applies to")
+        if self.presign_expires_s <= self.max_render_s:
+            raise ValueError(
+                f"presign_expires_s={self.presign_expires_s} must be longer than max_render_s={self.max_render_s:g}: "
+                "the service may fetch the image any time before the render deadline; raise presign_expires_s "
+                "or lower max_render_s"
+            )
+        self._check_layout()
         return self
+
+    def _check_layout(self) -> None:
+        """Refuse an output, journal or review page that the source would list (and pay for) as input."""
+        source, source_opts = self.source, self.source_storage_options
+        places = [("output", self.output, self.output_storage_options), ("journal", self.journal_url, self.journal_options)]
+        for name, url, options in places:
+            if inside(url, source, inner_options=options, outer_options=source_opts):
+                raise ValueError(
+                    f"{name} {redact_url(url)!r} is inside source {redact_url(source)!r}: every file written there "
+                    "(videos, poster frames, the journal, the review page) would be listed as a new image and paid "
+                    f"for again on every discovery. Put the {name} outside the source folder or bucket prefix, "
+                    f"e.g. beside it."
+                )
+            if inside(source, url, inner_options=source_opts, outer_options=options):
+                raise ValueError(
+                    f"source {redact_url(source)!r} is inside {name} {redact_url(url)!r}: the pipeline's own files "
+                    f"would be mixed with its input. Put the {name} outside the source, e.g. beside it."
+                )
 
     # Derived names and objects
 

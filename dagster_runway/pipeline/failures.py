@@ -44,6 +44,8 @@ STILL_RUNNING = "still_running"  # a collect gave up waiting; the status sensor 
 DOWNLOAD = "download"  # the video could not be fetched or stored for now; retried
 BAD_OUTPUT = "bad_output"  # what the service served is not a playable video; retried, then final
 RUNS_EXHAUSTED = "runs_exhausted"  # the status sensor's runs for it ended without a result, too often
+RENDER_TIMEOUT = "render_timeout"  # still queued or rendering past max_render_s; cancelled if it was queued
+JOURNAL_UNSAFE = "journal_unsafe"  # the journal's store cannot create exclusively; nothing is submitted
 
 # Classes after which the status sensor launches another run by itself (within max_run_attempts): a new
 # submit (nothing was billed, or it was refunded), or a new collect (the video is paid for).

@@ -216,8 +216,11 @@ def test_bad_manifests(tmp_path: Path) -> None:
         "broken.json": "not valid JSON",
     }
     for name, message in cases.items():
+        # The listing still works (discovery goes on); every image's settings fail with the manifest's message.
+        source = ImageSource(str(tmp_path), manifest=name)
+        assert [e.relpath for e in source.list()] == ["a.png"]
         with pytest.raises(SettingsError, match=message) as info:
-            ImageSource(str(tmp_path), manifest=name).list()
+            source.settings_for(_entry(source, "a.png"))
         assert name in str(info.value)
     dup = ImageSource(str(tmp_path), manifest="dup.csv")
     with pytest.raises(SettingsError, match="appears 2 times"):

@@ -19,7 +19,14 @@ from .errors import (
 from .keys import KEY_MAX_LEN, partition_key_for
 from .probe import VideoProbe, extract_poster, poster_uri_for, probe_video
 from .publish import guess_content_type, remove_stale_parts, write_bytes_atomic
-from .service_url import DATA_URI_MAX_BYTES, data_uri_length, service_image_url
+from .service_url import (
+    DATA_URI_MAX_BYTES,
+    SourcePin,
+    data_uri_length,
+    pin_image,
+    service_image_url,
+    source_matches,
+)
 from .settings import (
     AUTO_RATIO,
     GenerationSettings,
@@ -29,7 +36,8 @@ from .settings import (
 )
 from .sources import DEFAULT_PATTERNS, ImageEntry, ImageSource, change_token_of
 from .storage import StoredVideo, sha256_of, store_video
-from .validation import ImageInfo, check_pixels, content_sha256, validate_image
+from .untrusted import SourceBytes, UntrustedFileError
+from .validation import ImageInfo, check_pixels, content_sha256, validate_bytes, validate_image
 
 __all__ = [
     "AUTO_RATIO",
@@ -47,8 +55,11 @@ __all__ = [
     "ResolvedSettings",
     "ServiceUrlError",
     "SettingsError",
+    "SourceBytes",
     "SourceError",
+    "SourcePin",
     "StoredVideo",
+    "UntrustedFileError",
     "VideoProbe",
     "VideoProbeError",
     "change_token_of",
@@ -59,13 +70,16 @@ __all__ = [
     "extract_poster",
     "guess_content_type",
     "partition_key_for",
+    "pin_image",
     "poster_uri_for",
     "probe_video",
     "remove_stale_parts",
     "resolve_auto_ratio",
     "service_image_url",
     "sha256_of",
+    "source_matches",
     "store_video",
+    "validate_bytes",
     "validate_image",
     "write_bytes_atomic",
 ]

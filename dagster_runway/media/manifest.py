@@ -3,7 +3,12 @@
 CSV: a ``path`` column (or ``image``, ``file``, ``relpath``, ``filename``) plus any of
 ``promptText``/``prompt``, ``ratio``, ``duration``, ``seed``. JSON: a list of objects with ``path``; an
 object mapping paths to settings; or ``{"defaults": {...}, "images": <either>}``. Paths are relative to
-the source root (a full URL or path under the root is accepted and made relative).
+the source root (a full URL or path under the root is accepted and made relative), and are compared
+with file names after Unicode NFC normalisation (macOS writes names decomposed, NFD; editors write NFC).
+
+The manifest is data from the source: it is read only as a regular file (locally, inside the folder it
+is configured in: a symlink out of it is refused) of at most :data:`MANIFEST_MAX_BYTES`, and its JSON
+nests at most :data:`~.untrusted.JSON_MAX_DEPTH` levels.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,14 +26,20 @@ import fsspec
 
 from .errors import SettingsError
 from .settings import normalise_fields
+from .untrusted import UntrustedFileError, load_json, read_source_file
+
+#: 16 MiB: about 100,000 rows with a prompt each.
+MANIFEST_MAX_BYTES = 16 * 1024 * 1024
+_EXAMPLE = '[{"path": "cat.png", "promptText": "..."}]'
 
 PATH_COLUMNS = ("path", "image", "file", "relpath", "filename")
 
 
 @dataclass
 class Manifest:
-    """A parsed manifest: the defaults it sets, and each relative path's rows as ``(where, fields)``
-    (more than one row for a path is an error, reported when that image's settings are asked for)."""
+    """A parsed manifest: the defaults it sets, and each relative path's rows as ``(where, fields)``,
+    keyed by the NFC form of the path (more than one row for a path is an error, reported when that
+    image's settings are asked for)."""
 
     url: str
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -35,7 +47,7 @@ class Manifest:
 
     def settings_token(self, relpath: str) -> str:
         """A short hash of what the manifest says for ``relpath``, so an edited row is noticed."""
-        rows = [fields for _, fields in self.rows.get(relpath, [])]
+        rows = [fields for _, fields in self.rows.get(nfc(relpath), [])]
         if not rows and not self.defaults:
             return ""
         text = json.dumps([self.defaults, rows], sort_keys=True, default=str)
@@ -45,24 +57,40 @@ class Manifest:
         self.rows.setdefault(relpath, []).append((where, fields))
 
 
+def nfc(path: str) -> str:
+    """``path`` in Unicode NFC, the form manifest rows and file names are compared in."""
+    return unicodedata.normalize("NFC", path)
+
+
 def read_manifest(
-    fs: fsspec.AbstractFileSystem, path: str, shown: str, root_prefixes: Sequence[str]
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    shown: str,
+    root_prefixes: Sequence[str],
+    *,
+    root: str | None = None,
 ) -> Manifest:
     """Read and parse the manifest at ``path`` (bypassing fsspec's cache). ``shown`` names it in errors;
-    ``root_prefixes`` are stripped from the paths it lists. Raises :class:`SettingsError`."""
+    ``root_prefixes`` are stripped from the paths it lists; locally the file must be inside ``root``.
+    Raises :class:`SettingsError`, whose message never quotes the file."""
     try:
         fs.invalidate_cache(path)
-        raw = fs.cat_file(path)
+        raw = read_source_file(
+            fs, path, root=root, max_bytes=MANIFEST_MAX_BYTES, what="manifest",
+            fix_size="split the source, or keep only the settings in the manifest",
+        ).data
+    except UntrustedFileError as exc:
+        raise SettingsError(shown, f"{exc.rule}; {exc.fix}") from None
     except FileNotFoundError:
         raise SettingsError(
             shown, "manifest file does not exist; fix the manifest path or create it"
         ) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any storage error, with the file named
         raise SettingsError(
-            shown, f"cannot read the manifest ({type(exc).__name__}: {exc}); check its path and read access"
+            shown, f"cannot read the manifest ({type(exc).__name__}); check its path and read access"
         ) from None
     try:
-        text = bytes(raw).decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise SettingsError(shown, "manifest is not UTF-8 text; save it as UTF-8") from None
     if path.lower().endswith(".csv"):
@@ -83,19 +111,29 @@ def _relpath(value: Any, where: str, root_prefixes: Sequence[str]) -> str:
             text = text[len(prefix) :]
     while text.startswith("./"):
         text = text[2:]
-    return text.lstrip("/")
+    return nfc(text.lstrip("/"))
 
 
 def parse_csv(text: str, shown: str, root_prefixes: Sequence[str] = ()) -> Manifest:
     manifest = Manifest(url=shown)
     reader = csv.DictReader(io.StringIO(text))
-    columns = [c.strip() for c in reader.fieldnames or []]
+    try:
+        columns = [c.strip() for c in reader.fieldnames or []]
+    except csv.Error as exc:
+        raise SettingsError(shown, f"manifest is not valid CSV ({exc}); fix the first line") from None
     path_column = next((c for c in PATH_COLUMNS if c in columns), None)
     if path_column is None:
         raise SettingsError(
             shown, f"CSV manifest has no 'path' column (columns: {', '.join(columns) or 'none'})"
         )
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise SettingsError(f"{shown} (line {reader.line_num})", f"manifest is not valid CSV ({exc}); fix that line") from None
         where = f"{shown} (line {reader.line_num})"
         cleaned = {(k or "").strip(): v for k, v in row.items()}
         if None in row:
@@ -108,9 +146,9 @@ def parse_csv(text: str, shown: str, root_prefixes: Sequence[str] = ()) -> Manif
 def parse_json(text: str, shown: str, root_prefixes: Sequence[str] = ()) -> Manifest:
     manifest = Manifest(url=shown)
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SettingsError(shown, f"manifest is not valid JSON ({exc}); fix the syntax at that position") from None
+        data = load_json(text, shown, "manifest", _EXAMPLE, lists=True)
+    except UntrustedFileError as exc:
+        raise SettingsError(shown, f"{exc.rule}; {exc.fix}") from None
     images: Any = data
     if isinstance(data, dict) and ("images" in data or "defaults" in data):
         extra = set(data) - {"images", "defaults"}

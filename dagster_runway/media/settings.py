@@ -47,18 +47,24 @@ FIELD_ALIASES: dict[str, str] = {
 }
 
 
+def shown_value(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message names a bad value, never quotes a file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _coerce_int(value: Any, field: str) -> Any:
     """Accept an int, a whole float, or a string of digits (CSV cells are strings); refuse booleans."""
     if isinstance(value, bool):
         raise ValueError(f"{field} must be an integer, got a boolean")
     if isinstance(value, float):
         if not value.is_integer():
-            raise ValueError(f"{field} must be a whole number, got {value}")
+            raise ValueError(f"{field} must be a whole number, got {shown_value(value)}")
         return int(value)
     if isinstance(value, str):
         text = value.strip()
         if not text.lstrip("+").isdigit():
-            raise ValueError(f"{field} must be an integer, got {value!r}")
+            raise ValueError(f"{field} must be an integer, got {shown_value(value)}")
         return int(text)
     return value
 
@@ -107,7 +113,7 @@ class GenerationSettings(BaseModel):
         if text.lower() == AUTO_RATIO:
             return AUTO_RATIO
         if text not in RATIOS:
-            raise ValueError(f"ratio {value!r} is not one of {', '.join(RATIOS)} or 'auto'")
+            raise ValueError(f"ratio {shown_value(value)} is not one of {', '.join(RATIOS)} or 'auto'")
         return text
 
     @field_validator("duration", mode="before")
@@ -115,7 +121,7 @@ class GenerationSettings(BaseModel):
     def _duration(cls, value: Any) -> Any:
         value = _coerce_int(value, "duration")
         if value not in DURATIONS:
-            raise ValueError(f"duration {value!r} is not one of {', '.join(map(str, DURATIONS))} (seconds)")
+            raise ValueError(f"duration {shown_value(value)} is not one of {', '.join(map(str, DURATIONS))} (seconds)")
         return value
 
     @field_validator("seed", mode="before")
@@ -192,7 +198,7 @@ def normalise_fields(raw: Mapping[str, Any], *, source: str) -> dict[str, Any]:
         name = FIELD_ALIASES.get(str(key).strip())
         if name is None:
             allowed = "promptText (or prompt), ratio, duration, seed"
-            raise SettingsError(source, f"unknown field {str(key)!r}; use {allowed}", field=str(key))
+            raise SettingsError(source, f"unknown field {shown_value(str(key))}; use {allowed}", field=str(key))
         if value is None or (isinstance(value, str) and not value.strip()):
             continue
         if name in out:
@@ -217,7 +223,7 @@ def merge_settings(base: GenerationSettings, layers: list[tuple[str, dict[str, A
             if first.get("type") == "string_too_long":
                 message = f"promptText is {len(str(fields.get('prompt_text', '')))} characters, at most {PROMPT_TEXT_MAX}"
             elif field == "seed" and first.get("type") in ("greater_than_equal", "less_than_equal"):
-                message = f"seed {fields.get('seed')} is outside 0..{SEED_MAX}"
+                message = f"seed {shown_value(fields.get('seed'))} is outside 0..{SEED_MAX}"
             raise SettingsError(
                 source, f"{message}; fix the {field or ''} value there", field=field
             ) from None

@@ -8,12 +8,33 @@ files beside it, with no request per image. Patterns are matched here, case-inse
 
 Per-image settings: sidecars (:mod:`.sidecars`) take precedence over the manifest (:mod:`.manifest`),
 which takes precedence over the defaults.
+
+What the source holds is data (:mod:`.untrusted`), and nothing in it is skipped silently:
+
+* The project's own outputs (a poster ``x.poster.jpg`` beside its video ``x.mp4``, a video's
+  ``x.mp4.json``, ``gallery.html``, anything under a ``.runway`` journal folder) are never listed;
+  seeing any logs one warning per listing, and :attr:`ImageSource.skipped_outputs` names them.
+* An image whose name cannot be fetched as it is (an S3 key with an empty, ``.`` or ``..`` segment such
+  as ``a//b.png`` or ``odd/../escape.png``, whose presigned URL a client normalises to another object;
+  a local name that is not valid UTF-8) is still listed, with :attr:`ImageEntry.problem` saying why, so
+  its partition fails before paying with a message naming the key and the fix (rename it).
+* Manifest rows are matched after NFC normalisation; a row that differs from a file only in case is
+  refused for that file with a message naming both spellings (a guess could apply a row to the wrong
+  image), and every row that matches no image is listed by :meth:`ImageSource.unmatched_manifest_rows`.
+* A manifest that cannot be read fails every partition with its message (the listing still works).
+* Locally, an image or sidecar that is a symbolic link is followed only to a regular file inside the
+  source root; a link out of the root, a broken link, a fifo or a device is listed and its partition
+  fails with the reason. Linked folders are not walked, and each listing warns about them.
 """
 
 from __future__ import annotations
 
 import builtins
+import hashlib
+import logging
+import os
 import re
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,10 +42,12 @@ from typing import Any
 import fsspec
 from fsspec.utils import glob_translate
 
+from dagster_runway.schema import IMAGE_MAX_BYTES
+
 from ._fs import full_url, is_local, url_to_fs
-from .errors import SettingsError, SourceError, shown_path
+from .errors import ImageValidationError, SettingsError, SourceError, shown_path
 from .keys import partition_key_for
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, nfc, read_manifest
 from .settings import (
     AUTO_RATIO,
     GenerationSettings,
@@ -35,7 +58,17 @@ from .settings import (
     resolve_auto_ratio,
 )
 from .sidecars import read_sidecar, sidecar_candidates
+from .untrusted import SourceBytes, UntrustedFileError, change_token_of, inside, read_source_file, shown_name
 from .validation import ImageInfo, content_sha256, validate_image
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_PATTERNS", "ImageEntry", "ImageSource", "change_token_of", "compile_patterns"]
+
+#: Names the pipeline writes into its output folder (see publish.py, probe.poster_uri_for, gallery.py).
+_VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm")
+_GALLERY = "gallery.html"
+_JOURNAL_FOLDER = ".runway"
 
 DEFAULT_PATTERNS: tuple[str, ...] = ("**/*.png", "**/*.jpg", "**/*.jpeg", "**/*.webp")
 
@@ -53,6 +86,7 @@ class ImageEntry:
     sidecars: tuple[str, ...] = ()  # sidecar paths (fs paths), lowest precedence first
     sidecar_token: str = ""  # change tokens of the sidecars, so an edited prompt can be noticed
     settings_token: str = ""  # a hash of the image's manifest entries, so an edited manifest row is noticed
+    problem: str = ""  # "<file>: <rule>; <fix>" when it cannot be sent as it is (its partition fails so), or ""
 
 
 def compile_patterns(patterns: Iterable[str]) -> re.Pattern[str]:
@@ -68,28 +102,49 @@ def compile_patterns(patterns: Iterable[str]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{alt})" for alt in alternatives), re.IGNORECASE)
 
 
-def change_token_of(info: Mapping[str, Any]) -> str:
-    """A token that changes when the object changes: its ETag (object stores), generation or checksum
-    (GCS and others) or mtime (local), plus its size."""
-    size = info.get("size")
-    for key, label in (("ETag", "etag"), ("etag", "etag"), ("generation", "generation"), ("md5Hash", "md5")):
-        value = info.get(key)
-        if value not in (None, ""):
-            return f"{label}:{value}|size:{size}"
-    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
-        value = info.get(key)
-        if value in (None, ""):
-            continue
-        if isinstance(value, int | float):
-            return f"mtime:{value:.6f}|size:{size}"
-        if hasattr(value, "isoformat"):
-            return f"mtime:{value.isoformat()}|size:{size}"
-        return f"mtime:{value}|size:{size}"
-    return f"size:{size}"
-
-
 def _hidden(relpath: str) -> bool:
     return any(segment.startswith(".") and segment not in (".", "..") for segment in relpath.split("/"))
+
+
+def _own_output(relpath: str, found_relpaths: Mapping[str, object]) -> bool:
+    """Whether ``relpath`` is something this project writes: a poster beside its video, a video's JSON
+    sidecar, the gallery page, or a file of a journal folder."""
+    segments = relpath.split("/")
+    if _JOURNAL_FOLDER in segments[:-1] or segments[-1] == _GALLERY:
+        return True
+    lower = relpath.lower()
+    if lower.endswith(".poster.jpg"):
+        stem = relpath[: -len(".poster.jpg")]
+        return any(stem + ext in found_relpaths for ext in _VIDEO_EXTENSIONS)
+    if lower.endswith(".json"):
+        return lower[: -len(".json")].endswith(_VIDEO_EXTENSIONS) and relpath[: -len(".json")] in found_relpaths
+    return False
+
+
+def name_problem(relpath: str) -> tuple[str, str] | None:
+    """Why an image at ``relpath`` cannot be sent under its name, as ``(rule, fix)``, or None.
+
+    An empty, ``.`` or ``..`` segment (``a//b.png``, ``odd/../escape.png``, a key starting with ``/``)
+    is rewritten by every HTTP client that fetches its presigned URL, so the service would fetch
+    another object or none; a name that is not valid UTF-8 cannot be shown, logged or stored."""
+    odd = sorted({repr(seg) for seg in relpath.split("/") if seg in ("", ".", "..")})
+    if odd:
+        return (
+            f"the name has {', '.join(odd)} path segments, which the URL the service fetches cannot carry "
+            "(clients collapse '//' and resolve '.' and '..', so it would fetch another object or none)",
+            "rename the object without empty, '.' or '..' segments",
+        )
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the file name is not valid UTF-8, so it cannot be shown, logged or stored", "rename the file"
+    return None
+
+
+def _matchable(relpath: str) -> str:
+    """``relpath`` with empty, ``.`` and ``..`` segments replaced, for matching the patterns (a glob
+    never matches an empty segment, which would hide ``a//b.png`` without a word)."""
+    return "/".join(seg if seg not in ("", ".", "..") else "_" for seg in relpath.split("/"))
 
 
 class ImageSource:
@@ -135,13 +190,25 @@ class ImageSource:
         self._by_key: dict[str, ImageEntry] = {}
         self._manifest: Manifest | None = None
         self._manifest_loaded = False
-        #: Manifest paths that matched no image at the last listing (typos, deleted files).
+        self._manifest_error: SettingsError | None = None
+        #: Manifest paths that matched no image at the last listing (typos, deleted files, case).
         self.manifest_unmatched: list[str] = []
+        #: The project's own outputs seen in the source at the last listing (and not listed).
+        self.skipped_outputs: list[str] = []
+        #: Symbolic links to folders at the last listing: not followed (and so not listed).
+        self.linked_folders: list[str] = []
+        self._manifest_keys: dict[str, str] = {}  # relpath -> the manifest key of its rows
+        self._manifest_refusals: dict[str, str] = {}  # relpath -> why its near-matching rows are refused
 
     def __repr__(self) -> str:
         return f"ImageSource({shown_path(self.url)!r}, patterns={self.patterns!r})"
 
     # -- listing ---------------------------------------------------------------------------------
+
+    @property
+    def local(self) -> bool:
+        """Whether the source is on local disk (where reading a whole image costs no transfer)."""
+        return is_local(self.fs)
 
     @property
     def root_url(self) -> str:
@@ -186,18 +253,41 @@ class ImageSource:
         cache) and re-reads the manifest on each call; one listing, no request per image."""
         found = self._find()
         manifest = self._load_manifest(refresh=True)
+        relpaths = {rel: path for path in found if (rel := self._relpath(path))}
         entries: list[ImageEntry] = []
-        for path, info in found.items():
-            if info.get("type", "file") != "file":
-                continue
+        skipped: list[str] = []
+        linked_folders: list[str] = []
+        for path, listed in found.items():
             relpath = self._relpath(path)
-            if not relpath or _hidden(relpath) or not self._matcher.match(relpath):
+            info = self._followed(path, listed)
+            if info.get("type", "file") == "directory" or not relpath:
+                if info.get("islink") and relpath and not _hidden(relpath):
+                    linked_folders.append(relpath)
+                continue
+            if _own_output(relpath, relpaths):
+                skipped.append(relpath)
+                continue
+            if _hidden(relpath) or not self._matcher.match(_matchable(relpath)):
                 continue
             sidecars = tuple(c for c in sidecar_candidates(path) if c in found and c != path)
             entry = self._entry(path, relpath, info, sidecars, [found[c] for c in sidecars])
-            if manifest is not None:
-                entry = replace(entry, settings_token=manifest.settings_token(relpath))
             entries.append(entry)
+        self.skipped_outputs = sorted(skipped)
+        self.linked_folders = sorted(linked_folders)
+        if linked_folders:
+            logger.warning(
+                "%s: %d linked folder(s) are not followed, so no image in them is listed, e.g. %s; copy or move "
+                "the images into the source",
+                shown_name(self.root_url), len(linked_folders), shown_name(self.linked_folders[0]),
+            )
+        if skipped:
+            logger.warning(
+                "%s: %d file(s) that this project writes (posters, video sidecars, gallery.html, the .runway "
+                "journal) are inside the image source and are not listed as images, e.g. %s; keep the output and "
+                "the journal outside the source",
+                shown_name(self.root_url), len(skipped), shown_name(self.skipped_outputs[0]),
+            )
+        entries = self._match_manifest(entries, manifest)
         entries.sort(key=lambda e: e.partition_key)
         by_key: dict[str, ImageEntry] = {}
         for entry in entries:
@@ -209,10 +299,51 @@ class ImageSource:
                 )
             by_key[entry.partition_key] = entry
         self._entries, self._by_key = entries, by_key
-        if manifest is not None:
-            relpaths = {e.relpath for e in entries}
-            self.manifest_unmatched = sorted(p for p in manifest.rows if p not in relpaths)
         return list(entries)
+
+    def _match_manifest(self, entries: builtins.list[ImageEntry], manifest: Manifest | None) -> builtins.list[ImageEntry]:
+        """Tie each image to its manifest rows (NFC on both sides; case must match exactly), note the
+        refusals, and the rows that match no image."""
+        self._manifest_keys, self._manifest_refusals, self.manifest_unmatched = {}, {}, []
+        if self._manifest_error is not None:
+            token = "error:" + hashlib.sha256(str(self._manifest_error).encode()).hexdigest()[:16]
+            return [replace(entry, settings_token=token) for entry in entries]
+        if manifest is None:
+            return entries
+        by_nfc: dict[str, builtins.list[str]] = {}
+        for entry in entries:
+            by_nfc.setdefault(nfc(entry.relpath), []).append(entry.relpath)
+        by_fold: dict[str, builtins.list[str]] = {}
+        for row in manifest.rows:
+            by_fold.setdefault(row.casefold(), []).append(row)
+        matched: set[str] = set()
+        for entry in entries:
+            key = nfc(entry.relpath)
+            if key in manifest.rows:
+                matched.add(key)
+                self._manifest_keys[entry.relpath] = key
+                if len(by_nfc[key]) > 1:
+                    others = " and ".join(shown_name(repr(r)) for r in by_nfc[key])
+                    self._manifest_refusals[entry.relpath] = (
+                        f"the files {others} have the same name once Unicode-normalised (NFC), so the row for "
+                        f"{key!r} cannot tell which it is for; rename one of the files"
+                    )
+                continue
+            near = [row for row in by_fold.get(key.casefold(), []) if row not in by_nfc]
+            if near:
+                spelled = " and ".join(repr(row) for row in near)
+                self._manifest_refusals[entry.relpath] = (
+                    f"the manifest has a row for {spelled}, which differs from the file {shown_name(repr(entry.relpath))} "
+                    "only in upper/lower case; names must match exactly (S3 and most filesystems tell them apart), "
+                    "so the row is not applied; spell the row exactly as the file is named"
+                )
+        self.manifest_unmatched = sorted(row for row in manifest.rows if row not in matched)
+        return [replace(entry, settings_token=manifest.settings_token(entry.relpath)) for entry in entries]
+
+    def unmatched_manifest_rows(self) -> builtins.list[str]:
+        """The manifest paths that matched no image at the last listing (a typo, a deleted file, a name
+        that differs in case): report them, or the image is made with the defaults."""
+        return list(self.manifest_unmatched)
 
     def _entry(
         self,
@@ -222,15 +353,18 @@ class ImageSource:
         sidecars: tuple[str, ...],
         sidecar_infos: Sequence[Mapping[str, Any]],
     ) -> ImageEntry:
+        url = full_url(self.fs, path)
+        problem = self._problem(path, relpath, info)
         return ImageEntry(
             path=path,
-            url=full_url(self.fs, path),
+            url=url,
             relpath=relpath,
             size=int(info.get("size") or 0),
             change_token=change_token_of(info),
             partition_key=partition_key_for(relpath),
             sidecars=sidecars,
             sidecar_token=";".join(change_token_of(i) for i in sidecar_infos),
+            problem=f"{shown_name(url)}: {problem[0]}; {problem[1]}" if problem else "",
         )
 
     @property
@@ -268,7 +402,8 @@ class ImageSource:
             info = self.fs.info(path)
         except FileNotFoundError:
             return None
-        if info.get("type", "file") != "file":
+        info = self._followed(path, info)
+        if info.get("type", "file") == "directory":
             return None
         sidecars, infos = [], []
         for candidate in sidecar_candidates(path):
@@ -276,7 +411,7 @@ class ImageSource:
                 sidecar_info = self.fs.info(candidate)
             except FileNotFoundError:
                 continue
-            if sidecar_info.get("type", "file") == "file":
+            if sidecar_info.get("type", "file") != "directory":  # read_sidecar refuses what is not a file
                 sidecars.append(candidate)
                 infos.append(sidecar_info)
         return self._entry(path, relpath, info, tuple(sidecars), infos)
@@ -305,7 +440,17 @@ class ImageSource:
             return self._manifest
         fs, path, shown = self._manifest_location()
         root_prefixes = (self.root_url.rstrip("/") + "/", self.root.rstrip("/") + "/")
-        self._manifest, self._manifest_loaded = read_manifest(fs, path, shown, root_prefixes), True
+        # Locally, a manifest inside the source must stay inside it; one configured elsewhere, in its folder.
+        inside_root = fs is self.fs and (path == self.root or path.startswith(self.root.rstrip("/") + "/"))
+        root = self.root if inside_root else path.rsplit("/", 1)[0] or "/"
+        self._manifest, self._manifest_error = None, None
+        try:
+            self._manifest = read_manifest(fs, path, shown, root_prefixes, root=root)
+        except SettingsError as exc:
+            # The listing goes on: every partition fails with this message instead, and pays nothing.
+            self._manifest_error = exc
+            logger.warning("%s", exc)
+        self._manifest_loaded = True
         return self._manifest
 
     def settings_for(
@@ -324,12 +469,19 @@ class ImageSource:
         """
         layers: list[tuple[str, dict[str, Any]]] = []
         kinds: list[str] = []
+        if self.manifest is not None and self._entries is None:
+            self.list()  # which rows match which image is known from a listing only
         manifest = self._load_manifest()
+        if self._manifest_error is not None:
+            raise self._manifest_error
         if manifest is not None:
+            refusal = self._manifest_refusals.get(entry.relpath)
+            if refusal is not None:
+                raise SettingsError(manifest.url, refusal, field="path")
             if manifest.defaults:
                 layers.append((f"{manifest.url} (defaults)", manifest.defaults))
                 kinds.append("manifest")
-            rows = manifest.rows.get(entry.relpath, [])
+            rows = manifest.rows.get(self._manifest_keys.get(entry.relpath, nfc(entry.relpath)), [])
             if len(rows) > 1:
                 raise SettingsError(
                     manifest.url,
@@ -339,7 +491,7 @@ class ImageSource:
             layers.extend(rows)
             kinds.extend("manifest" for _ in rows)
         for sidecar in entry.sidecars:
-            layers.append((full_url(self.fs, sidecar), read_sidecar(self.fs, sidecar)))
+            layers.append((shown_name(full_url(self.fs, sidecar)), read_sidecar(self.fs, sidecar, root=self.root)))
             kinds.append("sidecar")
         merged = merge_settings(self.defaults, layers)
         prompt_source = "defaults" if self.defaults.prompt_text is not None else "service default"
@@ -369,6 +521,82 @@ class ImageSource:
         )
 
     # -- conveniences ----------------------------------------------------------------------------
+
+    def _followed(self, path: str, info: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A local symlink's listing info with its target's type, size and mtime (fsspec lists a link as
+        "other" with the link's own mtime); any other info as it is."""
+        if not (is_local(self.fs) and info.get("islink")):
+            return info
+        try:
+            target = os.stat(path)
+        except OSError:
+            return {**info, "type": "other"}  # a broken link
+        kind = "file" if stat.S_ISREG(target.st_mode) else "directory" if stat.S_ISDIR(target.st_mode) else "other"
+        return {**info, "type": kind, "size": target.st_size, "mtime": target.st_mtime}
+
+    def _problem(self, path: str, relpath: str, info: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Why the image at ``path`` cannot be sent, as ``(rule, fix)``, or None: a name the service's URL
+        cannot carry, a link out of the source (one to a file inside is an image like any other), or
+        something that is not a regular file."""
+        problem = name_problem(relpath)
+        if problem is None and is_local(self.fs) and info.get("islink") and not inside(self.root, path):
+            problem = (
+                f"the image is a symbolic link to {shown_name(os.path.realpath(path))}, outside the source root "
+                f"{shown_name(self.root)}, and files of a source are read only inside its root",
+                "copy the image into the source instead of linking to it",
+            )
+        if problem is None and info.get("type", "file") != "file":
+            problem = (
+                "the image is a broken symbolic link" if info.get("islink") else "the image is not a regular file",
+                "replace it with a regular image file, or remove it",
+            )
+        return problem
+
+    def check_readable(self, entry: ImageEntry) -> None:
+        """Refuse, before a byte is read, an image whose partition cannot be sent (see ``_problem``), as
+        it is now. Raises :class:`ImageValidationError` naming the file, the rule and the fix."""
+        problem = name_problem(entry.relpath)
+        if problem is None and is_local(self.fs):  # an object store has no links or special files
+            try:
+                info = self._followed(entry.path, self.fs.info(entry.path))
+            except FileNotFoundError:
+                raise ImageValidationError(
+                    shown_name(entry.url), "file does not exist", "check the path, or re-list the source", code="unreadable"
+                ) from None
+            except Exception as exc:  # noqa: BLE001 - a storage error fails this image only
+                raise ImageValidationError(
+                    shown_name(entry.url), f"cannot read the file's details ({type(exc).__name__})",
+                    "check access to the storage", code="unreadable",
+                ) from None
+            problem = self._problem(entry.path, entry.relpath, info)
+        if problem is None and is_local(self.fs) and not inside(self.root, entry.path):
+            problem = (
+                f"the image lies outside the source root {shown_name(self.root)} (through a linked folder)",
+                "copy the image into the source instead of linking to it",
+            )
+        if problem is not None:
+            code = "name" if name_problem(entry.relpath) else "unreadable"
+            raise ImageValidationError(shown_name(entry.url), *problem, code=code)
+
+    def read_image(self, entry: ImageEntry) -> SourceBytes:
+        """All of the image's bytes, read once (at most the service's 16 MB limit; a larger file is
+        refused), with the version that was read: what is hashed, validated and sent."""
+        try:
+            return read_source_file(
+                self.fs, entry.path, root=self.root, max_bytes=IMAGE_MAX_BYTES, what="image",
+                fix_size="compress it (JPEG quality ~90) or scale it down",
+            )
+        except FileNotFoundError:
+            raise ImageValidationError(
+                shown_name(entry.url), "file does not exist", "check the path, or re-list the source", code="unreadable"
+            ) from None
+        except UntrustedFileError as exc:
+            raise ImageValidationError(exc.path, exc.rule, exc.fix, code=exc.code) from None
+        except Exception as exc:  # noqa: BLE001 - a storage error fails this image only, with the file named
+            raise ImageValidationError(
+                shown_name(entry.url), f"cannot read the file ({type(exc).__name__})", "check access to the storage",
+                code="unreadable",
+            ) from None
 
     def content_sha256(self, entry: ImageEntry) -> str:
         """The sha256 of the image's bytes (streamed)."""

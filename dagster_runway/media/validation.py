@@ -149,7 +149,7 @@ def sniff_mime(head: bytes) -> str | None:
     return None
 
 
-def _identify(reader: _RangeReader, shown: str) -> tuple[str, int, int]:
+def _identify(reader: _RangeReader | io.BytesIO, shown: str) -> tuple[str, int, int]:
     head = reader.read(32)
     reader.seek(0)
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
@@ -223,6 +223,11 @@ def _check_tail(
         return 0
     count = min(size, TAIL_BYTES)
     tail = read_range(fs, path, size - count, size)
+    _judge_tail(shown, fmt, tail, count)
+    return len(tail)
+
+
+def _judge_tail(shown: str, fmt: str, tail: bytes, count: int) -> None:
     if fmt == "PNG" and b"IEND\xaeB`\x82" not in tail:
         raise _fail(
             shown, "file is truncated: the PNG has no IEND chunk at its end", _FIX_REEXPORT, "truncated"
@@ -235,7 +240,6 @@ def _check_tail(
             _FIX_REEXPORT,
             "truncated",
         )
-    return len(tail)
 
 
 def validate_image(
@@ -274,6 +278,28 @@ def validate_image(
     return ImageInfo(path=path, format=fmt, width=width, height=height, size=size, bytes_read=bytes_read)
 
 
+def validate_bytes(data: bytes, shown: str) -> ImageInfo:
+    """:func:`validate_image`'s rules (size, format, sides, aspect, end marker) on bytes already read:
+    the exact bytes that are hashed and sent, so what was checked is what is paid for. ``shown`` names
+    the file in errors. The pixels are :func:`check_pixels`'s job."""
+    size = len(data)
+    _check_size(shown, size)
+    reader = io.BytesIO(data)
+    fmt, width, height = _identify(reader, shown)
+    _check_header(shown, fmt, width, height)
+    head = data[:32]
+    if fmt == "WEBP":
+        riff = int.from_bytes(head[4:8], "little") + 8
+        if size < riff:
+            raise _fail(
+                shown, f"file is truncated: {size} bytes but its RIFF header says {riff}", _FIX_REEXPORT, "truncated"
+            )
+    else:
+        count = min(size, TAIL_BYTES)
+        _judge_tail(shown, fmt, data[size - count :], count)
+    return ImageInfo(path=shown, format=fmt, width=width, height=height, size=size, bytes_read=size)
+
+
 def _unreadable(shown: str, exc: Exception) -> ImageValidationError:
     if isinstance(exc, FileNotFoundError):
         return _fail(shown, "file does not exist", "check the path, or re-list the source", "unreadable")
@@ -292,6 +318,11 @@ def _checked_size(fs: fsspec.AbstractFileSystem, path: str, shown: str, size: in
             size = int(fs.size(path))
         except Exception as exc:  # noqa: BLE001 - report any storage failure with the file named
             raise _unreadable(shown, exc) from None
+    _check_size(shown, size)
+    return size
+
+
+def _check_size(shown: str, size: int) -> None:
     if size == 0:
         raise _fail(shown, "file is empty (0 bytes)", _FIX_REEXPORT, "empty")
     if size >= IMAGE_MAX_BYTES:
@@ -301,7 +332,6 @@ def _checked_size(fs: fsspec.AbstractFileSystem, path: str, shown: str, size: in
             "compress it (JPEG quality ~90) or scale it down",
             "size",
         )
-    return size
 
 
 def _check_header(shown: str, fmt: str, width: int, height: int) -> None:

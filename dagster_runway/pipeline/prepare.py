@@ -1,8 +1,11 @@
 """Before any money: check one image to the last pixel and settle the exact input it would be sent with.
 
-``prepare`` reads the image once (the header first, then every pixel), resolves its settings (sidecars,
-manifest, defaults) and computes the generation fingerprint, the identity of one paid generation that
-the journal, reuse and every message about a possibly billed submit use.
+``prepare`` refuses an image that cannot be sent as named or lies outside the source, checks the header
+of a remote image (cheap, bounded reads), then reads the whole file once: those bytes are validated again, decoded to the
+last pixel, hashed, and pinned (:class:`~dagster_runway.media.SourcePin`), so what the service gets is
+what was hashed (their data URI, or an S3 URL naming the version that was read). It resolves the settings
+(sidecars, manifest, defaults) and computes the generation fingerprint, the identity of one paid
+generation that the journal, reuse and every message about a possibly billed submit use.
 """
 
 from __future__ import annotations
@@ -14,7 +17,16 @@ from typing import Any
 
 from dagster import MetadataValue
 
-from dagster_runway.media import ImageEntry, ImageSource, check_pixels, validate_image
+from dagster_runway.media import (
+    ImageEntry,
+    ImageSource,
+    SourcePin,
+    check_pixels,
+    pin_image,
+    validate_bytes,
+    validate_image,
+)
+from dagster_runway.media.untrusted import shown_name
 from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
@@ -49,11 +61,13 @@ class Prepared:
     settings_sources: tuple[str, ...]
     prompt_source: str
     model_id: str
+    pin: SourcePin
     prompt_warning: str | None = None
 
     @property
     def source_version(self) -> str:
-        return rec.image_version(self.entry.change_token, self.entry.sidecar_token, self.entry.settings_token)
+        """The version of the image that was read (its change token is the listing's format)."""
+        return rec.image_version(self.pin.change_token, self.entry.sidecar_token, self.entry.settings_token)
 
     @property
     def estimate_usd_seconds(self) -> int:
@@ -76,9 +90,9 @@ class Prepared:
                 settings_from=", ".join(self.settings_sources),
                 source_path=MetadataValue.path(self.entry.url),
                 source_sha256=self.sha256,
-                source_change_token=self.entry.change_token,
+                source_change_token=self.pin.change_token,  # of the bytes hashed and sent
                 source_version=self.source_version,
-                source_size_bytes=self.entry.size,
+                source_size_bytes=self.pin.size,
                 source_pixels=f"{self.width}x{self.height} {self.image_format}",
                 package_version=__version__,
             )
@@ -87,10 +101,16 @@ class Prepared:
 
 def prepare(pipeline: RunwayPipelineConfig, source: ImageSource, key: str, entry: ImageEntry, model_id: str) -> Prepared:
     """Check one image and settle its input. Raises ``MediaError`` naming the file, the rule and the fix."""
-    info = validate_image(source.fs, entry.path, size=entry.size)  # the header first: cheap, bounded reads
-    data = source.fs.cat_file(entry.path)  # then every pixel (under 16 MB, as the header check proved)
-    check_pixels(data, entry.url)
-    sha256 = hashlib.sha256(data).hexdigest()
+    source.check_readable(entry)  # a name that cannot be sent, a link out of the source: refused unread
+    if not source.local:
+        validate_image(source.fs, entry.path, size=entry.size)  # remote: the header first, in bounded reads
+    read = source.read_image(entry)  # then the whole file, once: these bytes are checked, hashed and sent
+    shown = shown_name(entry.url)
+    info = validate_bytes(read.data, shown)
+    check_pixels(read.data, shown)
+    sha256 = hashlib.sha256(read.data).hexdigest()
+    pin = pin_image(source.fs, read, sha256, info.mime_type, public_base_url=pipeline.public_base_url)
+    del read  # only the pin (and its data URI, within the data-URI limit) outlives this call
     settings = source.settings_for(entry, image_size=(info.width, info.height), content_sha256=sha256)
     fields = settings.request_fields()
     return Prepared(
@@ -105,4 +125,5 @@ def prepare(pipeline: RunwayPipelineConfig, source: ImageSource, key: str, entry
         settings_sources=tuple(settings.sources),
         prompt_source=settings.prompt_source,
         model_id=model_id,
+        pin=pin,
     )

@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.fixtures.emulator",
     "tests.fixtures.s3",
     "tests.fixtures.deployment",
+    "tests.fixtures.old_moto",
 ]
 
 

@@ -1,4 +1,4 @@
-"""``dagster-runway``: the command line (``emulator`` and ``demo``)."""
+"""``dagster-runway``: the command line (``emulator``, ``demo``, ``dev`` and ``journal``)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from dagster_runway.version import __version__
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dagster-runway", description="Turn folders of still images into videos with Runway Gen-4 Turbo."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     emulator = commands.add_parser("emulator", help="Serve a local emulator of the RunComfy Model API.")
@@ -29,6 +32,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(run=demo.run)
+
+    from dagster_runway import dev
+
+    dev_parser = commands.add_parser(
+        "dev", help="Open the Dagster UI on the demo's instance, with the emulator (offline) or a spend cap."
+    )
+    dev.add_arguments(dev_parser)
+    dev_parser.set_defaults(run=dev.run)
+
+    from dagster_runway import journal_cli
+
+    journal_parser = commands.add_parser(
+        "journal", help="Look into the submission journal: list, show, adopt an ambiguous attempt's request id, spend."
+    )
+    journal_cli.add_arguments(journal_parser)
+    journal_parser.set_defaults(run=journal_cli.run)
 
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)

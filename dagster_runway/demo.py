@@ -2,13 +2,19 @@
 
 It starts the embedded emulator unless a RunComfy token or base URL is configured, ticks the
 sensors and runs what they request (as the daemon would), and stops when every partition has
-finished. Then it prints a table and tells how to open the same instance in the UI.
+finished. Then it prints a table and tells how to open the same instance in the UI
+(``dagster-runway dev``, :mod:`dagster_runway.dev`).
+
+The demo's home keeps what the UI session needs: ``runway-demo.json`` (the folders and options),
+``definitions.py`` (the pipeline for the UI) and ``emulator/`` (the emulator's requests, ledger and
+videos, and the port it last served on, so links recorded by the demo still work in the UI).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -22,39 +28,70 @@ ENVIRONMENT = """environment:
                        which spends credits: the demo then asks for --yes or --max-spend first
   RUNCOMFY_BASE_URL    the API's base URL (default https://model-api.runcomfy.net)
 Without either, the demo starts the embedded emulator: offline, nothing is spent."""
+SETTINGS_FILE = "runway-demo.json"
+EMULATOR_URL_VARIABLE = "DAGSTER_RUNWAY_EMULATOR_URL"
+DEFAULT_HOME = "out/demo/dagster_home"
+DEFAULT_OUTPUT = "out/demo/videos"
 
 
 class UsageError(Exception):
     """A bad argument: printed as one line, exit code 2."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and shows each option's default, unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run the pipeline end to end on a real Dagster instance: discover the images, submit them, collect "
+        "and check the videos, then print a table. Offline against the embedded emulator unless a RunComfy "
+        "token or base URL is set."
+    )
     parser.epilog = ENVIRONMENT
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.formatter_class = HelpFormatter
     parser.add_argument(
         "--images",
         default=None,
         help="Image folder or s3:// prefix (default: the bundled examples, or four generated samples)",
     )
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="Where videos, posters and the journal go")
+    parser.add_argument("--dagster-home", default=DEFAULT_HOME, help="DAGSTER_HOME to use (created if missing)")
+    add_spend_arguments(parser)
     parser.add_argument(
-        "--output", default="out/demo/videos", help="Where videos go (default: out/demo/videos)"
+        "--mode",
+        choices=["deferred", "blocking"],
+        default="deferred",
+        help="deferred: submit, let the status sensor see each render finish, then collect (no worker waits); "
+        "blocking: one step submits, waits and collects",
     )
-    parser.add_argument(
-        "--dagster-home", default="out/demo/dagster_home", help="DAGSTER_HOME to use (created if missing)"
-    )
-    parser.add_argument("--mode", choices=["deferred", "blocking"], default="deferred")
     parser.add_argument(
         "--on-change",
         choices=["mark_stale", "regenerate"],
         default="mark_stale",
-        help="A changed image whose video exists: show it stale, or pay to regenerate it (default: mark_stale)",
+        help="A changed image whose video exists: show it stale, or pay to regenerate it",
     )
+    parser.add_argument("--timeout", type=float, default=600.0, help="Give up after this many seconds")
+
+
+def add_spend_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options the demo and the UI session share: how much may be spent, and the emulator's pace."""
     parser.add_argument("--yes", action="store_true", help="Allow spending real credits, with no cap")
     parser.add_argument(
         "--max-spend", type=float, default=None, metavar="USD", help="Allow spending real credits, up to USD in all"
     )
-    parser.add_argument("--time-scale", type=float, default=0.02, help="Emulator time scale (0 = instant)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="Give up after this many seconds")
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.02,
+        help="Emulator time scale: 1 renders at the real service's pace, 0 at once",
+    )
 
 
 @dataclass
@@ -116,26 +153,99 @@ def _count_images(images: str, config: Any) -> int:
     return found
 
 
-def _definitions_file(home: Path, images: str, output: str, options: dict[str, Any], base_url: str | None) -> Path:
-    """A definitions file in the demo's home with the same folders, for ``dagster dev`` from any folder."""
+def definitions_file(
+    home: Path, images: str, output: str, options: dict[str, Any], base_url: str | None, *, offline: bool
+) -> Path:
+    """The pipeline for the UI, in the demo's home. Offline, it reads the emulator's URL from the
+    environment that ``dagster-runway dev`` sets, and refuses to load without it: definitions written
+    by an offline demo never point at the real service."""
     path = home / "definitions.py"
+    if offline:
+        where = f"""EMULATOR_URL = os.environ.get({EMULATOR_URL_VARIABLE!r})
+if not EMULATOR_URL:
+    raise RuntimeError(
+        "This pipeline was written by an offline demo and runs only against its emulator: "
+        "open it with `dagster-runway dev --dagster-home {home}`."
+    )
+"""
+        resource_args = 'api_token=dg.EnvVar("RUNCOMFY_API_TOKEN"), base_url=EMULATOR_URL'
+    else:
+        where = ""
+        resource_args = 'api_token=dg.EnvVar("RUNCOMFY_API_TOKEN")' + (f", base_url={base_url!r}" if base_url else "")
     path.write_text(
-        f'''"""The demo's pipeline, for the UI: DAGSTER_HOME={home} dagster dev -f {path}"""
+        f'''"""The demo's pipeline, for the UI: dagster-runway dev --dagster-home {home}"""
+
+import os
 
 import dagster as dg
 
 from dagster_runway import RunComfyResource
 from dagster_runway.pipeline import build_runway_pipeline
 
+{where}
 defs = build_runway_pipeline(
     {images!r},
     {output!r},
-    resource=RunComfyResource(api_token=dg.EnvVar("RUNCOMFY_API_TOKEN"){f", base_url={base_url!r}" if base_url else ""}),
+    resource=RunComfyResource({resource_args}),
     **{options!r},
 )
 '''
     )
     return path
+
+
+def save_settings(home: Path, images: str, output: str, options: dict[str, Any]) -> None:
+    """What the demo ran with, for ``dagster-runway dev`` on the same home."""
+    (home / SETTINGS_FILE).write_text(json.dumps({"images": images, "output": output, "options": options}, indent=2))
+
+
+def load_settings(home: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads((home / SETTINGS_FILE).read_text()))
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise UsageError(f"{home / SETTINGS_FILE} is not valid JSON ({exc}); delete it and run the demo again") from None
+
+
+def start_emulator(stack: contextlib.ExitStack, home: Path, time_scale: float) -> Any:
+    """The embedded emulator, keeping its state in the home and serving on the port it last used (when free)."""
+    try:
+        from dagster_runway.emulator import Emulator, EmulatorConfig
+    except ImportError:
+        from dagster_runway.cli import EMULATOR_MISSING
+
+        raise UsageError(f"{EMULATOR_MISSING}, or set RUNCOMFY_API_TOKEN to use the real service") from None
+    state = home / "emulator"
+    state.mkdir(exist_ok=True)
+    port_file = state / "port"
+    config = EmulatorConfig(time_scale=time_scale, state_dir=str(state))
+    emulator = None
+    with contextlib.suppress(ValueError, OSError, RuntimeError):
+        emulator = stack.enter_context(Emulator(config, port=int(port_file.read_text())))
+    if emulator is None:
+        emulator = stack.enter_context(Emulator(config))
+    port_file.write_text(str(emulator.port))
+    return emulator
+
+
+def real_service() -> bool:
+    """A token or a base URL in the environment means the real (paid) service."""
+    return bool(os.environ.get("RUNCOMFY_API_TOKEN") or os.environ.get("RUNCOMFY_BASE_URL"))
+
+
+def check_spend_allowed(args: argparse.Namespace, found: int, estimate_usd_per_second: float, duration_s: int) -> None:
+    """Against the real service: say what it may cost, and refuse without --yes or --max-spend."""
+    base_url = os.environ.get("RUNCOMFY_BASE_URL")
+    estimate = found * duration_s * estimate_usd_per_second
+    print(
+        f"Using RunComfy at {base_url or 'https://model-api.runcomfy.net'}: {found} image(s), about "
+        f"{estimate:.2f} USD if every one is generated."
+    )
+    if not (args.yes or args.max_spend is not None):
+        raise UsageError("this spends real credits; pass --yes, or --max-spend USD to cap the spend")
+    if not os.environ.get("RUNCOMFY_API_TOKEN"):
+        raise UsageError("RUNCOMFY_BASE_URL is set but RUNCOMFY_API_TOKEN is not: export RUNCOMFY_API_TOKEN=<your token>")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,7 +267,7 @@ def _run(args: argparse.Namespace) -> int:
 
     images = args.images or _sample_images(home)
     output = args.output if "://" in args.output else str(Path(args.output).resolve())
-    real = bool(os.environ.get("RUNCOMFY_API_TOKEN") or os.environ.get("RUNCOMFY_BASE_URL"))
+    real = real_service()
     # The emulator costs nothing, so an image without a prompt may take the service's default there;
     # against the real service the safe default applies: it fails before paying.
     options: dict[str, Any] = {
@@ -172,24 +282,9 @@ def _run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         base_url = os.environ.get("RUNCOMFY_BASE_URL")
         if real:
-            estimate = found * int(config.defaults.duration) * config.estimated_usd_per_second
-            print(
-                f"Using RunComfy at {base_url or 'https://model-api.runcomfy.net'}: {found} image(s), about "
-                f"{estimate:.2f} USD if every one is generated."
-            )
-            if not (args.yes or args.max_spend is not None):
-                raise UsageError("this spends real credits; pass --yes, or --max-spend USD to cap the spend")
-            if not os.environ.get("RUNCOMFY_API_TOKEN"):
-                raise UsageError("RUNCOMFY_BASE_URL is set but RUNCOMFY_API_TOKEN is not")
+            check_spend_allowed(args, found, config.estimated_usd_per_second, int(config.defaults.duration))
         else:
-            try:
-                from dagster_runway.emulator import Emulator, EmulatorConfig
-            except ImportError:
-                from dagster_runway.cli import EMULATOR_MISSING
-
-                raise UsageError(f"{EMULATOR_MISSING}, or set RUNCOMFY_API_TOKEN to use the real service") from None
-
-            emulator = stack.enter_context(Emulator(EmulatorConfig(time_scale=args.time_scale)))
+            emulator = start_emulator(stack, home, args.time_scale)
             os.environ["RUNCOMFY_API_TOKEN"], base_url = emulator.token, emulator.base_url
             print(f"Started the RunComfy emulator at {base_url} (offline; no credits are spent).")
             print(
@@ -203,20 +298,20 @@ def _run(args: argparse.Namespace) -> int:
         defs = build_runway_pipeline(images, output, resource=resource, **options)
         instance = stack.enter_context(DagsterInstance.get())
         print(f"DAGSTER_HOME={home}")
+        save_settings(home, images, output, options)
         rows = _drive(defs, instance, args, config)
         gallery = write_gallery(config, instance)
     _print_table(rows)
     bad = [row for row in rows if row.outcome not in ("ok", "stale")]
     stale = sum(row.outcome == "stale" for row in rows)
     defaulted = sum(row.prompt_source == "service default" for row in rows)
-    ui_options = {k: v for k, v in options.items() if k != "max_spend_usd"}
-    definitions = _definitions_file(home, images, output, ui_options, None if not real else base_url)
+    definitions_file(home, images, output, options, base_url if real else None, offline=not real)
     print(
         f"\n{len(rows) - len(bad)} of {len(rows)} partitions produced a passing video; "
         f"{defaulted} used the service's default prompt."
         + (f"\n{stale} video(s) are stale: their image changed; --on-change regenerate pays for new ones." if stale else "")
         + f"\nReview the videos: {gallery}"
-        + f"\nOpen this instance in the UI (from any folder):\n  DAGSTER_HOME={home} dagster dev -f {definitions}\n"
+        + f"\nOpen this instance in the Dagster UI (from any folder):\n  dagster-runway dev --dagster-home {home}\n"
         "then Assets -> runway/videos for materializations, checks and metadata."
     )
     return 1 if bad or not rows else 0

@@ -166,23 +166,25 @@ def test_the_demo_works_without_the_checkout_examples_and_prints_a_ui_command_fo
     done = _demo(tmp_path, "--images", str(folder))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     definitions = tmp_path / "home" / "definitions.py"
-    assert f"dagster dev -f {definitions}" in done.stdout
-    loaded = subprocess.run(  # the file loads from another folder, with the same folders
+    assert f"dagster-runway dev --dagster-home {tmp_path / 'home'}" in done.stdout
+    loaded = subprocess.run(  # the file loads from another folder, with the same folders, as `dev` runs it
         [sys.executable, "-c", f"import runpy; d = runpy.run_path({str(definitions)!r})['defs']; "
          "print(sorted(s.name for s in d.sensors))"],
         cwd="/", capture_output=True, text=True, timeout=120,
+        env={**os.environ, "DAGSTER_RUNWAY_EMULATOR_URL": "http://127.0.0.1:9"},
     )  # fmt: skip
     assert loaded.returncode == 0 and "runway_status_sensor" in loaded.stdout, loaded.stderr[-2000:]
     assert str(folder) in definitions.read_text()
 
 
 def test_a_literal_token_for_a_remote_service_warns_and_an_env_var_does_not(tmp_path: Path) -> None:
+    images = str(tmp_path / "images")
     with pytest.warns(LiteralTokenWarning, match='dg.EnvVar\\("RUNCOMFY_API_TOKEN"\\)'):
-        build_runway_pipeline(str(tmp_path), str(tmp_path / "v"), resource=RunComfyResource(api_token=SECRET))
+        build_runway_pipeline(images, str(tmp_path / "v"), resource=RunComfyResource(api_token=SECRET))
     with warnings.catch_warnings():
         warnings.simplefilter("error", LiteralTokenWarning)
         build_runway_pipeline(
-            str(tmp_path), str(tmp_path / "v"), resource=RunComfyResource(api_token=dg.EnvVar("RUNCOMFY_API_TOKEN"))
+            images, str(tmp_path / "v"), resource=RunComfyResource(api_token=dg.EnvVar("RUNCOMFY_API_TOKEN"))
         )
         local = RunComfyResource(api_token="emulator-token", base_url="http://127.0.0.1:8000")
-        build_runway_pipeline(str(tmp_path), str(tmp_path / "v"), resource=local)
+        build_runway_pipeline(images, str(tmp_path / "v"), resource=local)

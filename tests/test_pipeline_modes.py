@@ -203,7 +203,7 @@ def test_the_demo_runs_end_to_end_and_reports_every_partition(tmp_path: Path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "4 of 4 partitions produced a passing video; 0 used the service's default prompt." in done.stdout
     assert "Started the RunComfy emulator" in done.stdout
-    assert f"DAGSTER_HOME={tmp_path / 'home'} dagster dev" in done.stdout
+    assert f"dagster-runway dev --dagster-home {tmp_path / 'home'}" in done.stdout
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 4
     assert len(list((tmp_path / "videos").glob("*.poster.jpg"))) == 4
 

@@ -56,9 +56,11 @@ class RunwayMetadata(NamespacedMetadataSet):
     source_path: PathMetadataValue | UrlMetadataValue | None = None
     source_sha256: str | None = None
     source_change_token: str | None = None
+    source_version_id: str | None = None  # the S3 VersionId the presigned URL was pinned to
     source_version: str | None = None
     source_size_bytes: int | None = None
     source_pixels: str | None = None
+    manifest_unmatched: JsonMetadataValue | None = None  # manifest rows that matched no image, on discovery
     # Progress, from the status sensor
     status: str | None = None
     queue_position: int | None = None

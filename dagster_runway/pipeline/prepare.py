@@ -91,6 +91,7 @@ class Prepared:
                 source_path=MetadataValue.path(self.entry.url),
                 source_sha256=self.sha256,
                 source_change_token=self.pin.change_token,  # of the bytes hashed and sent
+                source_version_id=self.pin.version_id,
                 source_version=self.source_version,
                 source_size_bytes=self.pin.size,
                 source_pixels=f"{self.width}x{self.height} {self.image_format}",

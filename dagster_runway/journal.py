@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -266,20 +266,32 @@ class Journal:
         )
 
     def _sweep_temps(self) -> None:
-        """Remove temporary files left by a kill: a dead writer's on this host, or anyone's over an hour old."""
+        """Remove temporary files left by a kill: a dead writer's on this host, or anyone's over an hour
+        old. They live in one folder, so the sweep reads one listing however large the journal; the
+        temporary files older releases left beside their targets are swept once per root."""
+        legacy_done = f"{self._temp_dir}/legacy-swept"
+        if os.path.exists(legacy_done):
+            folders: Iterable[tuple[str, list[str]]] = [(self._temp_dir, _listdir(self._temp_dir))]
+        else:
+            folders = ((folder, names) for folder, _, names in os.walk(self.root))
         host, now = socket.gethostname(), time.time()
-        for folder, _, names in os.walk(self.root):
+        legacy_left = 0
+        for folder, names in folders:
             for name in names:
                 if not name.endswith(".tmp"):  # the journal writes no other .tmp files
                     continue
                 path = os.path.join(folder, name)
                 writer = name[1:-4].rsplit(".", 2)  # .<host>.<pid>.<hex>.tmp
                 dead = len(writer) == 3 and writer[0] == host and writer[1].isdigit() and not pid_alive(int(writer[1]))
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     if dead or now - os.stat(path).st_mtime > _TEMP_MAX_AGE_S:
                         os.unlink(path)
-                except FileNotFoundError:
-                    pass
+                    elif folder != self._temp_dir:
+                        legacy_left += 1
+        if not legacy_left and not os.path.exists(legacy_done):
+            os.makedirs(self._temp_dir, exist_ok=True)
+            with open(legacy_done, "w") as handle:
+                handle.write("temporary files of older releases were swept\n")
 
     # Claims
 
@@ -633,14 +645,19 @@ class Journal:
         finally:
             self.fs.invalidate_cache(path)
 
-    def _temp_path(self, parent: str) -> str:
-        """A temporary file beside its target (same filesystem, for os.link), named after its writer
-        so that the next run can tell a dead writer's litter from a live one's file."""
-        return f"{parent}/.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    @property
+    def _temp_dir(self) -> str:
+        return f"{self.root}/tmp"
+
+    def _temp_path(self) -> str:
+        """A temporary file under the root (the same filesystem as its target, for os.link), named after
+        its writer so that the next run can tell a dead writer's litter from a live one's file."""
+        return f"{self._temp_dir}/.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
 
     def _write_temp(self, parent: str, data: bytes) -> str:
         os.makedirs(parent, exist_ok=True)
-        temp = self._temp_path(parent)
+        os.makedirs(self._temp_dir, exist_ok=True)
+        temp = self._temp_path()
         with open(temp, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -683,6 +700,13 @@ class Journal:
     def _remove(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
 
 
 def wait_for_answer(

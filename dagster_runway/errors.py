@@ -1,7 +1,20 @@
 """Typed errors of the RunComfy client.
 
 Every message says what happened, to which request, and what the user can do. None of them
-carries the API token or a presigned URL's query string.
+carries the API token or a presigned URL's query string. Every ``httpx`` error of a call maps to one
+of these; no ``httpx`` exception leaves the client.
+
+* RunComfyError
+  + AuthenticationError, PermissionDeniedError, InsufficientCreditsError, ModelNotFoundError
+  + InputValidationError, RequestNotFoundError (the API's own 404001 only)
+  + RateLimitedError
+  + ServerError (5xx, a 2xx carrying an error code)
+    - UnexpectedResponseError (an answer that is not the API's: undecodable, not JSON, wrong shape)
+      · GatewayNotFoundError (a 404 without the API's error: a gateway or proxy page)
+  + TransportError (the network failed on a call that is safe to repeat)
+  + ClientConfigurationError (base_url cannot be used as configured; not retried)
+  + AmbiguousSubmitError (a submit may have been accepted; never resubmitted)
+  + GenerationFailedError, RequestCancelledError, WaitTimeoutError
 """
 
 from __future__ import annotations
@@ -79,10 +92,25 @@ class ServerError(RunComfyError):
     retryable = True
 
 
+class UnexpectedResponseError(ServerError):
+    """An answer that is not the API's: a body that cannot be decoded (a false ``Content-Encoding``), is
+    not JSON, or lacks the fields the API always sends. Retried on reads; on a submit it is ambiguous."""
+
+
+class GatewayNotFoundError(UnexpectedResponseError):
+    """A 404 without the API's error body (no ``error_code``): a gateway or proxy answered, not the API.
+    It says nothing about the request, which may well exist: it is retried later, never paid again."""
+
+
 class TransportError(RunComfyError):
     """The service could not be reached, or the connection broke, on a call that is safe to repeat."""
 
     retryable = True
+
+
+class ClientConfigurationError(RunComfyError):
+    """The client cannot talk to the API as configured: ``base_url`` is not a valid URL or uses a scheme
+    httpx does not speak (nothing was sent), or the answers redirect in a loop. Not retried: fix it."""
 
 
 class AmbiguousSubmitError(RunComfyError):

@@ -72,8 +72,9 @@ def closed_port_url() -> str:
 class Api:
     """One blocking surface over either client, recording every HTTP request it sends.
 
-    ``transport`` replaces the HTTP transport (only for cases a server cannot produce); other keyword
-    arguments go to the client.
+    ``transport`` replaces the HTTP transport (only for cases a server cannot produce); ``http`` gives
+    more options of the httpx client (``follow_redirects``; ``response_hook``, a plain function, called
+    after the body is read when ``read_before_hook`` is true); other keyword arguments go to the client.
     """
 
     def __init__(
@@ -85,17 +86,29 @@ class Api:
         transport: Any = None,
         request_timeout: float = 10.0,
         connect_timeout: float = 2.0,
+        http: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.kind = kind
+        options = dict(http or {})
+        response_hook = options.pop("response_hook", None)
+        read_first = options.pop("read_before_hook", False)
         self.sent: list[httpx.Request] = []
         kwargs.setdefault("retry", FAST_RETRY)
         kwargs.setdefault("poll_interval", 0.01)
         timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
         self.client: RunComfyClient | AsyncRunComfyClient
         if kind == "sync":
+            def on_sync_response(response: httpx.Response) -> None:
+                if read_first:
+                    response.read()
+                response_hook(response)
+
+            hooks: dict[str, list[Any]] = {"request": [self.sent.append]}
+            if response_hook is not None:
+                hooks["response"] = [on_sync_response]
             self.http: httpx.Client | httpx.AsyncClient = httpx.Client(
-                timeout=timeout, transport=transport, verify=TLS, event_hooks={"request": [self.sent.append]}
+                timeout=timeout, transport=transport, verify=TLS, event_hooks=hooks, **options
             )
             self.client = RunComfyClient(token, base_url=base_url, http_client=self.http, **kwargs)
         else:
@@ -103,8 +116,16 @@ class Api:
             async def record(request: httpx.Request) -> None:
                 self.sent.append(request)
 
+            async def on_response(response: httpx.Response) -> None:
+                if read_first:
+                    await response.aread()
+                response_hook(response)
+
+            async_hooks: dict[str, list[Any]] = {"request": [record]}
+            if response_hook is not None:
+                async_hooks["response"] = [on_response]
             self.http = httpx.AsyncClient(
-                timeout=timeout, transport=transport, verify=TLS, event_hooks={"request": [record]}
+                timeout=timeout, transport=transport, verify=TLS, event_hooks=async_hooks, **options
             )
             self.client = AsyncRunComfyClient(token, base_url=base_url, http_client=self.http, **kwargs)
             # One loop for the client's whole life: its connections belong to the loop that opened them.

@@ -24,6 +24,8 @@ from dagster_runway.emulator import Emulator, FaultRule
 from dagster_runway.errors import (
     AmbiguousSubmitError,
     AuthenticationError,
+    ClientConfigurationError,
+    GatewayNotFoundError,
     InputValidationError,
     ModelNotFoundError,
     PermissionDeniedError,
@@ -32,6 +34,7 @@ from dagster_runway.errors import (
     RunComfyError,
     ServerError,
     TransportError,
+    UnexpectedResponseError,
 )
 from dagster_runway.schema import MODEL_ID, ImageToVideoInput, RequestState
 from tests.test_client import FAST_RETRY, KINDS, Api, Connector, closed_port_url, image_input
@@ -454,3 +457,210 @@ def test_a_rate_limit_hint_in_any_form_reaches_the_error(
     else:
         assert info.value.retry_after == pytest.approx(expected, abs=1.0)
         assert len(calls) == 1
+
+
+# -- every httpx error is typed -----------------------------------------------------------------------
+
+NOT_THE_APIS_200 = ("bad_gzip", "html_200", "wrong_shape_200")
+
+
+@pytest.mark.parametrize("kind", NOT_THE_APIS_200)
+def test_an_unreadable_answer_to_an_accepted_submit_is_ambiguous_and_billed_once(
+    emulator: Emulator, connect: Connector, kind: str
+) -> None:
+    emulator.add_fault(FaultRule(kind=kind, endpoint="submit", after_accept=True, times=1))
+    api = connect(emulator)
+    with pytest.raises(AmbiguousSubmitError) as info:
+        api.submit(image_input())
+    assert "may have been accepted and billed" in str(info.value) and info.value.fingerprint
+    assert api.count("submit") == 1  # never resubmitted
+    ledger = emulator.ledger()
+    assert ledger.submissions == ledger.billed_submissions == 1
+
+
+def test_an_undecodable_answer_before_acceptance_is_still_ambiguous_to_the_client(
+    emulator: Emulator, connect: Connector
+) -> None:
+    emulator.add_fault(FaultRule(kind="bad_gzip", endpoint="submit", after_accept=False, times=1))
+    api = connect(emulator)
+    with pytest.raises(AmbiguousSubmitError) as info:
+        api.submit(image_input())
+    assert info.value.cause and "DecodingError" in info.value.cause and "cannot be decoded" in str(info.value)
+    assert api.count("submit") == 1 and emulator.ledger().submissions == 0
+
+
+@pytest.mark.parametrize("kind", NOT_THE_APIS_200)
+@pytest.mark.parametrize("endpoint", ["status", "result", "cancel"])
+def test_an_unreadable_answer_to_a_read_is_retried_then_typed(
+    emulator_factory: Callable[..., Emulator], connect: Connector, kind: str, endpoint: str
+) -> None:
+    emulator = emulator_factory(paused=True)
+    api = connect(emulator)
+    request_id = api.submit(image_input()).request_id
+    emulator.add_fault(FaultRule(kind=kind, endpoint=endpoint, times=1))
+    assert getattr(api, endpoint)(request_id).request_id == request_id  # retried past the one bad answer
+    assert api.count(endpoint) == 2
+    emulator.add_fault(FaultRule(kind=kind, endpoint="status"))
+    with pytest.raises(UnexpectedResponseError) as info:
+        api.status(request_id)
+    assert info.value.retryable and info.value.request_id == request_id
+    assert "gateway" in str(info.value) or "proxy" in str(info.value)
+    assert api.count("status") == FAST_RETRY.max_attempts + (2 if endpoint == "status" else 0)
+
+
+@pytest.mark.parametrize(
+    ("error", "never_sent"),
+    [
+        (httpx.ConnectTimeout("timed out connecting"), True),
+        (httpx.PoolTimeout("no connection free in the pool"), True),
+        (httpx.ProxyError("407 Proxy Authentication Required"), True),
+        (httpx.WriteTimeout("timed out writing"), False),
+        (httpx.WriteError("[Errno 32] Broken pipe"), False),
+        (httpx.CloseError("close failed"), False),
+        (httpx.LocalProtocolError("Too much data for declared Content-Length"), False),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else str(value),
+)
+def test_network_errors_no_server_can_make_on_demand(
+    connect: Connector, error: httpx.HTTPError, never_sent: bool
+) -> None:
+    # Mock transports: a real server cannot time out a connect or a pool, or refuse a proxy tunnel, on demand.
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise error
+
+    api = connect("http://runcomfy.test", transport=httpx.MockTransport(handler))
+    if never_sent:  # provably not accepted: retried, then a plain TransportError
+        with pytest.raises(TransportError) as info:
+            api.submit(image_input())
+        assert api.count("submit") == FAST_RETRY.max_attempts
+    else:
+        with pytest.raises(AmbiguousSubmitError) as ambiguous:
+            api.submit(image_input())
+        assert api.count("submit") == 1 and type(error).__name__ in str(ambiguous.value)
+    with pytest.raises(TransportError) as info:
+        api.status("req-1")
+    assert info.value.retryable and type(error).__name__ in str(info.value)
+    assert api.count("status") == FAST_RETRY.max_attempts
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"[1, 2, 3]", b'"a string"', b"\xff\xfe not utf-8", b"[" * 100_000 + b"]" * 100_000],
+    ids=["empty", "a list", "a string", "not utf-8", "nested too deep"],
+)
+def test_a_2xx_body_that_is_not_a_json_object_is_typed(connect: Connector, body: bytes) -> None:
+    # Mock transport: the emulator's faults cover the common shapes; these are the odd ones.
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"Content-Type": "application/json"})
+
+    api = connect("http://runcomfy.test", transport=httpx.MockTransport(handler))
+    with pytest.raises(AmbiguousSubmitError):
+        api.submit(image_input())
+    with pytest.raises(UnexpectedResponseError) as info:
+        api.result("req-1")
+    assert "not a JSON object" in str(info.value) and len(str(info.value)) < 1000
+
+
+def test_an_unsupported_scheme_is_a_configuration_error_and_not_retried(connect: Connector) -> None:
+    api = connect("ftp://127.0.0.1:1")
+    for call in (lambda: api.submit(image_input()), lambda: api.status("req-1")):
+        with pytest.raises(ClientConfigurationError) as info:
+            call()
+        assert "ftp://127.0.0.1:1" in str(info.value) and "nothing was sent" in str(info.value)
+
+
+def test_an_invalid_base_url_is_a_configuration_error(connect: Connector) -> None:
+    api = connect("http://[::1")
+    for call in (lambda: api.submit(image_input()), lambda: api.status("req-1")):
+        with pytest.raises(ClientConfigurationError) as info:
+            call()
+        assert "base_url 'http://[::1'" in str(info.value)
+
+
+def test_a_redirect_loop_is_a_configuration_error(connect: Connector, image_server: Any) -> None:
+    path = "/v1/requests/req-1/status"
+    image_server.serve(path, b"", status=302, headers={"Location": path})
+    api = connect(image_server.base_url, http={"follow_redirects": True})
+    with pytest.raises(ClientConfigurationError) as info:
+        api.status("req-1")
+    assert "TooManyRedirects" in str(info.value) and "check base_url" in str(info.value)
+
+
+def test_an_http_status_error_from_a_hook_is_typed_like_its_answer(emulator: Emulator, connect: Connector) -> None:
+    def raise_for_status(response: httpx.Response) -> None:
+        response.raise_for_status()
+
+    api = connect(emulator, http={"response_hook": raise_for_status, "read_before_hook": True})
+    with pytest.raises(RequestNotFoundError):
+        api.status("unknown-request-id")
+    emulator.add_fault(FaultRule(kind="rate_limit", endpoint="submit", times=1, retry_after=0))
+    assert api.submit(image_input()).request_id  # a 429 raised by the hook is still retried
+    assert emulator.ledger().billed_submissions == 1
+
+
+def test_a_404_whose_body_a_hook_threw_away_is_not_taken_for_expired(emulator: Emulator, connect: Connector) -> None:
+    def raise_for_status(response: httpx.Response) -> None:  # httpx closes the unread body when this raises
+        response.raise_for_status()
+
+    api = connect(emulator, http={"response_hook": raise_for_status})
+    with pytest.raises(GatewayNotFoundError):
+        api.status("unknown-request-id")
+
+
+def test_a_token_with_a_control_character_is_refused_before_any_call(connect: Connector) -> None:
+    with pytest.raises(AuthenticationError) as info:
+        connect("http://runcomfy.test", token="secret-token\n")
+    assert "control character" in str(info.value) and "secret-token" not in str(info.value)
+
+
+# -- only the API's own 404 means "unknown or expired" -------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["status", "result", "cancel"])
+def test_a_gateway_404_is_retried_and_never_taken_for_expired(
+    emulator_factory: Callable[..., Emulator], connect: Connector, endpoint: str
+) -> None:
+    emulator = emulator_factory(paused=True)
+    api = connect(emulator)
+    request_id = api.submit(image_input()).request_id
+    emulator.add_fault(FaultRule(kind="gateway_404", endpoint=endpoint, times=1))
+    assert getattr(api, endpoint)(request_id).request_id == request_id
+    emulator.add_fault(FaultRule(kind="gateway_404", endpoint=endpoint))
+    with pytest.raises(GatewayNotFoundError) as info:
+        getattr(api, endpoint)(request_id)
+    error = info.value
+    assert not isinstance(error, RequestNotFoundError) and error.retryable and error.status_code == 404
+    assert "without the API's error" in str(error) and "never a reason to submit again" in str(error)
+    assert "text/html" in str(error) and "404 Not Found" in str(error) and "<" not in str(error)
+    assert emulator.request_state(request_id) == ("cancelled" if endpoint == "cancel" else "in_queue")
+    assert emulator.ledger().submissions == 1  # nothing submitted again
+
+
+def test_a_gateway_404_on_submit_is_ambiguous(emulator: Emulator, connect: Connector) -> None:
+    emulator.add_fault(FaultRule(kind="gateway_404", endpoint="submit", times=1))
+    api = connect(emulator)
+    with pytest.raises(AmbiguousSubmitError) as info:
+        api.submit(image_input())
+    assert info.value.status_code == 404 and api.count("submit") == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"error_code": 404001, "error_message": "Request not found"}, RequestNotFoundError),
+        ({"error_message": "Request not found"}, RequestNotFoundError),  # the API's shape, its code left out
+        ({"detail": "Not Found"}, GatewayNotFoundError),  # a framework's default 404
+        ({"message": "no Route matched with those values"}, GatewayNotFoundError),  # an API gateway's
+    ],
+)
+def test_a_json_404_is_not_found_only_in_the_apis_shape(
+    connect: Connector, body: dict[str, Any], expected: type[RunComfyError]
+) -> None:
+    # Mock transport: the emulator only ever answers 404 in the API's shape, or with a gateway's page.
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json=body)
+
+    api = connect("http://runcomfy.test", transport=httpx.MockTransport(handler))
+    with pytest.raises(expected):
+        api.status("req-1")
+    assert api.count("status") == (1 if expected is RequestNotFoundError else FAST_RETRY.max_attempts)

@@ -192,6 +192,67 @@ def test_error_code_in_a_200_answer_on_reads_and_cancel(
     assert emulator.request_state(request_id) == ("cancelled" if endpoint == "cancel" else "in_queue")
 
 
+# Answers that are not the API's: bad_gzip, html_200, wrong_shape_200, gateway_404
+
+
+@pytest.mark.parametrize("after_accept", [False, True])
+def test_bad_gzip_is_an_undecodable_answer_billed_only_after_accept(
+    emulator: Emulator, http_api: Connect, after_accept: bool
+) -> None:
+    emulator.add_fault(FaultRule(kind="bad_gzip", endpoint="submit", after_accept=after_accept, times=1))
+    api = http_api(emulator)
+    with pytest.raises(httpx.DecodingError):
+        api.submit({"promptImage": IMAGE})
+    ledger = emulator.ledger()
+    assert ledger.submissions == ledger.billed_submissions == int(after_accept)
+    if after_accept:  # the request exists and runs, though no client can read its id
+        assert api.finish(ledger.entries[0].request_id)["status"] == "succeeded"
+    assert api.submit({"promptImage": IMAGE}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("kind", "content_type"), [("html_200", "text/html"), ("wrong_shape_200", "application/json")]
+)
+@pytest.mark.parametrize("endpoint", ["submit", "status", "result", "cancel"])
+def test_a_200_that_is_not_the_apis_answer(
+    emulator_factory: Factory, http_api: Connect, kind: str, content_type: str, endpoint: str
+) -> None:
+    emulator = emulator_factory(paused=True)
+    api = http_api(emulator)
+    request_id = api.submit_id({"promptImage": IMAGE})
+    emulator.add_fault(FaultRule(kind=kind, endpoint=endpoint, times=1))
+    response = api.submit({"promptImage": IMAGE}) if endpoint == "submit" else getattr(api, endpoint)(request_id)
+    assert response.status_code == 200 and response.headers["content-type"].startswith(content_type)
+    assert "request_id" not in response.text and "error_code" not in response.text
+    billed = 2 if endpoint == "submit" else 1  # a submit is accepted first by default
+    assert emulator.ledger().billed_submissions == billed
+    assert emulator.request_state(request_id) == "in_queue"  # answered in the API's place: a cancel did nothing
+
+
+@pytest.mark.parametrize("endpoint", ["status", "result", "cancel"])
+def test_gateway_404_is_an_html_page_about_a_request_that_exists(
+    emulator_factory: Factory, http_api: Connect, endpoint: str
+) -> None:
+    emulator = emulator_factory(paused=True)
+    api = http_api(emulator)
+    request_id = api.submit_id({"promptImage": IMAGE})
+    emulator.add_fault(FaultRule(kind="gateway_404", endpoint=endpoint, times=1))
+    call = getattr(api, endpoint)
+    response = call(request_id)
+    assert response.status_code == 404 and response.headers["content-type"].startswith("text/html")
+    assert "error_code" not in response.text
+    assert emulator.request_state(request_id) == "in_queue"  # the request is there all along
+    assert call(request_id).json()["request_id"] == request_id
+
+
+def test_gateway_404_on_submit_is_never_billed(emulator: Emulator, http_api: Connect) -> None:
+    emulator.add_fault(FaultRule(kind="gateway_404", endpoint="submit", times=1))
+    assert http_api(emulator).submit({"promptImage": IMAGE}).status_code == 404
+    assert emulator.ledger().submissions == 0
+    with pytest.raises(ValidationError):
+        FaultRule(kind="gateway_404", endpoint="submit", after_accept=True)
+
+
 # generation_failed
 
 

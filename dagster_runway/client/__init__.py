@@ -20,6 +20,7 @@ from dagster_runway.client._core import (
     Call,
     RequestCore,
     Sleep,
+    answer_of,
     input_fingerprint,
     run_sync,
     wait_call,
@@ -218,7 +219,10 @@ class AsyncRunComfyClient(_ClientBase):
                 self._slots.put_nowait(n % len(self._pools))
         pool = await self._slots.get()
         try:
-            response = await self._pools[pool].send(request)
+            try:
+                response = await self._pools[pool].send(request)
+            except httpx.HTTPStatusError as exc:
+                response = answer_of(exc)
             await response.aread()
             return response
         finally:
@@ -235,7 +239,7 @@ class AsyncRunComfyClient(_ClientBase):
                     continue
                 try:
                     outcome = await self._send(action.request)
-                except httpx.TransportError as exc:
+                except httpx.HTTPError as exc:  # every kind: the core decides what it means
                     outcome = exc
         except StopIteration as done:
             return done.value

@@ -1,10 +1,11 @@
 """The request core shared by the sync and async clients.
 
 Each API call is a generator that yields actions (``Send`` a request, ``Sleep`` a while) and is sent
-back their outcomes. It applies every rule: what to send, what is safe to retry, how long to wait
-(``dagster_runway.retry``), and which error an answer maps to (``_errors``). The two clients only
-carry the actions out, with ``httpx.Client`` or ``httpx.AsyncClient``, ``time.sleep`` or
-``asyncio.sleep``. So both behave the same by construction.
+back their outcomes: an answer, or the ``httpx.HTTPError`` the send raised (every kind of it). It
+applies every rule: what to send, what is safe to retry, how long to wait (``dagster_runway.retry``),
+and which typed error an answer or an ``httpx`` error maps to (``_errors``); no ``httpx`` exception
+leaves a call. The two clients only carry the actions out, with ``httpx.Client`` or
+``httpx.AsyncClient``, ``time.sleep`` or ``asyncio.sleep``. So both behave the same by construction.
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from dagster_runway._redact import redact_text
-from dagster_runway.client._errors import effective_status, error_for, failure_error
+from dagster_runway.client._errors import describe_body, effective_status, error_for, failure_error
 from dagster_runway.errors import (
     AmbiguousSubmitError,
     AuthenticationError,
+    ClientConfigurationError,
     InputValidationError,
     RateLimitedError,
     RunComfyError,
     ServerError,
     TransportError,
+    UnexpectedResponseError,
     WaitTimeoutError,
 )
 from dagster_runway.retry import RETRYABLE_STATUS, RetryPolicy
@@ -67,8 +70,12 @@ class Sleep:
 
 
 Action = Send | Sleep
-Outcome = httpx.Response | httpx.TransportError | None
+Outcome = httpx.Response | httpx.HTTPError | None
 Call = Generator[Action, Outcome, T]
+
+# Errors raised before any byte of the request was written: a submit that met one was not accepted.
+# httpcore raises ProxyError when the proxy refuses the tunnel, before the request is sent through it.
+NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)
 
 
 def input_fingerprint(model_id: str, body: Mapping[str, Any]) -> str:
@@ -93,6 +100,11 @@ class RequestCore:
             raise AuthenticationError(
                 "No RunComfy API token was given; set RUNCOMFY_API_TOKEN or pass api_token "
                 "(get a key from your RunComfy profile)."
+            )
+        if any(ord(char) < 32 or ord(char) == 127 for char in api_token):
+            raise AuthenticationError(
+                "The RunComfy API token contains a control character (a newline or tab pasted with it?); it "
+                "cannot be sent in a header. Set RUNCOMFY_API_TOKEN to the key alone."
             )
         self._token = api_token
         self.base_url = base_url.rstrip("/")
@@ -122,23 +134,32 @@ class RequestCore:
         model = input if isinstance(input, ImageToVideoInput) else self._validate_input(input)
         body = model.to_request()
         path = "/v1/models/" + "/".join(quote(part, safe="") for part in self.model_id.split("/"))
-        request = httpx.Request("POST", self.base_url + path, json=body)
+        request = self._request("POST", self.base_url + path, json=body)
         fingerprint = fingerprint or input_fingerprint(self.model_id, body)
         return self._call(request, Submission, idempotent=False, what="submit", fingerprint=fingerprint)
 
     def status(self, request_id: str) -> Call[RequestStatus]:
-        request = httpx.Request("GET", self._request_url(request_id, "status"))
+        request = self._request("GET", self._request_url(request_id, "status"))
         return self._call(request, RequestStatus, idempotent=True, what="status", request_id=request_id)
 
     def result(self, request_id: str, *, include_cost: bool = True) -> Call[RequestResult]:
         url = self._request_url(request_id, "result")
-        request = httpx.Request("GET", url, params={"include_cost": "true"} if include_cost else None)
+        request = self._request("GET", url, params={"include_cost": "true"} if include_cost else None)
         return self._call(request, RequestResult, idempotent=True, what="result", request_id=request_id)
 
     def cancel(self, request_id: str) -> Call[CancelResult]:
         # Cancel is safe to repeat: a second cancel of the same request is a no-op.
-        request = httpx.Request("POST", self._request_url(request_id, "cancel"))
+        request = self._request("POST", self._request_url(request_id, "cancel"))
         return self._call(request, CancelResult, idempotent=True, what="cancel", request_id=request_id)
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Request:
+        try:
+            return httpx.Request(method, url, **kwargs)
+        except httpx.InvalidURL as exc:
+            raise ClientConfigurationError(
+                f"base_url {self.base_url!r} does not make a valid URL ({exc}); nothing was sent. Set base_url "
+                f"to the Model API's address, e.g. {DEFAULT_BASE_URL}."
+            ) from None
 
     def _validate_input(self, input: Mapping[str, Any]) -> ImageToVideoInput:
         """The input as the model, or an ``InputValidationError`` naming the field; nothing is sent."""
@@ -190,23 +211,10 @@ class RequestCore:
             outcome = yield Send(request)
             assert outcome is not None
             retry_after: float | None = None
-            if isinstance(outcome, httpx.TransportError):
-                never_connected = isinstance(
-                    outcome, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
-                )
-                cause = f"{type(outcome).__name__}: {self.redact(str(outcome)) or 'no detail'}"
-                if not idempotent and not never_connected:
-                    raise AmbiguousSubmitError(
-                        f"The submit to {self.model_id} may have been accepted and billed: the connection failed "
-                        f"after the request was sent ({cause}). It was not resubmitted. Look for a request with "
-                        f"input fingerprint {fingerprint} before submitting again.",
-                        fingerprint=fingerprint,
-                        cause=cause,
-                    )
-                error: RunComfyError = TransportError(
-                    f"Could not complete {what} for {target} at {self.base_url}: {cause}. Check the network "
-                    "and base_url; the call is safe to repeat.",
-                    request_id=request_id,
+            if isinstance(outcome, httpx.HTTPError):
+                error = self._http_error(
+                    outcome, idempotent=idempotent, what=what, target=target, request_id=request_id,
+                    fingerprint=fingerprint,
                 )
             else:
                 try:
@@ -215,16 +223,12 @@ class RequestCore:
                     error, retry_after = exc, exc.retry_after
                 except ServerError as exc:
                     if not idempotent:
-                        raise AmbiguousSubmitError(
-                            f"The submit to {self.model_id} may have been accepted and billed: {exc.message} "
-                            f"It was not resubmitted. Look for a request with input fingerprint {fingerprint} "
-                            "before submitting again.",
-                            fingerprint=fingerprint,
-                            cause=exc.message,
-                            status_code=exc.status_code,
-                            error_code=exc.error_code,
-                        ) from None
-                    if effective_status(outcome.status_code, exc.error_code) not in RETRYABLE_STATUS:
+                        raise self._ambiguous(fingerprint, exc.message, exc) from None
+                    # An answer that is not the API's (a gateway's page, a garbled body) is retried like a 502.
+                    retryable = isinstance(exc, UnexpectedResponseError) or (
+                        effective_status(outcome.status_code, exc.error_code) in RETRYABLE_STATUS
+                    )
+                    if not retryable:
                         raise
                     error = exc
 
@@ -242,6 +246,61 @@ class RequestCore:
             )
             yield Sleep(delay)
 
+    def _http_error(
+        self,
+        exc: httpx.HTTPError,
+        *,
+        idempotent: bool,
+        what: str,
+        target: str,
+        request_id: str | None,
+        fingerprint: str | None,
+    ) -> RunComfyError:
+        """The typed error of an ``httpx`` error, to retry; raised at once when it must not be retried."""
+        cause = f"{type(exc).__name__}: {self.redact(str(exc)) or 'no detail'}"
+        if isinstance(exc, httpx.UnsupportedProtocol):
+            raise ClientConfigurationError(
+                f"Could not {what} for {target}: base_url {self.base_url!r} uses a scheme httpx does not speak "
+                f"({cause}); nothing was sent. Use an http:// or https:// base_url."
+            ) from None
+        if not idempotent and not isinstance(exc, NEVER_SENT):
+            happened = (
+                "its answer arrived but cannot be decoded"
+                if isinstance(exc, httpx.DecodingError)
+                else "the connection failed after the request was sent"
+            )
+            raise self._ambiguous(fingerprint, f"{happened} ({cause}).", None) from None
+        if isinstance(exc, httpx.DecodingError):
+            return UnexpectedResponseError(
+                f"RunComfy answered {what} for {target} with a body that cannot be decoded ({cause}): a proxy "
+                "or gateway mangled it. The call was retried; run again later, and check any proxy in between "
+                "if it persists.",
+                request_id=request_id,
+            )
+        if isinstance(exc, httpx.TooManyRedirects):
+            raise ClientConfigurationError(
+                f"RunComfy {what} for {target} was redirected in a loop ({cause}). The Model API does not "
+                "redirect; check base_url and any proxy in between.",
+                request_id=request_id,
+            ) from None
+        return TransportError(
+            f"Could not complete {what} for {target} at {self.base_url}: {cause}. Check the network "
+            "and base_url; the call is safe to repeat.",
+            request_id=request_id,
+        )
+
+    def _ambiguous(
+        self, fingerprint: str | None, what_happened: str, exc: RunComfyError | None
+    ) -> AmbiguousSubmitError:
+        return AmbiguousSubmitError(
+            f"The submit to {self.model_id} may have been accepted and billed: {what_happened} It was not "
+            f"resubmitted. Look for a request with input fingerprint {fingerprint} before submitting again.",
+            fingerprint=fingerprint,
+            cause=exc.message if exc is not None else what_happened,
+            status_code=exc.status_code if exc is not None else None,
+            error_code=exc.error_code if exc is not None else None,
+        )
+
     def _parse(
         self,
         response: httpx.Response,
@@ -254,22 +313,47 @@ class RequestCore:
         status = response.status_code
         try:
             body: Any = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested beyond reason
             body = None
-        if 200 <= status < 300 and isinstance(body, dict) and body.get("error_code") is None:
+        if 200 <= status < 300 and not (isinstance(body, dict) and body.get("error_code") is not None):
+            where = f"RunComfy answered {what} for {target} with HTTP {status}"
+            advice = (
+                "A proxy or gateway may have answered instead of the API, or the API changed: check base_url "
+                "and any proxy in between, or upgrade dagster-runway."
+            )
+            if not isinstance(body, dict):
+                raise UnexpectedResponseError(
+                    f"{where} but a body that is not a JSON object ({self.redact(describe_body(response))}). "
+                    + advice,
+                    status_code=status,
+                    request_id=request_id,
+                )
             try:
                 return model.model_validate(body)
             except ValidationError as exc:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
-                raise ServerError(
-                    f"RunComfy answered {what} for {target} with an unexpected body ({problems}). The API may "
-                    "have changed: upgrade dagster-runway, or report this message.",
+                raise UnexpectedResponseError(
+                    f"{where} but an unexpected body ({self.redact(problems)}). " + advice,
                     status_code=status,
                     request_id=request_id,
                 ) from None
         raise error_for(
             response, body, what=what, target=target, request_id=request_id, model_id=self.model_id, redact=self.redact
         )
+
+
+def answer_of(exc: httpx.HTTPStatusError) -> httpx.Response:
+    """The answer inside an ``HTTPStatusError`` (a response hook's ``raise_for_status()``): still an answer.
+    httpx closes it when the hook raises, so a body the hook did not read is lost: then only its status and
+    headers are left (a 404 without its body is then not proof that a request is gone)."""
+    response = exc.response
+    try:
+        response.read()
+        return response
+    except (httpx.StreamError, RuntimeError):
+        dropped = ("content-encoding", "content-length", "transfer-encoding")
+        headers = [(name, value) for name, value in response.headers.items() if name.lower() not in dropped]
+        return httpx.Response(response.status_code, headers=headers, request=exc.request)
 
 
 def run_sync(call: Call[T], send: Callable[[httpx.Request], httpx.Response]) -> T:
@@ -283,9 +367,12 @@ def run_sync(call: Call[T], send: Callable[[httpx.Request], httpx.Response]) -> 
                 outcome = None
                 continue
             try:
-                outcome = send(action.request)
+                try:
+                    outcome = send(action.request)
+                except httpx.HTTPStatusError as exc:
+                    outcome = answer_of(exc)
                 outcome.read()
-            except httpx.TransportError as exc:
+            except httpx.HTTPError as exc:  # every kind: the core decides what it means
                 outcome = exc
     except StopIteration as done:
         return done.value

@@ -7,6 +7,7 @@ secret (the caller redacts the text the service sent back).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any, TypedDict
 
@@ -14,6 +15,7 @@ import httpx
 
 from dagster_runway.errors import (
     AuthenticationError,
+    GatewayNotFoundError,
     GenerationFailedError,
     InputValidationError,
     InsufficientCreditsError,
@@ -101,6 +103,13 @@ def error_for(
             "your RunComfy balance and run again.",
             **common,
         )
+    if status == 404 and code != 404001 and not has_api_error(body):
+        return GatewayNotFoundError(
+            f"{where} got HTTP 404 without the API's error ({redact(describe_body(response))}): a gateway or "
+            "proxy answered, not the Model API, so this says nothing about the request. It is retried later and "
+            "is never a reason to submit again; if it persists, check base_url and any proxy in between.",
+            **common,
+        )
     if code == 404001 or (status == 404 and request_id is not None):
         return RequestNotFoundError(
             f"{where} failed: the request is unknown or has expired ({text}). Requests and their outputs "
@@ -135,6 +144,21 @@ def error_for(
     )
 
 
+def has_api_error(body: Any) -> bool:
+    """Whether a body has the API's error shape: a JSON object with an ``error_code`` or ``error_message``."""
+    return isinstance(body, dict) and (
+        body.get("error_code") is not None or isinstance(body.get("error_message"), str)
+    )
+
+
+def describe_body(response: httpx.Response) -> str:
+    """What an answer's body is, for an error message: its type, size and first characters."""
+    kind = response.headers.get("content-type", "no Content-Type").split(";")[0]
+    text = response.content[:2000].decode("utf-8", "replace")
+    snippet = " ".join(re.sub(r"<[^>]*>", " ", text).split())[:120]  # the words of an HTML page
+    return f"{kind}, {len(response.content)} bytes" + (f": {snippet!r}" if snippet else "")
+
+
 def effective_status(status: int, error_code: int | None) -> int:
     """The HTTP status an answer stands for: a 2xx carrying an ``error_code`` stands for the status the
     code encodes (``503001`` -> 503), so that a transient error reported with HTTP 200 is retried too."""
@@ -159,7 +183,7 @@ def _error_text(body: Any, response: httpx.Response) -> str:
             return body["detail"]
         if body.get("detail") is not None:
             return json.dumps(body["detail"])[:400]
-    text = response.text[:400].strip() if response.content else ""
+    text = " ".join(response.text[:400].split()) if response.content else ""
     return text or f"HTTP {response.status_code} with no body"
 
 

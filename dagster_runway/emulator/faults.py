@@ -23,7 +23,13 @@ from starlette.responses import Response
 
 from dagster_runway.emulator.holds import Holds
 from dagster_runway.emulator.render import Video
-from dagster_runway.emulator.responses import DropConnection, TruncatedFile, error_response
+from dagster_runway.emulator.responses import (
+    GATEWAY_404_PAGE,
+    PORTAL_PAGE,
+    DropConnection,
+    TruncatedFile,
+    error_response,
+)
 from dagster_runway.schema import DEFAULT_PROMPT_TEXT, DEFAULT_SEED
 
 Call = Literal["submit", "status", "result", "cancel", "files"]
@@ -33,6 +39,7 @@ Endpoint = Literal["submit", "status", "result", "cancel", "files", "any"]
 Stage = Literal["call", "accepted", "generation"]
 
 CALLS: tuple[Call, ...] = ("submit", "status", "result", "cancel", "files")
+API_CALLS: tuple[Call, ...] = ("submit", "status", "result", "cancel")
 SERVER_ERROR_STATUSES = (500, 502, 503, 504)
 
 
@@ -95,6 +102,27 @@ async def _error_code_200(rule: FaultRule, hit: Hit) -> Response:
     )
 
 
+async def _bad_gzip(rule: FaultRule, hit: Hit) -> Response:
+    return Response(
+        b'{"request_id": "this is not gzip"}',
+        200,
+        headers={"Content-Encoding": "gzip"},
+        media_type="application/json",
+    )
+
+
+async def _html_200(rule: FaultRule, hit: Hit) -> Response:
+    return Response(PORTAL_PAGE, 200, media_type="text/html")
+
+
+async def _wrong_shape_200(rule: FaultRule, hit: Hit) -> Response:
+    return Response(b'{"ok": true, "data": null}', 200, media_type="application/json")
+
+
+async def _gateway_404(rule: FaultRule, hit: Hit) -> Response:
+    return Response(GATEWAY_404_PAGE, 404, media_type="text/html")
+
+
 async def _truncate_video(rule: FaultRule, hit: Hit) -> Response | None:
     if hit.video is None or hit.request.method != "GET":
         return None  # nothing to cut short: the normal answer (a 404, or the headers of a HEAD)
@@ -121,6 +149,29 @@ KINDS: dict[str, FaultKind] = {
         "HTTP 200 whose body is an error_code (status * 1000 + 1, e.g. 503001).",
         _error_code_200,
         after_accept=(False, True),
+    ),
+    "bad_gzip": FaultKind(
+        "HTTP 200 marked Content-Encoding: gzip whose body is not gzip (a proxy's mangling).",
+        _bad_gzip,
+        calls=API_CALLS,
+        after_accept=(True, False),
+    ),
+    "html_200": FaultKind(
+        "HTTP 200 with an HTML page instead of JSON (a captive portal or a proxy's login page).",
+        _html_200,
+        calls=API_CALLS,
+        after_accept=(True, False),
+    ),
+    "wrong_shape_200": FaultKind(
+        "HTTP 200 with a JSON object that has none of the API's fields.",
+        _wrong_shape_200,
+        calls=API_CALLS,
+        after_accept=(True, False),
+    ),
+    "gateway_404": FaultKind(
+        "a gateway's HTML 404 page (no error_code): the API never saw the call, the request may well exist.",
+        _gateway_404,
+        calls=API_CALLS,
     ),
     "generation_failed": FaultKind(
         "the request ends failed with failure_code.", None, calls=("submit",), generation=True

@@ -12,6 +12,13 @@ from starlette.types import Receive, Scope, Send
 
 from dagster_runway.emulator.render import Video
 
+# What a gateway or a captive portal answers in the API's place: pages, not the API's error body.
+GATEWAY_404_PAGE = (
+    b"<html><head><title>404 Not Found</title></head><body><center><h1>404 Not Found</h1></center>"
+    b"<hr><center>nginx</center></body></html>"
+)
+PORTAL_PAGE = b"<!doctype html><html><body><h1>Sign in to the network</h1><form></form></body></html>"
+
 
 def error_response(
     status: int,

@@ -12,6 +12,8 @@ from dagster_runway.client import RetryPolicy as RetryPolicy
 from dagster_runway.client import RunComfyClient as RunComfyClient
 from dagster_runway.errors import AmbiguousSubmitError as AmbiguousSubmitError
 from dagster_runway.errors import AuthenticationError as AuthenticationError
+from dagster_runway.errors import ClientConfigurationError as ClientConfigurationError
+from dagster_runway.errors import GatewayNotFoundError as GatewayNotFoundError
 from dagster_runway.errors import GenerationFailedError as GenerationFailedError
 from dagster_runway.errors import InputValidationError as InputValidationError
 from dagster_runway.errors import InsufficientCreditsError as InsufficientCreditsError
@@ -23,6 +25,7 @@ from dagster_runway.errors import RequestNotFoundError as RequestNotFoundError
 from dagster_runway.errors import RunComfyError as RunComfyError
 from dagster_runway.errors import ServerError as ServerError
 from dagster_runway.errors import TransportError as TransportError
+from dagster_runway.errors import UnexpectedResponseError as UnexpectedResponseError
 from dagster_runway.errors import WaitTimeoutError as WaitTimeoutError
 from dagster_runway.schema import CancelResult as CancelResult
 from dagster_runway.schema import ImageToVideoInput as ImageToVideoInput

@@ -47,6 +47,12 @@ class SubmitConfig(Config):
         description="Submit again even where the same input's last generation failed for a reason a retry is "
         "unlikely to fix (a safety rejection). Each attempt is billed.",
     )
+    adopt_request_ids: dict[str, str] = Field(
+        default_factory=dict,
+        description="Partition -> request id found in your RunComfy history for an ambiguous submit: the "
+        "request is attached to that attempt in the journal and collected, nothing is paid again (as "
+        "`dagster-runway journal adopt`).",
+    )
 
 
 class CollectConfig(SubmitConfig):
@@ -119,6 +125,7 @@ def build_requests_asset(pipeline: RunwayPipelineConfig):
             keys,
             force_after_ambiguous=config.force_after_ambiguous,
             force_resubmit=config.force_resubmit,
+            adopt_request_ids=config.adopt_request_ids,
         )
         try:
             yield from batch.run()
@@ -195,6 +202,7 @@ def build_videos_asset(pipeline: RunwayPipelineConfig):
                 keys,
                 force_after_ambiguous=config.force_after_ambiguous,
                 force_resubmit=config.force_resubmit,
+                adopt_request_ids=config.adopt_request_ids,
             )
             try:
                 yield from batch.run()

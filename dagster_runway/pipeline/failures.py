@@ -16,6 +16,7 @@ from dagster import AssetKey, AssetObservation, Failure, MetadataValue
 
 from dagster_runway.errors import (
     AuthenticationError,
+    ClientConfigurationError,
     GenerationFailedError,
     InputValidationError,
     InsufficientCreditsError,
@@ -33,6 +34,7 @@ IMAGE_MISSING = "image_missing"  # the partition's image was moved or deleted
 AMBIGUOUS = "ambiguous"  # a submit may have been billed but its answer was lost; check, then force
 SPEND_CAP = "spend_cap"  # the spend cap would be passed; retried when the window frees or the cap is raised
 ACCOUNT = "account"  # the token or the credits; fix the account
+CONFIGURATION = "configuration"  # base_url cannot be sent to (not a URL, a scheme httpx lacks, a redirect loop)
 SERVICE_UNAVAILABLE = "service_unavailable"  # the submit provably did not reach the service; retried
 GENERATION_SAFETY = "generation_safety"  # a content-safety rejection; change the image or prompt
 GENERATION_INTERNAL = "generation_internal"  # the service's own failure; retried if retry_failed_generations
@@ -106,6 +108,10 @@ def from_submit_error(key: str, exc: RunComfyError, fingerprint: str) -> Partiti
     """A submit the service refused, or that never reached it: nothing was billed."""
     if isinstance(exc, AuthenticationError | InsufficientCreditsError):
         return PartitionFailure(key, ACCOUNT, str(exc), "fix the account as the message says, then run again.")
+    if isinstance(exc, ClientConfigurationError):
+        return PartitionFailure(
+            key, CONFIGURATION, str(exc), "fix the resource's base_url as the message says, then run again."
+        )
     if isinstance(exc, InputValidationError):
         return PartitionFailure(
             key,

@@ -12,6 +12,13 @@ resolve its settings, hash it, compute the fingerprint of the generation). Then 
 Submits run concurrently on the async client in a worker thread. Each answer is written to the
 journal by the worker the moment it arrives, then yielded as an asset event by the step, so a kill
 at any point leaves either a journal entry with the request id or a claim flagged ambiguous.
+
+Each plan's outcome (answer, ambiguous, rejected, failure) is decided on its own: nothing one plan
+raises leaves its task, so it can neither cancel another's submit nor hide an answer that arrived. An
+answer the journal could not record is still yielded (the event log keeps the request id, and a later
+run repairs the journal from it); an unexpected error is judged by how far its plan got (before the
+POST: nothing billed; during it: ambiguous). If the worker itself dies, every plan it left without an
+outcome is failed and the step raises.
 """
 
 from __future__ import annotations
@@ -21,17 +28,18 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from dagster import AssetMaterialization, AssetObservation, DagsterInstance, MetadataValue
+from dagster import AssetMaterialization, AssetObservation, DagsterInstance, Failure, MetadataValue
 
 from dagster_runway import journal as jn
-from dagster_runway._redact import redact_url
+from dagster_runway._redact import redact_text, redact_url
 from dagster_runway.errors import (
     AmbiguousSubmitError,
     AuthenticationError,
+    ClientConfigurationError,
     InsufficientCreditsError,
     RequestNotFoundError,
     RunComfyError,
@@ -61,6 +69,15 @@ class Plan:
     attempt: int
 
 
+@dataclass
+class Progress:
+    """How far one plan's submit got: what an unexpected error, or a dead worker, is judged by."""
+
+    claim: jn.Claim | None = None  # claimed in the journal
+    sending: bool = False  # the POST may have been sent (a dead worker's plan is then ambiguous)
+    request_id: str | None = None  # the answer arrived
+
+
 @dataclass(frozen=True)
 class Ready:
     """A partition whose request is known: submitted now, or reused."""
@@ -86,6 +103,7 @@ class SubmitBatch:
         *,
         force_after_ambiguous: bool = False,
         force_resubmit: bool = False,
+        adopt_request_ids: Mapping[str, str] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.resource = resource
@@ -95,12 +113,16 @@ class SubmitBatch:
         self.keys = list(keys)
         self.force_after_ambiguous = force_after_ambiguous
         self.force_resubmit = force_resubmit
+        self.adopt_request_ids = dict(adopt_request_ids or {})
         self.journal = jn.Journal(pipeline.journal_url, pipeline.journal_options)
         self.owner = jn.Owner.current(self.run_id)
         self.failures: list[fl.PartitionFailure] = []
         self.ready: dict[str, Ready] = {}
         self.answered: dict[str, jn.Claim] = {}  # every request this run received an answer for, by id
         self._lock = threading.Lock()
+        self._progress: dict[str, Progress] = {}  # by partition key, written by the worker
+        self._stopped_by: fl.PartitionFailure | None = None  # the failure every submit would meet
+        self._worker_error: BaseException | None = None
 
     @property
     def cap(self) -> jn.SpendCap | None:
@@ -191,13 +213,13 @@ class SubmitBatch:
         key, fingerprint = prepared.key, prepared.fingerprint
         try:
             latest = self.journal.latest(fingerprint)
+            if latest is not None and latest.state == jn.CLAIMED:
+                latest = self._settle_open_claim(prepared, latest)
         except Exception as exc:  # noqa: BLE001 - storage errors: fail this partition, pay nothing
             yield from self._fail(self._journal_error(prepared, exc), prepared.source_version)
             return
         next_attempt = 1
         if latest is not None:
-            if latest.state == jn.CLAIMED:
-                latest = self._settle_open_claim(prepared, latest)
             next_attempt = latest.attempt + 1
             if latest.state == jn.SUBMITTED:
                 verdict = self._reuse_verdict(prepared, latest)
@@ -208,6 +230,9 @@ class SubmitBatch:
                     yield from self._fail(verdict, prepared.source_version)
                     return
                 self.log.info(f"{key}: earlier request {latest.request_id} {verdict}; submitting attempt {next_attempt}")
+            elif latest.state in (jn.AMBIGUOUS, jn.CLAIMED) and key in self.adopt_request_ids:
+                yield from self._adopt(prepared, latest)
+                return
             elif latest.state in (jn.AMBIGUOUS, jn.CLAIMED) and not self.force_after_ambiguous:
                 yield from self._fail(self._ambiguous(prepared, latest), prepared.source_version)
                 return
@@ -218,6 +243,7 @@ class SubmitBatch:
                 presign_expires_s=self.pipeline.presign_expires_s,
                 public_base_url=self.pipeline.public_base_url,
                 relpath=prepared.entry.relpath,
+                pin=prepared.pin,  # the bytes that were hashed: their data URI, or the S3 version read
             )
             model_input = ImageToVideoInput.model_validate({"promptImage": image_url, **prepared.fields})
         except (MediaError, ValueError) as exc:
@@ -227,6 +253,38 @@ class SubmitBatch:
             )
             return
         plans.append(Plan(prepared, model_input, image_url, next_attempt))
+
+    def _adopt(self, prepared: Prepared, claim: jn.Claim) -> Iterator[Any]:
+        """The operator found this ambiguous attempt's request in their RunComfy history: attach it,
+        then reuse it like any submitted request (collected, never paid again)."""
+        request_id = self.adopt_request_ids[prepared.key]
+        try:
+            adopted = self.journal.adopt(
+                claim.fingerprint, claim.attempt, request_id, note=f"op config adopt_request_ids of run {self.run_id}"
+            )
+        except jn.JournalError as exc:
+            yield from self._fail(
+                fl.PartitionFailure(
+                    prepared.key, fl.AMBIGUOUS, f"could not adopt request {request_id[:40]!r}: {exc}.",
+                    "correct adopt_request_ids as the message says, or see `dagster-runway journal list`.",
+                ),
+                prepared.source_version,
+            )  # fmt: skip
+            return
+        self.log.info(f"{prepared.key}: adopted request {request_id} for attempt {claim.attempt}; nothing billed")
+        verdict = self._reuse_verdict(prepared, adopted)
+        if verdict is None:
+            yield self._record(Ready(prepared, adopted), md.REUSED)
+        elif isinstance(verdict, fl.PartitionFailure):
+            yield from self._fail(verdict, prepared.source_version)
+        else:
+            yield from self._fail(
+                fl.PartitionFailure(
+                    prepared.key, fl.GENERATION_FAILED, f"adopted request {request_id} {verdict}.",
+                    "materialize the partition again to submit a new attempt (billed).", request_id=request_id,
+                ),
+                prepared.source_version,
+            )  # fmt: skip
 
     def _settle_open_claim(self, prepared: Prepared, claim: jn.Claim) -> jn.Claim:
         """A claim with no answer yet: wait while its owner may still answer; else repair it from the
@@ -243,7 +301,16 @@ class SubmitBatch:
             and recorded.fingerprint == claim.fingerprint
             and recorded.attempt == claim.attempt
         ):
-            return self.journal.record_submitted(claim, recorded.request_id)
+            try:
+                return self.journal.record_submitted(claim, recorded.request_id)
+            except Exception as exc:  # noqa: BLE001 - the event log has the answer: reuse it all the same
+                self.log.warning(
+                    f"{prepared.key}: could not repair the journal's claim with request {recorded.request_id} "
+                    f"from the event log ({type(exc).__name__}: {exc}); reusing it, and repairing it next time."
+                )
+                return replace(
+                    claim, state=jn.SUBMITTED, request_id=recorded.request_id, answered_at=recorded.timestamp
+                )
         return claim
 
     def _owner_alive(self, owner: jn.Owner) -> bool:
@@ -316,6 +383,15 @@ class SubmitBatch:
         )
 
     def _journal_error(self, prepared: Prepared, exc: Exception) -> fl.PartitionFailure:
+        if isinstance(exc, jn.JournalStoreUnsafe):
+            return fl.PartitionFailure(
+                prepared.key, fl.JOURNAL_UNSAFE, str(exc), "move the journal as the message says, then run again."
+            )
+        if isinstance(exc, jn.JournalDamaged):
+            return fl.PartitionFailure(
+                prepared.key, fl.SERVICE_UNAVAILABLE, f"{exc}; nothing was sent.",
+                f"repair or remove {exc.path} as the message says, then run the partition again.",
+            )  # fmt: skip
         return fl.PartitionFailure(
             prepared.key,
             fl.SERVICE_UNAVAILABLE,
@@ -328,16 +404,24 @@ class SubmitBatch:
     # Submitting
 
     def _submit(self, plans: list[Plan]) -> Iterator[Any]:
+        try:
+            self.journal.verify_store()  # once per journal root and process: its exclusive create holds
+        except Exception as exc:  # noqa: BLE001 - an unsafe or unreachable store: send nothing
+            for plan in plans:
+                yield from self._fail(self._journal_error(plan.prepared, exc), plan.prepared.source_version)
+            return
         out: queue.Queue[tuple[str, Plan, Any] | None] = queue.Queue()
         stop = threading.Event()
         worker = threading.Thread(
             target=self._worker, args=(plans, out, stop), name="runway-submit", daemon=True
         )
         worker.start()
+        decided: set[str] = set()
         try:
             while (item := out.get()) is not None:
                 outcome, plan, value = item
                 prepared = plan.prepared
+                decided.add(prepared.key)
                 if outcome == "submitted":
                     yield self._record(Ready(prepared, value), md.SUBMITTED, plan.image_url)
                 elif outcome == "taken":
@@ -349,10 +433,57 @@ class SubmitBatch:
             # the journal and in ``answered``, so that it can be cancelled or reused.
             stop.set()
             worker.join(timeout=self.resource.request_timeout + self.resource.connect_timeout + 5)
+        undecided = [plan for plan in plans if plan.prepared.key not in decided]
+        for plan in undecided:
+            yield from self._undecided(plan)
+        if self._worker_error is not None or undecided:
+            error = self._worker_error
+            raise Failure(
+                description="The submit worker stopped"
+                + (f" with {type(error).__name__}: {self._redact(str(error))}" if error is not None else "")
+                + f"; {len(undecided)} of {len(plans)} submits got no outcome from it and were failed on their "
+                "partitions (an answer that had arrived was recorded). Read the run's log; the next run "
+                "decides them from the journal and never pays twice for one.",
+                metadata={"undecided_partitions": MetadataValue.json([plan.prepared.key for plan in undecided])},
+            )
+
+    def _undecided(self, plan: Plan) -> Iterator[Any]:
+        """A plan the worker left without an outcome: record what its progress shows."""
+        prepared = plan.prepared
+        progress = self._progress.get(prepared.key, Progress())
+        claim = progress.claim
+        if claim is not None and progress.request_id is not None:
+            submitted = replace(claim, state=jn.SUBMITTED, request_id=progress.request_id, answered_at=time.time())
+            with contextlib.suppress(Exception):  # the event log gets it below; a later run repairs the journal
+                submitted = self.journal.record_submitted(claim, progress.request_id)
+            yield self._record(Ready(prepared, submitted), md.SUBMITTED, plan.image_url)
+        elif claim is not None and progress.sending:
+            yield from self._fail(self._ambiguous(prepared, claim), prepared.source_version)
+        else:
+            if claim is not None:
+                with contextlib.suppress(Exception):  # left open, a later run reports it ambiguous: still safe
+                    self.journal.record_rejected(claim, "not sent: the submit worker stopped")
+            yield from self._fail(
+                fl.PartitionFailure(
+                    prepared.key,
+                    fl.SERVICE_UNAVAILABLE,
+                    "the submit worker stopped before this submit was sent; nothing was billed.",
+                    "nothing to do: it is tried again in a later run.",
+                    retryable=True,
+                ),
+                prepared.source_version,
+            )
+
+    def _redact(self, text: str) -> str:
+        return redact_text(text, [str(self.resource.api_token or "")])
 
     def _taken(self, prepared: Prepared, claim: jn.Claim) -> Iterator[Any]:
         """Another run claimed the same attempt first: reuse its answer, or report it ambiguous."""
-        claim = self._settle_open_claim(prepared, claim) if claim.state == jn.CLAIMED else claim
+        try:
+            claim = self._settle_open_claim(prepared, claim) if claim.state == jn.CLAIMED else claim
+        except Exception as exc:  # noqa: BLE001 - storage errors: fail this partition, pay nothing
+            yield from self._fail(self._journal_error(prepared, exc), prepared.source_version)
+            return
         if claim.state == jn.SUBMITTED:
             self.log.info(f"{prepared.key}: {claim.owner.describe()} submitted this input first; reusing its request")
             yield self._record(Ready(prepared, claim), md.REUSED)
@@ -373,6 +504,8 @@ class SubmitBatch:
     def _worker(self, plans: list[Plan], out: queue.Queue[Any], stop: threading.Event) -> None:
         try:
             asyncio.run(self._submit_all(plans, out, stop))
+        except BaseException as exc:  # noqa: BLE001 - reported by the step, which raises
+            self._worker_error = exc
         finally:
             out.put(None)
 
@@ -382,15 +515,79 @@ class SubmitBatch:
 
             async def one(plan: Plan) -> None:
                 async with slots:
-                    if stop.is_set():
-                        return
-                    out.put(await self._claim_and_send(client, plan, stop))
+                    out.put(await self._isolated(client, plan, stop))
 
-            await asyncio.gather(*(one(plan) for plan in plans))
+            # ``_isolated`` returns an outcome for every plan and raises nothing, so no plan's error can
+            # cancel another's submit; the step fails every plan that got no outcome all the same.
+            await asyncio.gather(*(one(plan) for plan in plans), return_exceptions=True)
 
-    async def _claim_and_send(self, client: Any, plan: Plan, stop: threading.Event) -> tuple[str, Plan, Any]:
+    async def _isolated(self, client: Any, plan: Plan, stop: threading.Event) -> tuple[str, Plan, Any]:
+        """The plan's outcome, whatever happens while it is claimed, sent and recorded."""
+        progress = self._progress.setdefault(plan.prepared.key, Progress())
+        try:
+            return await self._claim_and_send(client, plan, stop, progress)
+        except Exception as exc:  # noqa: BLE001 - judged by how far the plan got; it never leaves the task
+            return await self._unexpected(plan, progress, exc)
+
+    async def _unexpected(self, plan: Plan, progress: Progress, exc: Exception) -> tuple[str, Plan, Any]:
+        """An error nobody planned for, judged by the plan's progress: before its claim nothing was sent;
+        an answer that arrived is kept; in between, the POST may have been sent, so it is ambiguous."""
+        prepared, claim = plan.prepared, progress.claim
+        cause = f"{type(exc).__name__}: {self._redact(str(exc)) or 'no detail'}"
+        self.log.error(f"{prepared.key}: unexpected error while submitting ({cause})")
+        if claim is None:
+            return "failed", plan, fl.PartitionFailure(
+                prepared.key,
+                fl.SERVICE_UNAVAILABLE,
+                f"the submit failed before it was claimed ({cause}); nothing was sent or billed.",
+                "nothing to do: it is tried again in a later run; if it persists, report this message.",
+                retryable=True,
+            )
+        if progress.request_id is not None:
+            return "submitted", plan, replace(
+                claim, state=jn.SUBMITTED, request_id=progress.request_id, answered_at=time.time()
+            )
+        reason = f"the submit failed unexpectedly after it may have been sent ({cause})"
+        claim = await self._answer(prepared, self.journal.record_ambiguous, claim, jn.AMBIGUOUS, reason)
+        return "failed", plan, self._ambiguous(prepared, claim)
+
+    async def _answer(
+        self, prepared: Prepared, write: Any, claim: jn.Claim, state: str, reason: str
+    ) -> jn.Claim:
+        """Record a submit's outcome on its claim. If the journal cannot, the claim stays open there, which
+        a later run reports ambiguous: never paid again. Returns the claim as it now stands."""
+        try:
+            answered: jn.Claim = await asyncio.to_thread(write, claim, reason)
+            return answered
+        except Exception as exc:  # noqa: BLE001 - the outcome still reaches the event log
+            self.log.error(
+                f"{prepared.key}: the journal could not record that this submit was {state} ({type(exc).__name__}: "
+                f"{exc}); its claim stays open, and later runs report it ambiguous rather than paying again."
+            )
+            return replace(claim, state=state, reason=reason, answered_at=time.time())
+
+    def _not_sent(self, prepared: Prepared) -> fl.PartitionFailure:
+        """Why a plan is not sent once the submits were stopped."""
+        stopped_by = self._stopped_by
+        if stopped_by is not None:
+            return replace(
+                stopped_by,
+                key=prepared.key,
+                reason=f"not sent: another submit of this run failed as every one would ({stopped_by.reason}); "
+                "nothing was billed for this one.",
+            )
+        return fl.PartitionFailure(
+            prepared.key, fl.CANCELLED, "the run was stopped before this submit was sent; nothing was billed.",
+            "run the partition again.", retryable=True,
+        )
+
+    async def _claim_and_send(
+        self, client: Any, plan: Plan, stop: threading.Event, progress: Progress
+    ) -> tuple[str, Plan, Any]:
         """Claim the attempt, send it, and journal the answer the moment it arrives."""
         prepared, journal = plan.prepared, self.journal
+        if stop.is_set():
+            return "failed", plan, self._not_sent(prepared)
         estimate = round(prepared.estimate_usd_seconds * self.pipeline.estimated_usd_per_second, 6)
         try:
             claim = await asyncio.to_thread(
@@ -406,7 +603,9 @@ class SubmitBatch:
         except jn.ClaimTaken as taken:
             current = taken.claim or await asyncio.to_thread(journal.read, prepared.fingerprint, plan.attempt)
             if current is None:
-                return "failed", plan, self._journal_error(prepared, RuntimeError("a taken claim is unreadable"))
+                vanished = RuntimeError(f"the claim {journal.where(journal.claim_path(prepared.fingerprint, plan.attempt))} "
+                                        "was taken by another writer and then removed")  # fmt: skip
+                return "failed", plan, self._journal_error(prepared, vanished)
             return "taken", plan, current
         except jn.SpendCapReached as exc:
             return "failed", plan, fl.PartitionFailure(
@@ -420,22 +619,25 @@ class SubmitBatch:
             )
         except Exception as exc:  # noqa: BLE001 - the claim could not be written: send nothing
             return "failed", plan, self._journal_error(prepared, exc)
+        progress.claim = claim
         if stop.is_set():
-            await asyncio.to_thread(journal.record_rejected, claim, "not sent: the run was stopped")
-            return "failed", plan, fl.PartitionFailure(
-                prepared.key, fl.CANCELLED, "the run was stopped before this submit was sent; nothing was billed.",
-                "run the partition again.", retryable=True,
-            )
+            failure = self._not_sent(prepared)
+            await self._answer(prepared, journal.record_rejected, claim, jn.REJECTED, f"not sent: {failure.reason}")
+            return "failed", plan, failure
+        progress.sending = True
         try:
             submission: Submission = await client.submit(plan.model_input, fingerprint=prepared.fingerprint)
         except AmbiguousSubmitError as exc:
-            claim = await asyncio.to_thread(journal.record_ambiguous, claim, exc.message)
+            claim = await self._answer(prepared, journal.record_ambiguous, claim, jn.AMBIGUOUS, exc.message)
             return "failed", plan, self._ambiguous(prepared, claim)
         except RunComfyError as exc:
-            if isinstance(exc, AuthenticationError | InsufficientCreditsError):
+            failure = fl.from_submit_error(prepared.key, exc, prepared.fingerprint)
+            if isinstance(exc, AuthenticationError | InsufficientCreditsError | ClientConfigurationError):
+                self._stopped_by = failure
                 stop.set()  # every other submit would fail the same way
-            await asyncio.to_thread(journal.record_rejected, claim, exc.message)
-            return "failed", plan, fl.from_submit_error(prepared.key, exc, prepared.fingerprint)
+            await self._answer(prepared, journal.record_rejected, claim, jn.REJECTED, exc.message)
+            return "failed", plan, failure
+        progress.request_id = submission.request_id
         with self._lock:
             self.answered[submission.request_id] = claim
         try:

@@ -273,7 +273,7 @@ def test_write_bytes_atomic_local_and_s3(tmp_path: Path, s3: S3Bucket) -> None:
 
 
 def test_unfixable_urls_fail_at_once(tmp_path: Path) -> None:
-    with pytest.raises(DownloadError, match="UnsupportedProtocol.*check the video URL") as info:
+    with pytest.raises(DownloadError, match=r"only http\(s\) URLs.*check the video URL") as info:
         store_video(
             "ftp://example.com/v.mp4?sig=secret",
             str(tmp_path / "v.mp4"),

@@ -18,6 +18,8 @@ from dagster_runway.pipeline.reconcile import (
     batch_run_requests,
     covered,
     hold_collects,
+    late_poll,
+    late_poll_interval,
     request_partitions,
     stage,
 )
@@ -115,10 +117,64 @@ def test_a_newer_request_clears_an_older_failure_and_its_run_counter() -> None:
     assert state.request_id == "r"
 
 
+DEADLINE = Policy("mark_stale", 0, None, max_render_s=3 * 3600.0)
+
+
+def _submitted(at: float = 1000.0, **values: object) -> PartitionState:
+    return _state(request_id="r", request_version="v1", request_storage_id=5, submitted_at=at, **values)
+
+
+def test_a_request_past_the_render_deadline_is_overdue_from_its_submit_time() -> None:
+    queued = _submitted(status="in_queue")
+    assert stage(queued, DEADLINE, now=1000.0 + 3 * 3600) == "in_flight"  # at the deadline, not past it
+    assert stage(queued, DEADLINE, now=1001.0 + 3 * 3600) == "overdue"
+    assert stage(_submitted(status="in_progress"), DEADLINE, now=1e9) == "overdue"
+    assert stage(queued, POLICY, now=1e9) == "in_flight"  # no deadline configured
+    assert stage(_submitted(at=0.0), DEADLINE, now=1e9) == "in_flight"  # submit time unknown: never early
+    assert stage(_submitted(status="completed"), DEADLINE, now=1e9) == "collect"  # finished: collect, late or not
+    # Cancelled past the deadline with no failure recorded (a tick that ran out of time): the deadline
+    # pass records it (refunded, not resubmitted), rather than a collect that would resubmit it.
+    assert stage(_submitted(status="cancelled"), DEADLINE, now=1e9) == "overdue"
+    assert stage(_submitted(status="cancelled"), DEADLINE, now=2000.0) == "collect"  # before it: a plain cancel
+    # The submit time is the request's, kept from its record, and reset by a new request only.
+    state = _state()
+    state.saw_request("r", 1, "v1", storage_id=5, submitted_at=1234.5)
+    state.saw_request("r", 1, "v1", storage_id=6, submitted_at=9999.0)  # the same request reused later
+    assert state.submitted_at == 1234.5
+    state.saw_request("r2", 2, "v1", storage_id=7, submitted_at=5000.0)
+    assert state.submitted_at == 5000.0
+
+
+def test_a_render_timeout_is_final_unless_the_request_finishes_after_all() -> None:
+    timeout = _failure(fl.RENDER_TIMEOUT, request_id="r")
+    now = 1e9
+    cancelled = _submitted(status="cancelled", failure=timeout)
+    assert stage(cancelled, DEADLINE, now) == "failed"  # refunded, and never resubmitted by the sensor
+    assert not late_poll(cancelled, DEADLINE, now)  # nothing more to learn
+    rendering = _submitted(status="in_progress", failure=timeout)
+    assert stage(rendering, DEADLINE, now) == "failed"
+    assert late_poll(rendering, DEADLINE, now)  # checked again, at a low rate
+    rendering.late_poll_at = now + late_poll_interval(DEADLINE)
+    assert not late_poll(rendering, DEADLINE, now) and late_poll(rendering, DEADLINE, rendering.late_poll_at)
+    assert late_poll_interval(DEADLINE) == 600.0 and late_poll_interval(Policy("mark_stale", 0, None, 5.0)) == 5.0
+    for status in ("completed", "succeeded", "failed"):  # it ended: collect what it made (it was billed)
+        assert stage(_submitted(status=status, failure=timeout), DEADLINE, now) == "collect"
+    assert stage(_submitted(status="expired", failure=timeout), DEADLINE, now) == "failed"
+    # A changed image (or settings) is owed a submit of its own: the timeout was about the old one.
+    changed = _submitted(status="cancelled", failure=timeout)
+    changed.image_version = "v2"
+    assert stage(changed, DEADLINE, now) == "submit"
+    # Running it again by hand (a new request) clears the failure: a fresh deadline.
+    again = _submitted(status="cancelled", failure=timeout)
+    again.saw_request("r2", 2, "v1", storage_id=11, submitted_at=now)
+    assert again.failure is None and stage(again, DEADLINE, now) == "in_flight"
+
+
 def test_memory_round_trips_through_json() -> None:
     memory = SensorMemory(high_water=42, caught_up=True, round_robin=3)
     memory.state("a").failure = _failure(fl.DOWNLOAD, request_id="r")
     memory.state("b").request_id = "x"
+    memory.state("b").submitted_at, memory.state("b").late_poll_at = 1234.5, 2000.0
     again = SensorMemory.from_json(memory.to_json())
     assert again == memory
     assert SensorMemory.from_json({"v": 99}) == SensorMemory()  # an unknown version starts afresh

@@ -35,12 +35,22 @@ from .settings import (
     resolve_auto_ratio,
 )
 from .sources import DEFAULT_PATTERNS, ImageEntry, ImageSource, change_token_of
-from .storage import StoredVideo, sha256_of, store_video
+from .storage import (
+    DownloadTimeoutError,
+    StoredVideo,
+    VideoTooLargeError,
+    sha256_of,
+    store_video,
+    trusted_origins_for,
+)
 from .untrusted import SourceBytes, UntrustedFileError
 from .validation import ImageInfo, check_pixels, content_sha256, validate_bytes, validate_image
 
 __all__ = [
     "AUTO_RATIO",
+    "DownloadTimeoutError",
+    "VideoTooLargeError",
+    "trusted_origins_for",
     "DATA_URI_MAX_BYTES",
     "DEFAULT_PATTERNS",
     "KEY_MAX_LEN",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import io
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,6 +46,7 @@ from dagster_runway.media import (
     sha256_of,
     store_video,
 )
+from dagster_runway.media.storage import VideoTooLargeError, trusted_origins_for
 from dagster_runway.pipeline import checks as ck
 from dagster_runway.pipeline import failures as fl
 from dagster_runway.pipeline import metadata as md
@@ -192,6 +194,12 @@ class CollectBatch:
 
     # Fetching (in the pool's threads: HTTP, storage and decoding only, no event log)
 
+    @functools.cached_property
+    def trusted_origins(self) -> frozenset[str]:
+        """Where a video URL may go although it is not a public https host: the API's own origin when it
+        is loopback or private (the emulator), else nowhere."""
+        return trusted_origins_for(self.resource.base_url)
+
     def _fetch(self, key: str, record: rec.RequestRecord, video: rec.VideoRecord | None) -> _Fetched:
         if video is not None and video.request_id == record.request_id and self._intact(video):
             return _Fetched(key, record, verified=video, inputs=self._stored_inputs(key, video, record))
@@ -222,6 +230,12 @@ class CollectBatch:
                 ),
             )
         except (MediaError, OSError) as exc:
+            step = "nothing to do: the status sensor collects it again in a later run."
+            if isinstance(exc, VideoTooLargeError):
+                step = (
+                    f"if videos this large are expected, raise max_video_bytes (now {self.pipeline.max_video_bytes}); "
+                    "the status sensor collects it again in a later run."
+                )
             return _Fetched(
                 key,
                 record,
@@ -229,7 +243,7 @@ class CollectBatch:
                     key,
                     fl.DOWNLOAD,
                     f"request {record.request_id}: {exc}",
-                    "nothing to do: the status sensor collects it again in a later run.",
+                    step,
                     retryable=True,
                     request_id=record.request_id,
                 ),
@@ -258,7 +272,15 @@ class CollectBatch:
                 raise VideoProbeError(f"its frames do not decode: {probe.decode_error}")
             probes.append(probe)
 
-        video = store_video(video_url, video_uri, storage_options=options, verify=verify)
+        video = store_video(
+            video_url,
+            video_uri,
+            storage_options=options,
+            verify=verify,
+            max_bytes=pipeline.max_video_bytes,
+            deadline_s=pipeline.download_timeout_s,
+            trusted_origins=self.trusted_origins,
+        )
         return Stored(uri=video.uri, size=video.size, sha256=video.sha256, probe=probes[-1])
 
     def _poster(self, key: str, video_uri: str) -> tuple[bool, str | None]:

@@ -46,7 +46,9 @@ STILL_RUNNING = "still_running"  # a collect gave up waiting; the status sensor 
 DOWNLOAD = "download"  # the video could not be fetched or stored for now; retried
 BAD_OUTPUT = "bad_output"  # what the service served is not a playable video; retried, then final
 RUNS_EXHAUSTED = "runs_exhausted"  # the status sensor's runs for it ended without a result, too often
-RENDER_TIMEOUT = "render_timeout"  # still queued or rendering past max_render_s; cancelled if it was queued
+# Still queued or rendering past max_render_s: cancelled if it was queued; never resubmitted; one still
+# rendering is checked every 10 min and collected if it finishes.
+RENDER_TIMEOUT = "render_timeout"
 JOURNAL_UNSAFE = "journal_unsafe"  # the journal's store cannot create exclusively; nothing is submitted
 
 # Classes after which the status sensor launches another run by itself (within max_run_attempts): a new

@@ -3,7 +3,9 @@ functions, so that they can be tested without a sensor.
 
 The sensor keeps a ``PartitionState`` per partition, built from the event log (requests, videos,
 failures, image versions) and from its own polls. From it and the runs in progress, ``stage`` says
-whether a partition is done, failed, in flight, or owes a submit or a collect run; ``covered``
+whether a partition is done, failed, in flight, overdue (in flight past ``max_render_s`` after its
+submit: the sensor cancels it if it can and fails it as ``render_timeout``), or owes a submit or a
+collect run; ``late_poll`` says when a timed-out request is checked again; ``covered``
 says which partitions a run in progress already works on, so that nothing is launched twice; and
 ``batch_run_requests`` groups owed partitions into few runs, with a fresh run key per attempt
 (the daemon never launches a run key twice, whatever became of its run).
@@ -23,7 +25,12 @@ from dagster_runway import _compat
 from dagster_runway.pipeline import failures as fl
 
 TERMINAL_STATUSES = frozenset({"completed", "succeeded", "failed", "cancelled", "expired"})
-Stage = Literal["done", "failed", "in_flight", "submit", "collect"]
+# Statuses of a request that ended with something to collect (a video, or the failure that says why not).
+FINISHED_STATUSES = frozenset({"completed", "succeeded", "failed"})
+Stage = Literal["done", "failed", "in_flight", "overdue", "submit", "collect"]
+# A request still rendering past the deadline is checked again this often (or every max_render_s if
+# shorter), so that its video is collected if it ever finishes: it may be billed.
+LATE_POLL_S = 600.0
 
 
 @dataclass
@@ -54,6 +61,8 @@ class PartitionState:
     launched_at: float = 0.0  # when the sensor last requested a run for it
     ready_at: float = 0.0  # when a poll first saw its request finished (0: not seen by a poll)
     run_key: str | None = None  # that run's key: the daemon creates the run after the tick
+    submitted_at: float = 0.0  # when its request was submitted (the clock of max_render_s; 0: unknown)
+    late_poll_at: float = 0.0  # when a request past its deadline is next checked
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, 0)}
@@ -67,7 +76,9 @@ class PartitionState:
 
     # Updates from the event log
 
-    def saw_request(self, request_id: str, attempt: int, source_version: str | None, storage_id: int) -> None:
+    def saw_request(
+        self, request_id: str, attempt: int, source_version: str | None, storage_id: int, submitted_at: float = 0.0
+    ) -> None:
         if storage_id <= self.request_storage_id:
             return
         new = request_id != self.request_id
@@ -75,6 +86,7 @@ class PartitionState:
         self.request_storage_id = storage_id
         if new:
             self.status, self.queue_position, self.collect_runs, self.ready_at = None, None, 0, 0.0
+            self.submitted_at, self.late_poll_at = round(submitted_at, 3), 0.0
         self.submit_runs, self.launched_at = 0, 0.0
         if self.failure is not None and self.failure.storage_id < storage_id:
             self.failure = None
@@ -95,6 +107,7 @@ class Policy:
     on_change: str
     retry_failed_generations: int
     spend_cap_usd: float | None
+    max_render_s: float | None = None  # None: no render deadline
 
 
 def stage(state: PartitionState, policy: Policy, now: float | None = None) -> Stage:
@@ -114,9 +127,37 @@ def stage(state: PartitionState, policy: Policy, now: float | None = None) -> St
         return "done"
     if failure is not None:
         return _after(failure, state, policy, now)
+    if state.status == "cancelled" and overdue(state, policy, now):
+        return "overdue"  # cancelled by the deadline, but not recorded yet: the deadline pass records it
     if state.status in TERMINAL_STATUSES:
         return "collect"
+    if overdue(state, policy, now):
+        return "overdue"
     return "in_flight"
+
+
+def overdue(state: PartitionState, policy: Policy, now: float) -> bool:
+    """Whether a request is past the render deadline (counted from its submit)."""
+    return policy.max_render_s is not None and state.submitted_at > 0 and now - state.submitted_at > policy.max_render_s
+
+
+def late_poll_interval(policy: Policy) -> float:
+    return LATE_POLL_S if policy.max_render_s is None else min(LATE_POLL_S, policy.max_render_s)
+
+
+def late_poll(state: PartitionState, policy: Policy, now: float | None = None) -> bool:
+    """Whether to check now a request that failed its render deadline while still rendering: it is
+    checked every ``late_poll_interval`` until it ends (then its video is collected) or expires."""
+    now = time.time() if now is None else now
+    failure = state.failure
+    return (
+        failure is not None
+        and failure.failure_class == fl.RENDER_TIMEOUT
+        and failure.request_id == state.request_id
+        and state.status not in TERMINAL_STATUSES
+        and now >= state.late_poll_at
+        and stage(state, policy, now) == "failed"
+    )
 
 
 def _after(failure: Failure, state: PartitionState, policy: Policy, now: float) -> Stage:
@@ -129,6 +170,8 @@ def _after(failure: Failure, state: PartitionState, policy: Policy, now: float) 
         return "submit" if raised or (failure.retry_at is not None and now >= failure.retry_at) else "failed"
     if cls in fl.RECOLLECTED_BY_SENSOR and failure.request_id == state.request_id:
         return "collect"
+    if cls == fl.RENDER_TIMEOUT and failure.request_id == state.request_id and state.status in FINISHED_STATUSES:
+        return "collect"  # it finished after all (late polls): the money is spent, collect what it made
     if cls == fl.GENERATION_INTERNAL and failure.request_id == state.request_id:
         return "submit" if state.attempt <= policy.retry_failed_generations else "failed"
     return "failed"

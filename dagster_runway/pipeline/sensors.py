@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ from dagster import (
     DagsterInstance,
     DagsterRunStatus,
     DefaultSensorStatus,
+    MetadataValue,
     RunRecord,
     RunRequest,
     RunsFilter,
@@ -30,14 +33,16 @@ from dagster import (
 )
 
 from dagster_runway import _compat
+from dagster_runway import journal as jn
 from dagster_runway.errors import RequestNotFoundError, RunComfyError
 from dagster_runway.pipeline import failures as fl
 from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import reconcile as rc
 from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
+from dagster_runway.pipeline.gallery import write_gallery
 from dagster_runway.resource import RunComfyResource
-from dagster_runway.schema import RequestStatus
+from dagster_runway.schema import CancelResult, RequestStatus
 
 NOT_FINISHED = [
     DagsterRunStatus.QUEUED,
@@ -204,6 +209,30 @@ def _poll(resource: RunComfyResource, ids: list[str], budget: float) -> dict[str
     return asyncio.run(main())
 
 
+def _cancel_many(resource: RunComfyResource, ids: list[str], budget: float) -> dict[str, CancelResult | RunComfyError]:
+    """Cancel requests concurrently (bounded by the client's ``max_concurrency``); each id's answer or
+    error, leaving out those still unanswered after ``budget`` seconds."""
+
+    async def main() -> dict[str, CancelResult | RunComfyError]:
+        async with resource.get_async_client() as client:
+
+            async def one(request_id: str) -> CancelResult | RunComfyError:
+                try:
+                    return await client.cancel(request_id)
+                except RunComfyError as exc:
+                    return exc
+
+            tasks = {asyncio.ensure_future(one(rid)): rid for rid in dict.fromkeys(ids)}
+            done, pending = await asyncio.wait(tasks, timeout=max(1.0, budget))
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            return {tasks[task]: task.result() for task in done}
+
+    return asyncio.run(main()) if ids else {}
+
+
 def read_events(
     instance: DagsterInstance, pipeline: RunwayPipelineConfig, memory: rc.SensorMemory, deadline: float
 ) -> None:
@@ -225,8 +254,13 @@ def read_events(
         ]
         for _, event in sorted(events, key=lambda pair: pair[0]):
             if isinstance(event, rec.RequestRecord):
+                submitted_at = event.metadata.get("submitted_at")
                 memory.state(event.partition).saw_request(
-                    event.request_id, event.attempt, event.source_version, event.storage_id
+                    event.request_id,
+                    event.attempt,
+                    event.source_version,
+                    event.storage_id,
+                    float(submitted_at) if isinstance(submitted_at, int | float) else event.timestamp,
                 )
             elif isinstance(event, rec.VideoRecord):
                 memory.state(event.partition).saw_video(event.request_id, event.storage_id)
@@ -268,8 +302,10 @@ class StatusTick:
         collect_job: str,
         submit_op: str,
         collect_op: str,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.pipeline, self.context, self.resource = pipeline, context, resource
+        self.clock = clock  # wall-clock seconds: the render deadline and the late polls read it
         self.instance = context.instance
         self.sensor_name = sensor_name
         self.submit_job, self.collect_job = submit_job, collect_job
@@ -277,7 +313,10 @@ class StatusTick:
         self.started = time.monotonic()
         self.memory = rc.SensorMemory.from_json(load_memory(self.instance, self.memory_key) or {})
         self.recorded = 0  # events this tick wrote
-        self.policy = rc.Policy(pipeline.on_change, pipeline.retry_failed_generations, pipeline.max_spend_usd)
+        self.late_polled: set[str] = set()  # timed-out requests polled this tick
+        self.policy = rc.Policy(
+            pipeline.on_change, pipeline.retry_failed_generations, pipeline.max_spend_usd, pipeline.max_render_s
+        )
 
     @property
     def memory_key(self) -> str:
@@ -302,9 +341,16 @@ class StatusTick:
         for key in order:
             self.memory.state(key)
         polled = self.poll(order, self.poll_budget())
+        timed_out = self.enforce_deadline(order)
         run_requests, counts = self.owed(order, runs)
         size = save_memory(self.instance, self.memory_key, self.memory.to_json())
-        summary = {**counts, "polled": polled, "high_water": self.memory.high_water, "memory_bytes": size}
+        summary = {
+            **counts,
+            "polled": polled,
+            "timed_out": timed_out,
+            "high_water": self.memory.high_water,
+            "memory_bytes": size,
+        }
         self.context.log.info(
             f"{len(order)} partitions: {counts}; polled {polled} in {self.elapsed():.2f}s, {self.recorded} change(s) "
             f"recorded; {len(run_requests)} run(s) requested."
@@ -324,8 +370,12 @@ class StatusTick:
     def poll(self, order: list[str], budget_s: float) -> int:
         """Poll requests in flight, round-robin from where the last tick stopped, a slice at a time,
         recording each change as it is seen, until all are polled or ``budget_s`` is spent."""
-        states = self.memory.partitions
-        keys = [k for k in order if rc.stage(states[k], self.policy) == "in_flight"]
+        states, policy, now = self.memory.partitions, self.policy, self.clock()
+        keys = [
+            k
+            for k in order
+            if rc.stage(states[k], policy, now) in ("in_flight", "overdue") or rc.late_poll(states[k], policy, now)
+        ]
         if not keys or budget_s <= 0:
             return 0
         start = self.memory.round_robin % len(keys)
@@ -359,6 +409,9 @@ class StatusTick:
             return 0
         else:
             status, position = answer.status.value, answer.queue_position
+        if state.failure is not None and state.failure.failure_class == fl.RENDER_TIMEOUT:
+            state.late_poll_at = self.clock() + rc.late_poll_interval(self.policy)
+            self.late_polled.add(key)
         if status != state.status:
             self.record(
                 AssetObservation(
@@ -373,6 +426,151 @@ class StatusTick:
             if status in rc.TERMINAL_STATUSES and not state.ready_at:
                 state.ready_at = time.time()
         return 1
+
+    # The render deadline
+
+    def enforce_deadline(self, order: list[str]) -> int:
+        """Fail every request past ``max_render_s`` after its submit as ``render_timeout``: one still
+        queued is cancelled (refunded, and its journal claim settled at 0); one rendering cannot be,
+        and is reported with what it may cost, then checked again now and then (``late_poll``) so that
+        its video is collected if it finishes. Neither is submitted again by the sensor. Returns how
+        many partitions were failed."""
+        states, now = self.memory.partitions, self.clock()
+        for key in order:
+            state = states[key]
+            if state.request_id and not state.submitted_at and rc.stage(state, self.policy, now) == "in_flight":
+                state.submitted_at = now  # remembered before submit times were: the deadline counts from now
+        # At most a slice a tick (each is a cancel, an event-log read and a journal read); the rest wait.
+        keys = [k for k in order if rc.stage(states[k], self.policy, now) == "overdue"][:POLL_SLICE]
+        # A timed-out request whose cancel failed and that a late poll found still queued: cancel it again.
+        again = [k for k in sorted(self.late_polled) if states[k].status == "in_queue"][:POLL_SLICE]
+        left = self.pipeline.sensor_budget_s - self.elapsed() - 2.0
+        if not (keys or again) or left <= 0:
+            return 0
+        by_id: dict[str, list[str]] = {}  # copies of an image share their request
+        for key in [*keys, *again]:
+            if (request_id := states[key].request_id) is not None:
+                by_id.setdefault(request_id, []).append(key)
+        answers = _cancel_many(self.resource, list(by_id), left)
+        recorded, due = self.recorded, set(keys)
+        for request_id, answer in answers.items():
+            if self.elapsed() > self.pipeline.sensor_budget_s - 2.0:
+                break  # the next tick cancels these again (a no-op if done) and records them
+            for key in by_id[request_id]:
+                if key in due or (isinstance(answer, CancelResult) and answer.cancelled):
+                    self._timed_out(key, request_id, answer)
+        if self.recorded > recorded:
+            # The review page is rewritten by collect runs; these partitions may have none to come.
+            try:
+                write_gallery(self.pipeline, self.instance)
+            except Exception as exc:  # noqa: BLE001 - the page is a view; the event log has the failures
+                self.context.log.warning(f"Could not rewrite the review page: {type(exc).__name__}: {exc}")
+        return sum(1 for k in keys if rc.stage(states[k], self.policy, now) == "failed")
+
+    def _timed_out(self, key: str, request_id: str, answer: CancelResult | RunComfyError) -> None:
+        pipeline, state = self.pipeline, self.memory.partitions[key]
+        now = self.clock()
+        if isinstance(answer, RequestNotFoundError):
+            self._apply(key, request_id, answer)  # gone: the usual expired path decides
+            return
+        cancelled = isinstance(answer, CancelResult) and answer.cancelled
+        if isinstance(answer, CancelResult) and not cancelled and (answer.status or "") in rc.FINISHED_STATUSES:
+            self._apply_status(key, request_id, str(answer.status))  # it just finished: collect it
+            return
+        record = rec.latest_request(self.instance, pipeline.requests_key, key)
+        record = record if record is not None and record.request_id == request_id else None
+        claim = self._claim(record, request_id)
+        estimate = claim.estimate_usd if claim is not None else (record.metadata.get("estimated_cost_usd") if record else None)
+        waited = _duration(now - state.submitted_at)
+        deadline = f"max_render_s={pipeline.max_render_s:g}"
+        if cancelled:
+            refunded = self._refund(claim, key, request_id)
+            self._apply_status(key, request_id, "cancelled")
+            reason = (
+                f"request {request_id} was still queued {waited} after its submit, past the render deadline "
+                f"({deadline}): it was cancelled, and a cancelled request is refunded"
+                + ("" if refunded else " (the journal could not record the refund; its estimate stays counted)")
+                + "."
+            )
+            next_step = (
+                "it is not submitted again by itself: to try again, materialize runway/requests for this partition "
+                "(a new submit, billed). If the service's queue is often this long, raise max_render_s (and "
+                "presign_expires_s above it)."
+            )
+        else:
+            why = (
+                f"could not be cancelled ({answer})"
+                if isinstance(answer, RunComfyError)
+                else "has started, and a request that has started cannot be cancelled"
+            )
+            cost = f"about {estimate:.2f} USD (its estimate)" if isinstance(estimate, int | float) else "its full price"
+            every = _duration(rc.late_poll_interval(self.policy))
+            reason = (
+                f"request {request_id} was still {'rendering' if state.status == 'in_progress' else 'unfinished'} "
+                f"{waited} after its submit, past the render deadline ({deadline}); it {why}, so it may still be "
+                f"billed: {cost}."
+            )
+            next_step = (
+                f"nothing to do to get its video: the status sensor checks it every {every} and collects the video if "
+                f"it finishes. It is not submitted again by itself; if it never finishes, report request {request_id} "
+                "to RunComfy (materializing runway/requests reuses it while the service says it is running)."
+            )
+            state.late_poll_at = now + rc.late_poll_interval(self.policy)
+        failure = fl.PartitionFailure(
+            key,
+            fl.RENDER_TIMEOUT,
+            reason,
+            next_step,
+            request_id=request_id,
+            extra={
+                md.key("submitted_at"): MetadataValue.timestamp(state.submitted_at),
+                **({md.key("estimated_cost_usd"): float(estimate)} if isinstance(estimate, int | float) else {}),
+            },
+        )
+        self.context.log.warning(f"{key}: {failure.message}")
+        source_version = state.request_version or state.image_version
+        self.record(failure.observation(pipeline.videos_key, source_version))
+        state.failure = rc.Failure(fl.RENDER_TIMEOUT, source_version, 2**62, request_id)
+
+    def _apply_status(self, key: str, request_id: str, status: str) -> None:
+        """Record a status learnt from a cancel's answer, as a poll's would be."""
+        state = self.memory.partitions[key]
+        if status == state.status:
+            return
+        self.record(
+            AssetObservation(
+                asset_key=self.pipeline.requests_key,
+                partition=key,
+                description=f"Request {request_id} is {status}",
+                metadata={**md.RunwayMetadata(request_id=request_id, status=status)},
+            )
+        )
+        state.status, state.queue_position = status, None
+        if status in rc.TERMINAL_STATUSES and not state.ready_at:
+            state.ready_at = time.time()
+
+    def _claim(self, record: rec.RequestRecord | None, request_id: str) -> jn.Claim | None:
+        """The journal claim of a request (None if it cannot be read)."""
+        if record is None:
+            return None
+        with contextlib.suppress(Exception):
+            journal = jn.Journal(self.pipeline.journal_url, self.pipeline.journal_options)
+            claim = journal.read(record.fingerprint, record.attempt) or journal.latest(record.fingerprint)
+            if claim is not None and claim.request_id == request_id:
+                return claim
+        return None
+
+    def _refund(self, claim: jn.Claim | None, key: str, request_id: str) -> bool:
+        """Settle a cancelled request's claim at 0 (its estimate no longer counts against the cap)."""
+        if claim is None:
+            self.context.log.warning(f"{key}: no journal claim found for request {request_id}; its refund is not recorded")
+            return False
+        try:
+            jn.Journal(self.pipeline.journal_url, self.pipeline.journal_options).settle(claim, 0.0)
+        except Exception as exc:  # noqa: BLE001 - the estimate stays counted: the cap errs on the safe side
+            self.context.log.warning(f"{key}: the journal could not record the refund of {request_id}: {exc}")
+            return False
+        return True
 
     def runs_in_progress(self) -> tuple[list[RunRecord], set[str]]:
         """The runs not finished, and the run keys this sensor requested recently whose runs the daemon
@@ -405,7 +603,9 @@ class StatusTick:
         owed: dict[str, list[str]] = {"submit": [], "collect": []}
         for key in order:
             state = states[key]
-            where = rc.stage(state, self.policy)
+            where = rc.stage(state, self.policy, self.clock())
+            if where == "overdue":
+                where = "in_flight"  # the deadline pass found no time for it this tick: the next one does
             if where == "submit" and pipeline.submit_schedule is not None:
                 counts["scheduled"] += 1  # the submit schedule sends it at its next tick
                 continue
@@ -484,6 +684,15 @@ class StatusTick:
         state.failure = rc.Failure(fl.RUNS_EXHAUSTED, state.image_version, 2**62, state.request_id)
 
 
+def _duration(seconds: float) -> str:
+    """``2.5 h``, ``12 min`` or ``40 s``."""
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 90:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s" if seconds >= 1 else f"{max(seconds, 0):.2g} s"
+
+
 def build_status_sensor(
     pipeline: RunwayPipelineConfig,
     submit_job: _compat.UnresolvedAssetJobDefinition,
@@ -502,8 +711,10 @@ def build_status_sensor(
         required_resource_keys={pipeline.resource_key},
         description="Reconciles every partition from durable records: submits what has no request, polls "
         f"requests in flight (inside a time budget, round-robin) and collects finished ones into "
-        f"{pipeline.videos_key.to_user_string()}; relaunches runs that died, within max_run_attempts. No "
-        "worker waits while a video renders.",
+        f"{pipeline.videos_key.to_user_string()}; relaunches runs that died, within max_run_attempts. A request "
+        f"still queued {pipeline.max_render_s:g} s after its submit (max_render_s) is cancelled and refunded, one still "
+        "rendering is reported with its estimated cost; both fail as render_timeout. No worker waits while a video "
+        "renders.",
     )
     def _status(context: SensorEvaluationContext) -> SensorResult:
         resource: RunComfyResource = getattr(context.resources, pipeline.resource_key)

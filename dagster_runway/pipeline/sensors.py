@@ -14,7 +14,7 @@ import json
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dagster import (
@@ -34,6 +34,7 @@ from dagster import (
 
 from dagster_runway import _compat
 from dagster_runway import journal as jn
+from dagster_runway._redact import redact_url
 from dagster_runway.errors import RequestNotFoundError, RunComfyError
 from dagster_runway.pipeline import failures as fl
 from dagster_runway.pipeline import metadata as md
@@ -98,6 +99,7 @@ class Discovery:
     changed: list[str]
     recorded: int = 0  # images recorded (a materialization and an observation each)
     deferred: int = 0  # new or changed images left for the next tick (``discovery_batch_size``, deadline)
+    unmatched: list[str] = field(default_factory=list)  # manifest rows that match no image
 
 
 def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: str, deadline: float) -> Discovery:
@@ -113,10 +115,21 @@ def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: 
     connections (``_compat.storage_connections_held``): 2,000 events otherwise open a connection per
     statement.
     """
-    known: dict[str, str] = (load_memory(instance, memory) or {}).get("versions", {})
+    remembered = load_memory(instance, memory) or {}
+    known: dict[str, str] = remembered.get("versions", {})
     existing = set(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
-    entries = pipeline.image_source().list()
-    found = Discovery(len(entries), {}, [], [])
+    source = pipeline.image_source()
+    entries = source.list()
+    found = Discovery(len(entries), {}, [], [], unmatched=source.unmatched_manifest_rows())
+    if found.unmatched != remembered.get("unmatched", []):
+        # On the images asset, where the UI shows it, each time the set changes (the log says it every tick).
+        instance.report_runless_asset_event(
+            AssetObservation(
+                pipeline.images_key,
+                description=f"{len(found.unmatched)} manifest row(s) match no image in {redact_url(pipeline.source)}.",
+                metadata={**md.RunwayMetadata(manifest_unmatched=MetadataValue.json(found.unmatched))},
+            )
+        )
     for entry in entries:
         partition = entry.partition_key
         version = rec.image_version(entry.change_token, entry.sidecar_token, entry.settings_token)
@@ -145,7 +158,7 @@ def discover(pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: 
             found.new.append(partition)
         elif partition in known:
             found.changed.append(partition)
-    save_memory(instance, memory, {"versions": found.versions})
+    save_memory(instance, memory, {"versions": found.versions, "unmatched": found.unmatched})
     return found
 
 
@@ -182,6 +195,13 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: _compat.U
                 identity=found.versions.__getitem__,
                 config_for=lambda batch: op_config(op_name, batch),
             )
+        if found.unmatched:
+            shown = ", ".join(repr(row) for row in found.unmatched[:5]) + (", ..." if len(found.unmatched) > 5 else "")
+            context.log.warning(
+                f"{len(found.unmatched)} row(s) of the manifest {pipeline.manifest} match no image in "
+                f"{redact_url(pipeline.source)}: {shown}. Their settings apply to nothing: correct the path (names "
+                "are compared after Unicode NFC normalisation, and case matters) or remove the row."
+            )
         context.log.info(
             f"Listed {found.images} images and recorded {found.recorded} in {time.monotonic() - started:.2f}s: "
             f"{len(found.new)} new, {len(found.changed)} changed"
@@ -191,8 +211,9 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: _compat.U
             run_requests=run_requests,
             dynamic_partitions_requests=[pipeline.partitions_def.build_add_request(found.new)] if found.new else [],
             cursor=json.dumps(
-                {"images": found.images, "new": len(found.new), "changed": len(found.changed), "deferred": found.deferred}
-            ),
+                {"images": found.images, "new": len(found.new), "changed": len(found.changed), "deferred": found.deferred,
+                 "manifest_unmatched": len(found.unmatched)}
+            ),  # fmt: skip
         )
 
     return _discovery

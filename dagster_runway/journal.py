@@ -438,9 +438,19 @@ class Journal:
         self._overwrite(self.claim_path(claim.fingerprint, claim.attempt), answered.to_json())
         return answered
 
-    def adopt(self, fingerprint: str, attempt: int, request_id: str, *, note: str = "") -> Claim:
+    def adopt(
+        self,
+        fingerprint: str,
+        attempt: int,
+        request_id: str,
+        *,
+        note: str = "",
+        verify: Callable[[str], None] | None = None,
+    ) -> Claim:
         """Attach a request the operator found in their RunComfy history to an ambiguous (or open,
-        abandoned) claim: it becomes ``submitted`` with that id, and is collected instead of paid again."""
+        abandoned) claim: it becomes ``submitted`` with that id, and is collected instead of paid again.
+        ``verify`` (asking the service whether it knows the id) runs after the journal's own checks and
+        before the claim is written; what it raises leaves the claim as it was."""
         claim = self.read(fingerprint, attempt)
         where = self.where(self.claim_path(fingerprint, attempt))
         if claim is None:
@@ -464,6 +474,8 @@ class Journal:
                 f"claim {where} is still held by {claim.owner.describe()}, which is running and will record "
                 "its answer; adopt it only once that process has ended"
             )
+        if verify is not None:
+            verify(request_id)
         reason = "adopted by the operator" + (f": {note}" if note else "")
         if claim.reason:
             reason += f" (was {claim.state}: {claim.reason})"

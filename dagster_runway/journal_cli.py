@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -75,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     adopt.add_argument("request_id", metavar="REQUEST_ID", help="The request id, as the RunComfy history shows it.")
     adopt.add_argument("--attempt", type=int, default=None, help="The attempt to adopt; without it, the latest.")
     adopt.add_argument("--note", default="", help="Why, for the record (kept in the claim's reason).")
+    adopt.add_argument(
+        "--no-check",
+        action="store_true",
+        help="Adopt without asking the service whether it knows the request id (by default it asks, with "
+        "RUNCOMFY_API_TOKEN and RUNCOMFY_BASE_URL): a mistyped id would then end the ambiguity and let a later "
+        "run pay again",
+    )
     spend = commands.add_parser("spend", help="The spend recorded: in all, and over a window.", formatter_class=_Formatter)
     _common(spend)
     spend.add_argument("--window-h", type=float, default=None, metavar="H", help="Also sum the last H hours (as a rolling max_spend_usd window counts them).")
@@ -180,12 +188,36 @@ def _adopt(journal: Journal, args: argparse.Namespace) -> int:
         if latest is None:
             raise UsageError(f"fingerprint {fingerprint} has no claims; see `list`")
         attempt = latest.attempt
-    adopted = journal.adopt(fingerprint, attempt, args.request_id, note=args.note)
+    verify = None if args.no_check else _check_with_service
+    adopted = journal.adopt(fingerprint, attempt, args.request_id, note=args.note, verify=verify)
     print(
         f"adopted: attempt {adopted.attempt} of {adopted.partition} ({fingerprint[:12]}) is submitted as request "
         f"{adopted.request_id}; the next run or status sensor tick collects it instead of paying again"
     )
     return 0
+
+
+def _check_with_service(request_id: str) -> None:
+    """The service must know the request: a mistyped id would end the ambiguity and let a later run pay again."""
+    from dagster_runway.client import DEFAULT_BASE_URL, RunComfyClient
+    from dagster_runway.errors import RequestNotFoundError, RunComfyError
+
+    token = os.environ.get("RUNCOMFY_API_TOKEN")
+    if not token:
+        raise UsageError(
+            "set RUNCOMFY_API_TOKEN (and RUNCOMFY_BASE_URL for a service other than RunComfy's) so that the "
+            "request id is checked with the service before it is adopted, or pass --no-check if you are sure"
+        )
+    try:
+        with RunComfyClient(api_token=token, base_url=os.environ.get("RUNCOMFY_BASE_URL") or DEFAULT_BASE_URL) as client:
+            client.status(request_id)
+    except RequestNotFoundError:
+        raise UsageError(
+            f"the service does not know request {request_id[:40]!r} (mistyped, another account's, or expired); "
+            "nothing was adopted and the attempt stays ambiguous: copy the id from your RunComfy history"
+        ) from None
+    except RunComfyError as exc:
+        raise UsageError(f"could not check request {request_id[:40]!r} with the service ({exc}); try again") from None
 
 
 def _spend(journal: Journal, args: argparse.Namespace) -> int:

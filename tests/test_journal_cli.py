@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import socket
 import subprocess
 import sys
@@ -19,10 +20,12 @@ from dagster_runway.schema import _REQUEST_ID as API_REQUEST_ID
 FP_DONE, FP_LOST, FP_GONE, FP_FREE = ("aa" + c * 62 for c in "1234")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI with no RunComfy settings in its environment but those given."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCOMFY_")} | (env or {})
     return subprocess.run(
         [sys.executable, "-m", "dagster_runway.journal_cli", *args],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, env=environment,
     )
 
 
@@ -75,7 +78,9 @@ def test_show_prints_every_attempt_of_a_fingerprint_from_a_prefix(output: Path) 
 
 
 def test_adopting_an_ambiguous_attempt_records_the_request_so_it_is_collected(output: Path) -> None:
-    adopted = _cli("adopt", FP_LOST[:12], "req-found-1", "--output", str(output), "--note", "seed 2 at 10:02")
+    adopted = _cli(
+        "adopt", FP_LOST[:12], "req-found-1", "--output", str(output), "--note", "seed 2 at 10:02", "--no-check"
+    )
     assert adopted.returncode == 0, adopted.stderr
     assert "request req-found-1" in adopted.stdout and "collects it instead of paying again" in adopted.stdout
     claim = Journal(str(output / ".runway")).latest(FP_LOST)
@@ -83,7 +88,7 @@ def test_adopting_an_ambiguous_attempt_records_the_request_so_it_is_collected(ou
     assert claim.attempt == 2 and "adopted by the operator: seed 2 at 10:02" in (claim.reason or "")
     assert "was ambiguous" in (claim.reason or "")
 
-    gone = _cli("adopt", FP_GONE, "req-found-2", "--attempt", "1", "--output", str(output))
+    gone = _cli("adopt", FP_GONE, "req-found-2", "--attempt", "1", "--output", str(output), "--no-check")
     assert gone.returncode == 0, gone.stderr
     assert Journal(str(output / ".runway")).latest(FP_GONE).request_id == "req-found-2"  # type: ignore[union-attr]
 
@@ -142,3 +147,26 @@ def test_adopt_refuses_an_attempt_whose_owner_still_runs(tmp_path: Path) -> None
 
 def test_the_request_id_rule_is_the_api_s() -> None:
     assert _REQUEST_ID.pattern == API_REQUEST_ID.pattern
+
+
+def test_adopt_asks_the_service_first_and_a_request_it_never_issued_leaves_the_attempt_ambiguous(
+    output: Path, emulator
+) -> None:
+    from dagster_runway.client import RunComfyClient
+    from tests.test_client import png_data_uri
+
+    with RunComfyClient(api_token=emulator.token, base_url=emulator.base_url) as client:
+        real = client.submit({"promptImage": png_data_uri()}).request_id
+    service = {"RUNCOMFY_API_TOKEN": emulator.token, "RUNCOMFY_BASE_URL": emulator.base_url}
+    journal = Journal(str(output / ".runway"))
+
+    unchecked = _cli("adopt", FP_LOST, "req-typo", "--output", str(output), env={})
+    assert unchecked.returncode == 2 and "set RUNCOMFY_API_TOKEN" in unchecked.stderr and "--no-check" in unchecked.stderr
+    typo = _cli("adopt", FP_LOST, "req-typo", "--output", str(output), env=service)
+    assert typo.returncode == 2 and "does not know request 'req-typo'" in typo.stderr, typo.stderr
+    assert emulator.token not in typo.stderr + typo.stdout
+    assert journal.read(FP_LOST, 2).state == AMBIGUOUS  # nothing was adopted: a later run still refuses to pay
+
+    adopted = _cli("adopt", FP_LOST, real, "--output", str(output), env=service)
+    assert adopted.returncode == 0, adopted.stderr
+    assert journal.read(FP_LOST, 2).request_id == real and journal.read(FP_LOST, 2).state == SUBMITTED

@@ -169,6 +169,11 @@ class Emulator:
         """
         return self._store.state_of(request_id)
 
+    def request_times(self, request_id: str) -> tuple[float, float]:
+        """The queue wait and render time drawn for a request at its submit (seconds, time scale applied),
+        before any scheduling lag. Raises KeyError for an id the emulator never issued."""
+        return self._store.times_of(request_id)
+
     def request_input(self, request_id: str) -> dict[str, Any]:
         """The input fields a request was submitted with, as the service received them (``promptText`` is
         absent when none was sent). Raises KeyError for an id the emulator never issued."""

@@ -312,6 +312,12 @@ class Store:
             record = self._records[request_id]
             return "expired" if record.expired else record.state
 
+    def times_of(self, request_id: str) -> tuple[float, float]:
+        """The request's drawn queue wait and render time, in seconds (time scale applied); KeyError if unknown."""
+        with self._session():
+            record = self._records[request_id]
+            return record.queue_wait, record.render_time
+
     def input_of(self, request_id: str) -> dict[str, Any]:
         """The input fields the request was submitted with (what the service generates from); KeyError if unknown."""
         with self._session():

@@ -218,6 +218,9 @@ class SubmitBatch:
         except Exception as exc:  # noqa: BLE001 - storage errors: fail this partition, pay nothing
             yield from self._fail(self._journal_error(prepared, exc), prepared.source_version)
             return
+        if key in self.adopt_request_ids:
+            yield from self._adopt(prepared, latest)
+            return
         next_attempt = 1
         if latest is not None:
             next_attempt = latest.attempt + 1
@@ -230,9 +233,6 @@ class SubmitBatch:
                     yield from self._fail(verdict, prepared.source_version)
                     return
                 self.log.info(f"{key}: earlier request {latest.request_id} {verdict}; submitting attempt {next_attempt}")
-            elif latest.state in (jn.AMBIGUOUS, jn.CLAIMED) and key in self.adopt_request_ids:
-                yield from self._adopt(prepared, latest)
-                return
             elif latest.state in (jn.AMBIGUOUS, jn.CLAIMED) and not self.force_after_ambiguous:
                 yield from self._fail(self._ambiguous(prepared, latest), prepared.source_version)
                 return
@@ -254,22 +254,51 @@ class SubmitBatch:
             return
         plans.append(Plan(prepared, model_input, image_url, next_attempt))
 
-    def _adopt(self, prepared: Prepared, claim: jn.Claim) -> Iterator[Any]:
-        """The operator found this ambiguous attempt's request in their RunComfy history: attach it,
-        then reuse it like any submitted request (collected, never paid again)."""
+    def _adopt(self, prepared: Prepared, claim: jn.Claim | None) -> Iterator[Any]:
+        """The operator found this ambiguous attempt's request in their RunComfy history: attach it, once
+        the service confirms it knows the id, then reuse it like any submitted request (collected, never
+        paid again). An entry for a partition with nothing ambiguous fails it before paying."""
         request_id = self.adopt_request_ids[prepared.key]
-        try:
-            adopted = self.journal.adopt(
-                claim.fingerprint, claim.attempt, request_id, note=f"op config adopt_request_ids of run {self.run_id}"
-            )
-        except jn.JournalError as exc:
+
+        def refused(why: str, failure_class: str = fl.AMBIGUOUS, retryable: bool = False) -> fl.PartitionFailure:
+            return fl.PartitionFailure(
+                prepared.key, failure_class, f"could not adopt request {request_id[:40]!r}: {why}",
+                "correct adopt_request_ids as the message says (see `dagster-runway journal list`); nothing was "
+                "submitted for this partition.", retryable=retryable,
+            )  # fmt: skip
+
+        if claim is None or claim.state not in (jn.AMBIGUOUS, jn.CLAIMED):
+            state = "never submitted" if claim is None else f"{claim.state} (attempt {claim.attempt})"
             yield from self._fail(
-                fl.PartitionFailure(
-                    prepared.key, fl.AMBIGUOUS, f"could not adopt request {request_id[:40]!r}: {exc}.",
-                    "correct adopt_request_ids as the message says, or see `dagster-runway journal list`.",
-                ),
+                refused(f"this partition's input is {state}, not ambiguous: there is nothing to adopt; remove it "
+                        "from adopt_request_ids."),
                 prepared.source_version,
             )  # fmt: skip
+            return
+        try:
+            adopted = self.journal.adopt(
+                claim.fingerprint,
+                claim.attempt,
+                request_id,
+                note=f"op config adopt_request_ids of run {self.run_id}",
+                verify=self._known_to_service,
+            )
+        except RequestNotFoundError:
+            yield from self._fail(
+                refused("the service does not know it (mistyped, another account's, or expired); the attempt stays "
+                        "ambiguous."),
+                prepared.source_version,
+            )  # fmt: skip
+            return
+        except RunComfyError as exc:
+            yield from self._fail(
+                refused(f"it could not be checked with the service now ({exc}); the attempt stays ambiguous.",
+                        fl.SERVICE_UNAVAILABLE, retryable=True),
+                prepared.source_version,
+            )  # fmt: skip
+            return
+        except jn.JournalError as exc:
+            yield from self._fail(refused(f"{exc}."), prepared.source_version)
             return
         self.log.info(f"{prepared.key}: adopted request {request_id} for attempt {claim.attempt}; nothing billed")
         verdict = self._reuse_verdict(prepared, adopted)
@@ -285,6 +314,10 @@ class SubmitBatch:
                 ),
                 prepared.source_version,
             )  # fmt: skip
+
+    def _known_to_service(self, request_id: str) -> None:
+        """Raises ``RequestNotFoundError`` if the service never issued ``request_id`` (or it expired)."""
+        self.resource.get_client().status(request_id)
 
     def _settle_open_claim(self, prepared: Prepared, claim: jn.Claim) -> jn.Claim:
         """A claim with no answer yet: wait while its owner may still answer; else repair it from the

@@ -229,6 +229,19 @@ def start_emulator(stack: contextlib.ExitStack, home: Path, time_scale: float) -
     return emulator
 
 
+def pipeline_config(images: str, output: str, options: dict[str, Any]) -> Any:
+    """The pipeline's configuration; what it refuses (an output inside the images, say) is a usage error."""
+    from pydantic import ValidationError
+
+    from dagster_runway.pipeline import RunwayPipelineConfig
+
+    try:
+        return RunwayPipelineConfig(source=images, output=output, **options)
+    except ValidationError as exc:
+        messages = "; ".join(str(error["msg"]).removeprefix("Value error, ") for error in exc.errors())
+        raise UsageError(f"--images {images} / --output {output}: {messages}") from None
+
+
 def real_service() -> bool:
     """A token or a base URL in the environment means the real (paid) service."""
     return bool(os.environ.get("RUNCOMFY_API_TOKEN") or os.environ.get("RUNCOMFY_BASE_URL"))
@@ -261,7 +274,7 @@ def _run(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance, EnvVar
 
     from dagster_runway.client import DEFAULT_BASE_URL
-    from dagster_runway.pipeline import RunwayPipelineConfig, build_runway_pipeline
+    from dagster_runway.pipeline import build_runway_pipeline
     from dagster_runway.pipeline.gallery import write_gallery
     from dagster_runway.resource import RunComfyResource
 
@@ -277,7 +290,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     if args.max_spend is not None:
         options["max_spend_usd"] = args.max_spend
-    config = RunwayPipelineConfig(source=images, output=output, **options)
+    config = pipeline_config(images, output, options)
     found = _count_images(images, config)
     with contextlib.ExitStack() as stack:
         base_url = os.environ.get("RUNCOMFY_BASE_URL")

@@ -70,11 +70,9 @@ def _run(args: argparse.Namespace) -> int:
         import dagster_webserver  # noqa: F401
     except ImportError:
         raise demo.UsageError("the UI needs its extra: pip install 'dagster-runway[ui]'") from None
-    from dagster_runway.pipeline import RunwayPipelineConfig
-
     real = demo.real_service()
     images, output, options = _settings(args, home, real)
-    config = RunwayPipelineConfig(source=images, output=output, **options)
+    config = demo.pipeline_config(images, output, options)
     found = demo._count_images(images, config)
     environment = dict(os.environ)
     with contextlib.ExitStack() as stack:

@@ -56,8 +56,9 @@ def test_help_names_the_environment_variables(tmp_path: Path) -> None:
     [
         (lambda root: root / "missing", "is not a folder"),
         (lambda root: (root / "empty").mkdir() or root / "empty", "no file in"),
+        (lambda root: root, "is inside source"),  # _demo writes --output under tmp_path: inside these images
     ],
-    ids=["missing-folder", "nothing-matches"],
+    ids=["missing-folder", "nothing-matches", "output-inside-images"],
 )
 def test_a_bad_images_argument_is_one_line_and_exit_code_2(tmp_path: Path, make, expected: str) -> None:
     folder = make(tmp_path)

@@ -16,7 +16,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    emulator = commands.add_parser("emulator", help="Serve a local emulator of the RunComfy Model API.")
+    summary = "Serve a local emulator of the RunComfy Model API."
+    emulator = commands.add_parser("emulator", help=summary, description=summary)
     try:
         from dagster_runway.emulator import cli as emulator_cli
     except ImportError:  # starlette and uvicorn come with the extra
@@ -25,29 +26,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         emulator_cli.add_arguments(emulator)
         emulator.set_defaults(run=emulator_cli.run)
 
-    from dagster_runway import demo
+    from dagster_runway import demo, dev, journal_cli
 
-    demo_parser = commands.add_parser(
-        "demo", help="Run the pipeline end to end on a real Dagster instance (offline against the emulator)."
-    )
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(run=demo.run)
-
-    from dagster_runway import dev
-
-    dev_parser = commands.add_parser(
-        "dev", help="Open the Dagster UI on the demo's instance, with the emulator (offline) or a spend cap."
-    )
-    dev.add_arguments(dev_parser)
-    dev_parser.set_defaults(run=dev.run)
-
-    from dagster_runway import journal_cli
-
-    journal_parser = commands.add_parser(
-        "journal", help="Look into the submission journal: list, show, adopt an ambiguous attempt's request id, spend."
-    )
-    journal_cli.add_arguments(journal_parser)
-    journal_parser.set_defaults(run=journal_cli.run)
+    for name, module, summary in (
+        ("demo", demo, "Run the pipeline end to end on a real Dagster instance (offline against the emulator)."),
+        ("dev", dev, "Open the Dagster UI on the demo's instance, with the emulator (offline) or a spend cap."),
+        ("journal", journal_cli, "Look into the submission journal: list, show, adopt an ambiguous attempt's "
+                                 "request id, spend."),
+    ):  # fmt: skip
+        command = commands.add_parser(name, help=summary, description=summary)
+        module.add_arguments(command)  # a module's own description, where it has one, replaces the summary
+        command.set_defaults(run=module.run)
 
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)

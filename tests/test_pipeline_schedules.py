@@ -16,6 +16,7 @@ from .pipeline_helpers import (
     PARTITIONS,
     check_statuses,
     make_defs,
+    png_bytes,
     run_until_idle,
     status_summary,
     video_materialization_count,
@@ -82,3 +83,28 @@ def test_the_verify_schedule_rechecks_stored_videos_without_regenerating(
 def test_a_bad_cron_string_is_refused_with_the_option_named() -> None:
     with pytest.raises(ValidationError, match="(?s)submit_schedule.*not a cron string"):
         RunwayPipelineConfig(source="a", output="b", submit_schedule="every night")
+
+
+def test_the_source_check_says_whether_an_image_changed_or_was_deleted(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
+    from dagster import DagsterEventType
+
+    write_images(tmp_path / "images", valid=3, invalid=False)
+    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
+    daemon = LocalDaemon(defs, instance)
+    daemon.tick("runway_discovery_sensor")
+    assert run_until_idle(daemon) == []
+    (tmp_path / "images" / "img00.png").write_bytes(png_bytes(320, 180, (0, 250, 0)))
+    (tmp_path / "images" / "img02.png").unlink()
+
+    (run_id,) = daemon.tick_schedule("runway_verify_schedule").run_ids
+    why = {}
+    for record in instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records:
+        evaluation = record.event_log_entry.dagster_event.event_specific_data  # type: ignore[union-attr]
+        if evaluation.check_name == "source_unchanged":
+            why[evaluation.partition] = (evaluation.passed, evaluation.metadata.get("why"))
+    assert why["img01.png"] == (True, None)
+    assert why["img00.png"][0] is False and "changed after it was hashed" in why["img00.png"][1].value
+    assert why["img02.png"][0] is False and why["img02.png"][1].value.startswith("deleted")
+    assert emulator.ledger().billed_submissions == 3  # judged, never paid again

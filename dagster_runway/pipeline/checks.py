@@ -104,10 +104,16 @@ def _checksum(inputs: CheckInputs) -> Outcome:
 
 def _source_unchanged(inputs: CheckInputs) -> Outcome:
     before, now = inputs.source_change_token, inputs.current_change_token
-    return before is not None and before == now, {
-        "change_token_at_submit": before or "(unknown)",
-        "change_token_now": now or "(image missing)",
-    }
+    passed = before is not None and before == now
+    measured = {"change_token_at_submit": before or "(unknown)", "change_token_now": now or "(image missing)"}
+    if not passed:
+        measured["why"] = (
+            "deleted: the source image is gone; the video shows what it was"
+            if now is None
+            else "changed after it was hashed for this video: the video shows the earlier image (on an "
+            "unversioned bucket the service may have fetched the new bytes; turn on versioning to pin them)"
+        )
+    return passed, measured
 
 
 CHECKS: tuple[VideoCheck, ...] = (

@@ -710,7 +710,8 @@ class Journal:
         self.fs.pipe_file(path, data)
 
     def _remove(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        """Best effort: a store that grants no delete (the journal deletes nothing else) keeps the object."""
+        with contextlib.suppress(OSError):
             self.fs.rm_file(path)
 
 

@@ -124,3 +124,16 @@ def test_a_claim_put_that_landed_but_whose_answer_was_lost_is_ours(s3, monkeypat
     assert fresh.spend_summary().entries == 1 and fresh.spent_usd() == 0.25
     with pytest.raises(ClaimTaken):  # and another writer is still refused
         _claim(fresh)
+
+
+def test_a_store_that_grants_no_delete_still_passes_the_check(tmp_path, monkeypatch) -> None:
+    """The probe object is removed best effort: the journal deletes nothing else, so a bucket policy
+    without delete must not block every submit."""
+    journal = Journal(str(tmp_path / "no-delete"))
+
+    def refuse(path: str) -> None:
+        raise PermissionError(f"AccessDenied: DeleteObject {path}")
+
+    monkeypatch.setattr(journal.fs, "rm_file", refuse)
+    journal.verify_store()
+    assert list((tmp_path / "no-delete" / "probe").iterdir())  # the probe stayed, and nothing failed

@@ -50,6 +50,7 @@ RUNS_EXHAUSTED = "runs_exhausted"  # the status sensor's runs for it ended witho
 # rendering is checked every 10 min and collected if it finishes.
 RENDER_TIMEOUT = "render_timeout"
 JOURNAL_UNSAFE = "journal_unsafe"  # the journal's store cannot create exclusively; nothing is submitted
+JOURNAL_DAMAGED = "journal_damaged"  # a journal file is unreadable; repair it as the message says, then run
 
 # Classes after which the status sensor launches another run by itself (within max_run_attempts): a new
 # submit (nothing was billed, or it was refunded), or a new collect (the video is paid for).

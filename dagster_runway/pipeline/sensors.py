@@ -480,8 +480,9 @@ class StatusTick:
             for key in by_id[request_id]:
                 if key in due or (isinstance(answer, CancelResult) and answer.cancelled):
                     self._timed_out(key, request_id, answer)
-        if self.recorded > recorded:
-            # The review page is rewritten by collect runs; these partitions may have none to come.
+        if self.recorded > recorded and self.elapsed() < self.pipeline.sensor_budget_s / 2:
+            # The review page is rewritten by collect runs; these partitions may have none to come. Only
+            # with half the budget left: it reads every partition, and the tick's results matter more.
             try:
                 write_gallery(self.pipeline, self.instance)
             except Exception as exc:  # noqa: BLE001 - the page is a view; the event log has the failures

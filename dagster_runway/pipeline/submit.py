@@ -267,6 +267,9 @@ class SubmitBatch:
                 "submitted for this partition.", retryable=retryable,
             )  # fmt: skip
 
+        if claim is not None and claim.state == jn.SUBMITTED and claim.request_id == request_id:
+            yield from self._reuse_adopted(prepared, claim)  # adopted already (a retried or re-executed run)
+            return
         if claim is None or claim.state not in (jn.AMBIGUOUS, jn.CLAIMED):
             state = "never submitted" if claim is None else f"{claim.state} (attempt {claim.attempt})"
             yield from self._fail(
@@ -301,6 +304,10 @@ class SubmitBatch:
             yield from self._fail(refused(f"{exc}."), prepared.source_version)
             return
         self.log.info(f"{prepared.key}: adopted request {request_id} for attempt {claim.attempt}; nothing billed")
+        yield from self._reuse_adopted(prepared, adopted)
+
+    def _reuse_adopted(self, prepared: Prepared, adopted: jn.Claim) -> Iterator[Any]:
+        request_id = adopted.request_id
         verdict = self._reuse_verdict(prepared, adopted)
         if verdict is None:
             yield self._record(Ready(prepared, adopted), md.REUSED)
@@ -422,7 +429,7 @@ class SubmitBatch:
             )
         if isinstance(exc, jn.JournalDamaged):
             return fl.PartitionFailure(
-                prepared.key, fl.SERVICE_UNAVAILABLE, f"{exc}; nothing was sent.",
+                prepared.key, fl.JOURNAL_DAMAGED, f"{exc}; nothing was sent.",
                 f"repair or remove {exc.path} as the message says, then run the partition again.",
             )  # fmt: skip
         return fl.PartitionFailure(
@@ -465,7 +472,7 @@ class SubmitBatch:
             # On every exit (an interrupt included), let submits in flight finish: each answer is then in
             # the journal and in ``answered``, so that it can be cancelled or reused.
             stop.set()
-            worker.join(timeout=self.resource.request_timeout + self.resource.connect_timeout + 5)
+            worker.join(timeout=self.claim_timeout_s)  # a submit's retries included
         undecided = [plan for plan in plans if plan.prepared.key not in decided]
         for plan in undecided:
             yield from self._undecided(plan)
@@ -580,6 +587,14 @@ class SubmitBatch:
             return "submitted", plan, replace(
                 claim, state=jn.SUBMITTED, request_id=progress.request_id, answered_at=time.time()
             )
+        if not progress.sending:
+            reason = f"not sent: the submit failed before its POST ({cause})"
+            await self._answer(prepared, self.journal.record_rejected, claim, jn.REJECTED, reason)
+            return "failed", plan, fl.PartitionFailure(
+                prepared.key, fl.SERVICE_UNAVAILABLE, f"the submit failed before it was sent ({cause}); nothing was "
+                "billed.", "nothing to do: it is tried again in a later run; if it persists, report this message.",
+                retryable=True,
+            )  # fmt: skip
         reason = f"the submit failed unexpectedly after it may have been sent ({cause})"
         claim = await self._answer(prepared, self.journal.record_ambiguous, claim, jn.AMBIGUOUS, reason)
         return "failed", plan, self._ambiguous(prepared, claim)
@@ -595,7 +610,7 @@ class SubmitBatch:
         except Exception as exc:  # noqa: BLE001 - the outcome still reaches the event log
             self.log.error(
                 f"{prepared.key}: the journal could not record that this submit was {state} ({type(exc).__name__}: "
-                f"{exc}); its claim stays open, and later runs report it ambiguous rather than paying again."
+                f"{exc}); its claim may stay open, and later runs report an open claim ambiguous rather than paying again."
             )
             return replace(claim, state=state, reason=reason, answered_at=time.time())
 

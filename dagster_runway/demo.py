@@ -105,7 +105,7 @@ class Row:
     prompt_source: str = ""
 
 
-def _prepare_home(path: Path) -> Path:
+def prepare_home(path: Path) -> Path:
     path = path.resolve()
     path.mkdir(parents=True, exist_ok=True)
     config = path / "dagster.yaml"
@@ -116,7 +116,7 @@ def _prepare_home(path: Path) -> Path:
     return path
 
 
-def _sample_images(home: Path) -> str:
+def sample_images(home: Path) -> str:
     """The bundled example images in a checkout; installed from a wheel, four generated ones with prompts."""
     if EXAMPLES.is_dir():
         return str(EXAMPLES)
@@ -142,7 +142,7 @@ def _sample_images(home: Path) -> str:
     return str(folder)
 
 
-def _count_images(images: str, config: Any) -> int:
+def count_images(images: str, config: Any) -> int:
     """How many images ``--images`` holds; a missing folder or no match is a usage error."""
     if "://" not in images and not Path(images).is_dir():
         raise UsageError(f"--images: {images} is not a folder; give a folder of images or an s3:// prefix")
@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    home = _prepare_home(Path(args.dagster_home))
+    home = prepare_home(Path(args.dagster_home))
     from dagster import DagsterInstance, EnvVar
 
     from dagster_runway.client import DEFAULT_BASE_URL
@@ -278,7 +278,7 @@ def _run(args: argparse.Namespace) -> int:
     from dagster_runway.pipeline.gallery import write_gallery
     from dagster_runway.resource import RunComfyResource
 
-    images = args.images or _sample_images(home)
+    images = args.images or sample_images(home)
     output = args.output if "://" in args.output else str(Path(args.output).resolve())
     real = real_service()
     # The emulator costs nothing, so an image without a prompt may take the service's default there;
@@ -291,7 +291,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_spend is not None:
         options["max_spend_usd"] = args.max_spend
     config = pipeline_config(images, output, options)
-    found = _count_images(images, config)
+    found = count_images(images, config)
     with contextlib.ExitStack() as stack:
         base_url = os.environ.get("RUNCOMFY_BASE_URL")
         if real:

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _settings(args: argparse.Namespace, home: Path, real: bool) -> tuple[str, str, dict[str, Any]]:
     saved = demo.load_settings(home) or {}
-    images = args.images or saved.get("images") or demo._sample_images(home)
+    images = args.images or saved.get("images") or demo.sample_images(home)
     output = args.output or saved.get("output") or demo.DEFAULT_OUTPUT
     output = output if "://" in output else str(Path(output).resolve())
     options = {k: v for k, v in dict(saved.get("options") or {}).items() if k in ("mode", "on_change")}
@@ -65,7 +65,7 @@ def _settings(args: argparse.Namespace, home: Path, real: bool) -> tuple[str, st
 
 
 def _run(args: argparse.Namespace) -> int:
-    home = demo._prepare_home(Path(args.dagster_home))
+    home = demo.prepare_home(Path(args.dagster_home))
     try:
         import dagster_webserver  # noqa: F401
     except ImportError:
@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     real = demo.real_service()
     images, output, options = _settings(args, home, real)
     config = demo.pipeline_config(images, output, options)
-    found = demo._count_images(images, config)
+    found = demo.count_images(images, config)
     environment = dict(os.environ)
     with contextlib.ExitStack() as stack:
         if real:

@@ -157,7 +157,7 @@ def test_the_demo_works_without_the_checkout_examples_and_prints_a_ui_command_fo
     from dagster_runway import demo
 
     monkeypatch.setattr(demo, "EXAMPLES", tmp_path / "not-in-a-wheel")
-    folder = Path(demo._sample_images(tmp_path / "home"))
+    folder = Path(demo.sample_images(tmp_path / "home"))
     assert sorted(p.suffix for p in folder.iterdir()) == [".png"] * 4 + [".txt"] * 4
     from dagster_runway.pipeline import RunwayPipelineConfig
 

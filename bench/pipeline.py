@@ -74,7 +74,7 @@ def pipeline_run(emulator, folder: Path, out: Path, home: Path, batch: int) -> t
 
     from dagster_runway import RunComfyResource
     from dagster_runway.pipeline import build_runway_pipeline
-    from dagster_runway.pipeline.sensors import summary
+    from dagster_runway.pipeline.status import summary
     from dagster_runway.testing import LocalDaemon
 
     home.mkdir(parents=True)

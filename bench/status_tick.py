@@ -271,7 +271,7 @@ def timed_phases(tick: Tick) -> Iterator[None]:
     """Wrap the status sensor's parts so that each call adds its time to ``tick.phases``."""
     from dagster import DagsterInstance
 
-    from dagster_runway.pipeline import sensors
+    from dagster_runway.pipeline import status as sensors
 
     patches: list[tuple[Any, str, Any]] = []
 

@@ -334,7 +334,7 @@ def _drive(defs: Any, instance: Any, args: argparse.Namespace, config: Any) -> l
     import logging
 
     from dagster_runway.journal import Journal
-    from dagster_runway.pipeline.sensors import summary
+    from dagster_runway.pipeline.status import summary
     from dagster_runway.testing import LocalDaemon
 
     for name in ("dagster", "dagster_runway"):  # the sensors' tick logs; the progress line says it all

@@ -14,7 +14,7 @@ from dagster_runway import RunComfyResource
 from dagster_runway.pipeline import build_runway_pipeline
 from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.checks import CHECK_NAMES
-from dagster_runway.pipeline.sensors import summary
+from dagster_runway.pipeline.status import summary
 from dagster_runway.testing import LocalDaemon
 
 VIDEOS = AssetKey(["runway", "videos"])

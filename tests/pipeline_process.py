@@ -16,7 +16,7 @@ from dagster import DagsterInstance
 
 from dagster_runway import RunComfyResource
 from dagster_runway.pipeline import build_runway_pipeline
-from dagster_runway.pipeline.sensors import summary
+from dagster_runway.pipeline.status import summary
 from dagster_runway.testing import LocalDaemon
 
 ASSET_PARTITION_RANGE_START = "dagster/asset_partition_range_start"

@@ -509,7 +509,7 @@ def test_a_run_that_ends_during_a_status_tick_is_not_launched_again_by_that_tick
     from dagster import DagsterRunStatus
     from dagster._core.test_utils import create_run_for_test
 
-    from dagster_runway.pipeline import sensors
+    from dagster_runway.pipeline import status as sensors
 
     write_images(tmp_path / "images", valid=1, invalid=False)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))

@@ -148,7 +148,7 @@ def test_discovery_of_20000_images_records_one_batch_per_tick(tmp_path: Path, em
     """What a tick must do, counted, not what it managed in its time budget: the deadline is given."""
     from dagster_runway._compat import storage_connections_held
     from dagster_runway.pipeline import RunwayPipelineConfig
-    from dagster_runway.pipeline.sensors import discover
+    from dagster_runway.pipeline.discovery import discover
 
     folder = tmp_path / "many"
     for i in range(200):
@@ -169,7 +169,7 @@ def test_discovery_of_20000_images_records_one_batch_per_tick(tmp_path: Path, em
 def test_a_tick_past_its_deadline_still_records_one_image(tmp_path: Path, instance):
     from dagster_runway._compat import storage_connections_held
     from dagster_runway.pipeline import RunwayPipelineConfig
-    from dagster_runway.pipeline.sensors import discover
+    from dagster_runway.pipeline.discovery import discover
 
     folder = tmp_path / "some"
     folder.mkdir()

@@ -9,8 +9,9 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 
 from dagster_runway.pipeline.assets import build_requests_asset, build_videos_asset, images_spec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
+from dagster_runway.pipeline.discovery import build_discovery_sensor
 from dagster_runway.pipeline.schedules import build_submit_schedule, build_verify_schedule
-from dagster_runway.pipeline.sensors import build_discovery_sensor, build_status_sensor
+from dagster_runway.pipeline.status import build_status_sensor
 from dagster_runway.resource import LiteralTokenWarning, RunComfyResource
 
 

@@ -23,16 +23,16 @@ from dagster import (
 from dagster_runway import _compat
 from dagster_runway.pipeline import reconcile as rc
 from dagster_runway.pipeline.config import RunwayPipelineConfig
+from dagster_runway.pipeline.discovery import discover
 from dagster_runway.pipeline.sensors import (
     LAUNCHED_BY,
     NOT_FINISHED,
     STALE_RUN_S,
-    discover,
     load_memory,
     memory_key,
     op_config,
-    read_events,
 )
+from dagster_runway.pipeline.status import read_events
 
 
 def build_submit_schedule(

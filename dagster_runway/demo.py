@@ -77,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="mark_stale",
         help="A changed image whose video exists: show it stale, or pay to regenerate it",
     )
+    parser.add_argument(
+        "--adopt-output",
+        action="store_true",
+        help="Let --output take these images although it holds videos of another image folder (its journal "
+        "says which); without it the demo refuses, so two folders never mix",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="Give up after this many seconds")
 
 
@@ -103,6 +109,7 @@ class Row:
     checks: str = ""
     cost: str = ""
     prompt_source: str = ""
+    paid_now: bool = False  # its request was made by this run of the demo
 
 
 def prepare_home(path: Path) -> Path:
@@ -242,6 +249,20 @@ def pipeline_config(images: str, output: str, options: dict[str, Any]) -> Any:
         raise UsageError(f"--images {images} / --output {output}: {messages}") from None
 
 
+def bind_output(config: Any, *, adopt: bool) -> None:
+    """Tie the output to its images; an output of another image folder is a usage error unless adopted."""
+    from dagster_runway.journal import Journal, JournalError
+
+    try:
+        previous = Journal(config.journal_url, config.journal_options).bind_output(
+            config.output, config.source, adopt=adopt
+        )
+    except JournalError as exc:
+        raise UsageError(str(exc)) from None
+    if previous:
+        print(f"The output {config.output} held videos of {previous}; it is now {config.source}'s (--adopt-output).")
+
+
 def real_service() -> bool:
     """A token or a base URL in the environment means the real (paid) service."""
     return bool(os.environ.get("RUNCOMFY_API_TOKEN") or os.environ.get("RUNCOMFY_BASE_URL"))
@@ -274,6 +295,7 @@ def _run(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance, EnvVar
 
     from dagster_runway.client import DEFAULT_BASE_URL
+    from dagster_runway.journal import Journal
     from dagster_runway.pipeline import build_runway_pipeline
     from dagster_runway.pipeline.gallery import write_gallery
     from dagster_runway.resource import RunComfyResource
@@ -292,6 +314,7 @@ def _run(args: argparse.Namespace) -> int:
         options["max_spend_usd"] = args.max_spend
     config = pipeline_config(images, output, options)
     found = count_images(images, config)
+    bind_output(config, adopt=args.adopt_output)
     with contextlib.ExitStack() as stack:
         base_url = os.environ.get("RUNCOMFY_BASE_URL")
         if real:
@@ -315,14 +338,24 @@ def _run(args: argparse.Namespace) -> int:
         rows = _drive(defs, instance, args, config)
         gallery = write_gallery(config, instance)
     _print_table(rows)
-    bad = [row for row in rows if row.outcome not in ("ok", "stale")]
+    bad = [row for row in rows if row.outcome not in ("ok", "stale", "source missing")]
     stale = sum(row.outcome == "stale" for row in rows)
+    missing = sum(row.outcome == "source missing" for row in rows)
     defaulted = sum(row.prompt_source == "service default" for row in rows)
+    paid = [row for row in rows if row.paid_now]
+    paid_usd = sum(float(row.cost) for row in paid if row.cost.replace(".", "", 1).isdigit())
+    total_usd = Journal(config.journal_url, config.journal_options).spent_usd()
     definitions_file(home, images, output, options, base_url if real else None, offline=not real)
     print(
         f"\n{len(rows) - len(bad)} of {len(rows)} partitions produced a passing video; "
         f"{defaulted} used the service's default prompt."
+        + f"\nThis run paid for {len(paid)} video(s), {paid_usd:.2f} USD; this output has cost {total_usd:.2f} USD in all."
         + (f"\n{stale} video(s) are stale: their image changed; --on-change regenerate pays for new ones." if stale else "")
+        + (
+            f"\n{missing} video(s) have no source image any more (deleted or moved); nothing is paid for them."
+            if missing
+            else ""
+        )
         + f"\nReview the videos: {gallery}"
         + f"\nOpen this instance in the Dagster UI (from any folder):\n  dagster-runway dev --dagster-home {home}\n"
         "then Assets -> runway/videos for materializations, checks and metadata."
@@ -345,20 +378,27 @@ def _drive(defs: Any, instance: Any, args: argparse.Namespace, config: Any) -> l
     discovery = next(n for n in names if n.endswith("_discovery_sensor"))
     status = next((n for n in names if n.endswith("_status_sensor")), None)
     journal = Journal(config.journal_url, config.journal_options)
-
-    outcome = daemon.tick(discovery)
-    print(f"discovery: {outcome.new_partitions} new image(s)")
     deadline = time.monotonic() + args.timeout
+    new = 0
+    while True:  # a tick records what its time budget allows; the rest waits for the next one
+        outcome = daemon.tick(discovery)
+        new += outcome.new_partitions
+        if not discovery_pending(outcome.cursor) or time.monotonic() > deadline:
+            break
+    print(f"discovery: {new} new image(s)")
+    before = _request_ids(instance, config)
+    total_before = journal.spent_usd()
     interactive = sys.stdout.isatty()
     while status is not None and time.monotonic() < deadline:
         outcome = daemon.tick(status)
         counts = summary(outcome.cursor)
         busy = counts.get("rebuilding") or any(counts.get(k) for k in ("in_flight", "submit", "collect", "running"))
         launched = len(outcome.run_ids) + len(outcome.failed_run_ids)
+        total = journal.spent_usd()
         line = (
             f"progress: {counts.get('submit', 0)} to submit, {counts.get('in_flight', 0)} rendering, "
             f"{counts.get('collect', 0)} to collect, {counts.get('done', 0)} done, {counts.get('failed', 0)} failed; "
-            f"spent {journal.spent_usd():.2f} USD"
+            f"this run {max(total - total_before, 0):.2f} USD, this output {total:.2f} USD in all"
         )
         print(f"\r{line}" if interactive else line, end="" if interactive else "\n", flush=True)
         if not busy and launched == 0:
@@ -366,10 +406,27 @@ def _drive(defs: Any, instance: Any, args: argparse.Namespace, config: Any) -> l
         time.sleep(0.5)
     if interactive:
         print()
-    return _rows(defs, instance, config)
+    return _rows(defs, instance, config, before)
 
 
-def _rows(defs: Any, instance: Any, config: Any) -> list[Row]:
+def discovery_pending(cursor: str | None) -> bool:
+    """Whether the discovery sensor left images for its next tick (its cursor says how many)."""
+    try:
+        data = json.loads(cursor or "{}")
+    except ValueError:
+        return False
+    return isinstance(data, dict) and bool(data.get("deferred"))
+
+
+def _request_ids(instance: Any, config: Any) -> set[str]:
+    """The request ids recorded for the partitions so far: a video made from another is paid for now."""
+    from dagster_runway.pipeline import records as rec
+
+    keys = instance.get_dynamic_partitions(config.dynamic_partitions_name)
+    return {record.request_id for record in rec.latest_requests(instance, config.requests_key, keys).values()}
+
+
+def _rows(defs: Any, instance: Any, config: Any, before: set[str]) -> list[Row]:
     from dagster_runway.pipeline import records as rec
     from dagster_runway.pipeline.checks import CHECK_NAMES
 
@@ -390,23 +447,30 @@ def _rows(defs: Any, instance: Any, config: Any) -> list[Row]:
         stale = entry is not None and meta.get("runway/source_version") != rec.image_version(
             entry.change_token, entry.sidecar_token, entry.settings_token
         )
-        outcome = "stale" if stale else "ok" if passed_count == len(CHECK_NAMES) else "checks failed"
+        checks = f"{passed_count}/{len(CHECK_NAMES)} passed"
+        if entry is None:
+            outcome = "source missing"
+        elif stale:
+            outcome, checks = "stale", f"{checks} (before the change)"
+        else:
+            outcome = "ok" if passed_count == len(CHECK_NAMES) else "checks failed"
         rows.append(
             Row(
                 key,
                 outcome,
                 video=str(meta.get("runway/video_uri", "")),
                 duration=f"{meta.get('runway/video_duration_s', '')}s",
-                checks=f"{passed_count}/{len(CHECK_NAMES)} passed",
+                checks=checks,
                 cost=str(meta.get("runway/cost_usd", "")),
                 prompt_source=str(meta.get("runway/prompt_source", "")),
+                paid_now=video.request_id not in before,
             )
         )
     return rows
 
 
 def _print_table(rows: list[Row]) -> None:
-    headers = ("partition", "outcome", "video", "duration", "checks", "cost_usd")
+    headers = ("partition", "outcome", "video", "duration", "checks", "cost_usd", "paid")
     table = [headers] + [
         (
             r.partition,
@@ -415,6 +479,7 @@ def _print_table(rows: list[Row]) -> None:
             r.duration,
             r.checks,
             r.cost,
+            "this run" if r.paid_now else "",
         )
         for r in rows
     ]
@@ -423,5 +488,5 @@ def _print_table(rows: list[Row]) -> None:
     for line in table:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
     for row in rows:
-        if row.outcome not in ("ok", "checks failed", "stale"):
+        if row.outcome not in ("ok", "checks failed", "stale", "source missing"):
             print(f"\n{row.partition}: {row.outcome.split(': ', 1)[-1]}")

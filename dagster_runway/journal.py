@@ -13,6 +13,7 @@ Layout under the journal root (``<output>/.runway`` by default)::
     settled/<fp[:2]>/<fp>/<attempt>.json  the attempt's final cost is counted (at most once)
     spend/<bucket>/<seq>.json             an append-only log of spend with running totals
     probe/<uuid>.json                     the store check's object (removed at once)
+    outputs/<hash>.json                   the image source each output's videos are made from
 
 A claim goes ``claimed`` (created exclusively, nothing sent yet) -> ``submitted`` (the request id,
 written the moment the answer arrives) or ``rejected`` (provably not accepted: nothing billed) or
@@ -33,6 +34,7 @@ cannot be read is damage, never "being written". This module imports nothing fro
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -158,6 +160,14 @@ class JournalDamaged(JournalError):
     def __init__(self, message: str, *, path: str) -> None:
         super().__init__(message)
         self.path = path
+
+
+class SourceMismatch(JournalError):
+    """The output (its journal) belongs to another image source than the one given."""
+
+    def __init__(self, message: str, *, bound: str, given: str) -> None:
+        super().__init__(message)
+        self.bound, self.given = bound, given
 
 
 class ClaimTaken(Exception):
@@ -293,6 +303,41 @@ class Journal:
             with open(legacy_done, "w") as handle:
                 handle.write("temporary files of older releases were swept\n")
 
+    # The output's source
+
+    def bind_output(self, output: str, source: str, *, adopt: bool = False) -> str | None:
+        """Record that the videos in ``output`` are made from the image source ``source`` (both compared
+        as :func:`location_identity` gives them); return the source it belonged to before, if another.
+
+        The first call for an output writes its record exclusively; later calls with the same source
+        only read it. Another source raises :class:`SourceMismatch` naming both, unless ``adopt``: then
+        the output is re-bound to ``source`` (the old source's videos stay where they are). One journal
+        may serve several outputs, each bound to its own source."""
+        where, given = location_identity(output), location_identity(source)
+        path = f"{self.root}/outputs/{hashlib.sha256(where.encode()).hexdigest()[:24]}.json"
+        data = json.dumps(
+            {"output": where, "source": given, "bound_at": self._clock(), "nonce": uuid.uuid4().hex}
+        ).encode()
+        if self._create_exclusive(path, data):
+            return None
+        try:
+            bound = json.loads(self.fs.cat_file(path))["source"]
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise self._damaged(path, "output record", exc) from None
+        if bound == given:
+            return None
+        if not adopt:
+            raise SourceMismatch(
+                f"the output {where} holds videos of the image source {bound} ({self.where(path)} says so), "
+                f"not of {given}: mixing them would show the other source's videos as this one's. Fix: give "
+                f"this source an output of its own, or adopt the output for {given} (the demo's --adopt-output, "
+                "the pipeline option adopt_output=True); the old source's videos then stay in it unmanaged.",
+                bound=str(bound),
+                given=given,
+            )
+        self._overwrite(path, data)
+        return str(bound)
+
     # Claims
 
     def _claim_dir(self, fingerprint: str) -> str:
@@ -363,6 +408,8 @@ class Journal:
                 "first check your RunComfy history for a request of that image, and if there is one, adopt it "
                 "with `dagster-runway journal adopt` once the file is restored"
             )
+        elif kind == "output record":
+            removing = "removing it lets the next run bind the output to its own image source"
         else:
             removing = (
                 "if it is the newest entry of the spend log, removing it drops that one reservation (one "
@@ -713,6 +760,14 @@ class Journal:
         """Best effort: a store that grants no delete (the journal deletes nothing else) keeps the object."""
         with contextlib.suppress(OSError):
             self.fs.rm_file(path)
+
+
+def location_identity(location: str) -> str:
+    """How a source or an output is named in an output record: a local folder by its resolved absolute
+    path, anything else by its URL without credentials or a trailing ``/``."""
+    if "://" not in location or location.startswith("file://"):
+        return os.path.realpath(location.removeprefix("file://"))
+    return redact_url(location).rstrip("/")
 
 
 def _listdir(path: str) -> list[str]:

@@ -135,7 +135,10 @@ def test_a_changed_image_shows_stale_and_regenerates_only_when_asked(tmp_path: P
     for image in images.values():
         image.with_suffix(".txt").write_text("slow pan")
     args = ("--images", str(tmp_path / "images"), "--yes")
-    assert _demo(tmp_path, *args, env=_real(emulator)).returncode == 0
+    first = _demo(tmp_path, *args, env=_real(emulator))
+    assert first.returncode == 0, first.stdout[-2000:]
+    assert "This run paid for 2 video(s), 0.50 USD; this output has cost 0.50 USD in all." in first.stdout
+    assert all(_row(first.stdout, name)[-2:] == ["this", "run"] for name in images)
     changed = sorted(images)[0]
     Image.new("RGB", (320, 180), (10, 200, 30)).save(images[changed])
 
@@ -143,12 +146,48 @@ def test_a_changed_image_shows_stale_and_regenerates_only_when_asked(tmp_path: P
     assert again.returncode == 0, again.stdout[-2000:]
     row = next(line for line in again.stdout.splitlines() if line.startswith(changed))
     assert row.split()[1] == "stale" and "1 video(s) are stale" in again.stdout
+    assert "passed (before the change)" in row  # those checks judged the previous image
+    assert "This run paid for 0 video(s), 0.00 USD; this output has cost 0.50 USD in all." in again.stdout
     assert emulator.ledger().billed_submissions == 2
 
     regenerated = _demo(tmp_path, *args, "--on-change", "regenerate", env=_real(emulator))
     assert regenerated.returncode == 0, regenerated.stdout[-2000:]
     row = next(line for line in regenerated.stdout.splitlines() if line.startswith(changed))
     assert row.split()[1] == "ok" and emulator.ledger().billed_submissions == 3
+    assert row.endswith("this run") and _row(regenerated.stdout, sorted(images)[1])[-1] != "run"
+    assert "This run paid for 1 video(s), 0.25 USD; this output has cost 0.75 USD in all." in regenerated.stdout
+
+
+def _row(stdout: str, partition: str) -> list[str]:
+    return next(line for line in stdout.splitlines() if line.startswith(partition + " ")).split()
+
+
+def test_an_output_of_another_folder_is_refused_and_a_deleted_image_shows_source_missing(
+    tmp_path: Path, emulator_factory
+) -> None:
+    emulator = emulator_factory(tokens=[SECRET])
+    for folder in ("images", "other"):
+        for image in write_images(tmp_path / folder, valid=2, invalid=False).values():
+            image.with_suffix(".txt").write_text("slow pan")
+    assert _demo(tmp_path, "--images", str(tmp_path / "images"), "--yes", env=_real(emulator)).returncode == 0
+    assert emulator.ledger().billed_submissions == 2
+
+    mixed = _demo(tmp_path, "--images", str(tmp_path / "other"), "--yes", env=_real(emulator))
+    assert mixed.returncode == 2, mixed.stdout[-2000:] + mixed.stderr[-2000:]
+    (line,) = mixed.stderr.strip().splitlines()
+    assert str(tmp_path / "images") in line and str(tmp_path / "other") in line and "--adopt-output" in line
+    assert emulator.ledger().billed_submissions == 2  # nothing was sent
+
+    (tmp_path / "images" / "img01.png").unlink()
+    gone = _demo(tmp_path, "--images", str(tmp_path / "images"), "--yes", env=_real(emulator))
+    assert gone.returncode == 0, gone.stdout[-2000:]
+    assert _row(gone.stdout, "img01.png")[1:3] == ["source", "missing"]
+    assert "1 video(s) have no source image any more" in gone.stdout
+    assert emulator.ledger().billed_submissions == 2  # a missing image is never paid for
+
+    adopted = _demo(tmp_path, "--images", str(tmp_path / "other"), "--yes", "--adopt-output", env=_real(emulator))
+    assert adopted.returncode == 0, adopted.stdout[-2000:] + adopted.stderr[-2000:]
+    assert f"held videos of {tmp_path / 'images'}" in adopted.stdout
 
 
 def test_the_demo_works_without_the_checkout_examples_and_prints_a_ui_command_for_any_folder(

@@ -131,6 +131,11 @@ class RunwayPipelineConfig(BaseModel):
     journal_storage_options: dict[str, Any] | None = Field(
         default=None, description="fsspec options of the journal (default: `output_storage_options`)."
     )
+    adopt_output: bool = Field(
+        default=False,
+        description="Take over an output whose videos were made from another image source (its journal says "
+        "which). By default a submit run refuses such an output (`output_mismatch`), so two sources never mix.",
+    )
     max_spend_usd: float | None = Field(
         default=None, gt=0, description="Spend cap in USD, checked atomically before each submit; none by default."
     )

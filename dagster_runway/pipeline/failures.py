@@ -51,6 +51,7 @@ RUNS_EXHAUSTED = "runs_exhausted"  # the status sensor's runs for it ended witho
 RENDER_TIMEOUT = "render_timeout"
 JOURNAL_UNSAFE = "journal_unsafe"  # the journal's store cannot create exclusively; nothing is submitted
 JOURNAL_DAMAGED = "journal_damaged"  # a journal file is unreadable; repair it as the message says, then run
+OUTPUT_MISMATCH = "output_mismatch"  # the output holds another source's videos; nothing is submitted
 
 # Classes after which the status sensor launches another run by itself (within max_run_attempts): a new
 # submit (nothing was billed, or it was refunded), or a new collect (the video is paid for).

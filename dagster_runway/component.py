@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -38,16 +40,40 @@ class _RunwayPipelineComponentBase(dg.Component, dg.Resolvable, dg.Model):
             for name in self.model_fields_set
             if name in RunwayPipelineConfig.model_fields
         }
-        pipeline = RunwayPipelineConfig.model_validate(options)
         api_token_env: str = getattr(self, "api_token_env")  # noqa: B009 - a generated field
         base_url: str = getattr(self, "base_url")  # noqa: B009
+        if "resource_key" not in options and (api_token_env, base_url) != _DEFAULT_SERVICE:
+            # Another service or token: its own resource key, so that it loads beside the others.
+            prefix = RunwayPipelineConfig.model_validate(options).key_prefix
+            options["resource_key"] = "runcomfy_" + re.sub(r"\W+", "_", "_".join(prefix)).strip("_")
+        pipeline = RunwayPipelineConfig.model_validate(options)
+        _check_local_source(pipeline, getattr(context, "path", None))
         return build_definitions(pipeline, _resource(api_token_env, base_url))
+
+
+_DEFAULT_SERVICE = ("RUNCOMFY_API_TOKEN", DEFAULT_BASE_URL)
+
+
+def _check_local_source(pipeline: RunwayPipelineConfig, where: Path | None) -> None:
+    """A local source folder must exist when the project loads (so `dg check defs` says so); a bucket
+    is not listed at load."""
+    if "://" in pipeline.source and not pipeline.source.startswith("file://"):
+        return
+    folder = Path(os.path.normpath(pipeline.source.removeprefix("file://")))
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        defs_yaml = f"{where}/defs.yaml" if where else "its defs.yaml"
+        raise ValueError(
+            f"RunwayPipelineComponent {'/'.join(pipeline.key_prefix)}: source {folder} {what}; create it (put the "
+            f"images there), or set `source` in {defs_yaml} to the folder or s3:// prefix of the images"
+        )
 
 
 @functools.cache
 def _resource(api_token_env: str, base_url: str) -> RunComfyResource:
     """One resource object per (token variable, base URL): Dagster merges the definitions of several
-    components only when a shared resource key holds the very same object."""
+    components only when a shared resource key holds the very same object. A component with another
+    token variable or base URL gets a resource key of its own (``runcomfy_<key prefix>``)."""
     return RunComfyResource(api_token=dg.EnvVar(api_token_env), base_url=base_url)
 
 

@@ -35,6 +35,7 @@ def test_every_pipeline_option_is_a_component_attribute_with_its_description() -
 
 
 def test_the_component_builds_what_the_factory_builds_with_the_token_by_name(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
     defs = _defs(
         f"""
 source: {tmp_path}/images
@@ -51,7 +52,7 @@ base_url: http://127.0.0.1:8188
     assert keys(defs) == keys(factory)
     assert sorted(s.name for s in defs.sensors) == sorted(s.name for s in factory.sensors)
     assert sorted(j.name for j in defs.jobs) == sorted(j.name for j in factory.jobs)
-    resource = defs.resources["runcomfy"]
+    resource = defs.resources["runcomfy_runway"]  # another token and service: a key of its own
     assert (
         isinstance(resource.api_token, dg.EnvVar) and resource.api_token.env_var_name == "MY_RUNCOMFY_TOKEN"
     )
@@ -60,6 +61,35 @@ base_url: http://127.0.0.1:8188
     assert (
         sensor.minimum_interval_seconds == RunwayPipelineConfig.model_fields["discovery_interval_s"].default
     )
+
+
+def test_two_pipelines_with_other_services_load_side_by_side_and_identical_ones_share(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+
+    def component(name: str, extra: str = "", prefix: str = "") -> dg.Definitions:
+        return _defs(
+            f"source: {tmp_path}/{name}\noutput: {tmp_path}/{prefix or name}-out\nkey_prefix: [{prefix or name}]\n{extra}"
+        )
+
+    defs = dg.Definitions.merge(
+        component("a"),
+        component("b", "base_url: http://127.0.0.1:8188\n"),
+        component("c", "api_token_env: OTHER_TOKEN\n"),
+        component("a", prefix="d"),  # the same service and token as "a": one resource, shared
+    )
+    assert sorted(defs.resources) == ["runcomfy", "runcomfy_b", "runcomfy_c"]
+    assert defs.resources["runcomfy_b"].base_url == "http://127.0.0.1:8188"
+    assert defs.resources["runcomfy_c"].api_token.env_var_name == "OTHER_TOKEN"
+    status = {s.name: s for s in defs.sensors}["b_status_sensor"]
+    assert status.required_resource_keys == {"runcomfy_b"}
+
+
+def test_a_local_source_folder_that_does_not_exist_fails_at_load_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=r"source .*missing does not exist; create it") as failed:
+        _defs(f"source: {tmp_path}/missing\noutput: {tmp_path}/v\n")
+    assert "defs.yaml" in str(failed.value)
+    _defs(f"source: s3://not-listed-at-load/x\noutput: {tmp_path}/v\n")  # a bucket is not read at load
 
 
 def test_a_bad_attribute_is_named_by_the_options_model(tmp_path: Path) -> None:
@@ -98,8 +128,19 @@ def test_dg_check_and_list_defs_pass(where: Path) -> None:
 def test_dg_scaffolds_the_component_into_a_project(tmp_path: Path) -> None:
     project = tmp_path / "project"
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("out", "__pycache__"))
+    missing = _dg("check", "defs", cwd=project)  # the copy's ../images is not there: said at load, not at a tick
+    assert missing.returncode != 0 and f"source {tmp_path / 'images'} does not exist" in missing.stdout + missing.stderr
+    shutil.copytree(REPO / "examples" / "images", tmp_path / "images")
     listed = _dg("list", "components", cwd=project)
     assert "dagster_runway.component.RunwayPipelineComponent" in listed.stdout, listed.stdout + listed.stderr
+    readme = (REPO / "README.md").read_text()
+    (line,) = [line for line in readme.splitlines() if line.startswith("dg scaffold defs ")]
+    as_written = _dg(*line.split()[1:], cwd=project)  # the README's own line works inside the example project
+    assert as_written.returncode == 0, as_written.stderr[-3000:]
+    assert yaml.safe_load((project / "runway_videos" / "defs" / "campaign" / "defs.yaml").read_text())["attributes"][
+        "key_prefix"
+    ] == ["campaign"]
+    shutil.rmtree(project / "runway_videos" / "defs" / "campaign")
     scaffolded = _dg(
         "scaffold", "defs", "dagster_runway.component.RunwayPipelineComponent", "more_videos",
         "--source", "s3://stills/in/", "--max-spend-usd", "2.5",

@@ -1,8 +1,8 @@
 """dagster_runway: turn folders and buckets of still images into videos with Runway Gen-4 Turbo on RunComfy.
 
 Only light modules (schema, client, errors) are imported here. ``RunComfyResource``,
-``build_runway_pipeline``, ``RunwayPipelineConfig``, ``GenerationSettings``, ``RunwayPipelineComponent``
-and ``write_gallery`` load dagster on first use, so that the client and the emulator can be used without it.
+``LiteralTokenWarning``, ``build_runway_pipeline``, ``RunwayPipelineConfig``, ``GenerationSettings``,
+``RunwayPipelineComponent`` and ``write_gallery`` load dagster on first use, so that the client and the emulator can be used without it.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -41,17 +41,56 @@ if TYPE_CHECKING:
     from dagster_runway.pipeline import RunwayPipelineConfig as RunwayPipelineConfig
     from dagster_runway.pipeline import build_runway_pipeline as build_runway_pipeline
     from dagster_runway.pipeline.gallery import write_gallery as write_gallery
+    from dagster_runway.resource import LiteralTokenWarning as LiteralTokenWarning
     from dagster_runway.resource import RunComfyResource as RunComfyResource
 
 # What needs dagster (or Pillow), imported on first use.
 _LAZY = {
     "RunComfyResource": "dagster_runway.resource",
+    "LiteralTokenWarning": "dagster_runway.resource",
     "GenerationSettings": "dagster_runway.media",
     "RunwayPipelineConfig": "dagster_runway.pipeline",
     "build_runway_pipeline": "dagster_runway.pipeline",
     "RunwayPipelineComponent": "dagster_runway.component",
     "write_gallery": "dagster_runway.pipeline.gallery",
 }
+
+__all__ = [
+    "AmbiguousSubmitError",
+    "AsyncRunComfyClient",
+    "AuthenticationError",
+    "CancelResult",
+    "ClientConfigurationError",
+    "GatewayNotFoundError",
+    "GenerationFailedError",
+    "GenerationSettings",
+    "ImageToVideoInput",
+    "InputValidationError",
+    "InsufficientCreditsError",
+    "LiteralTokenWarning",
+    "ModelNotFoundError",
+    "PermissionDeniedError",
+    "RateLimitedError",
+    "RequestCancelledError",
+    "RequestNotFoundError",
+    "RequestResult",
+    "RequestState",
+    "RequestStatus",
+    "RetryPolicy",
+    "RunComfyClient",
+    "RunComfyError",
+    "RunComfyResource",
+    "RunwayPipelineComponent",
+    "RunwayPipelineConfig",
+    "ServerError",
+    "Submission",
+    "TransportError",
+    "UnexpectedResponseError",
+    "WaitTimeoutError",
+    "__version__",
+    "build_runway_pipeline",
+    "write_gallery",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -42,3 +42,13 @@ def test_the_demo_and_dev_show_their_defaults() -> None:
         assert shown in " ".join(demo.split()), shown
     dev = " ".join(_cli("dev", "--help").stdout.split())
     assert "(default: 3000)" in dev and "(default: 127.0.0.1)" in dev
+
+
+def test_the_package_root_exports_what_it_lists() -> None:
+    import dagster_runway
+
+    public = {name for name in vars(dagster_runway) if not name.startswith("_")} - {"TYPE_CHECKING", "Any"}
+    modules = {name for name in public if isinstance(getattr(dagster_runway, name), type(dagster_runway))}
+    assert set(dagster_runway.__all__) - {"__version__"} == (public - modules) | set(dagster_runway._LAZY)
+    for name in dagster_runway.__all__:
+        assert getattr(dagster_runway, name) is not None, name

@@ -166,8 +166,8 @@ class RunwayPipelineConfig(BaseModel):
     )
     verify_schedule: str | None = Field(
         default="0 3 * * *",
-        description="A cron string for the verify schedule, which runs the checks of every stored video again "
-        "(checksum at rest, source unchanged, playable) without regenerating; None leaves it out.",
+        description="A cron string for the verify schedule, which runs all five checks of every stored video "
+        "again without regenerating; None leaves it out.",
     )
     schedule_timezone: str = Field(default="UTC", description="The time zone of the cron schedules.")
 

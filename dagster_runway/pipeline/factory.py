@@ -8,6 +8,7 @@ from typing import Any
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
 from dagster_runway.pipeline.assets import build_requests_asset, build_videos_asset, images_spec
+from dagster_runway.pipeline.checks import CHECK_NAMES
 from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.pipeline.discovery import build_discovery_sensor
 from dagster_runway.pipeline.schedules import build_submit_schedule, build_verify_schedule
@@ -55,8 +56,7 @@ def build_definitions(pipeline: RunwayPipelineConfig, resource: RunComfyResource
         f"{pipeline.name}_verify_job",
         selection=AssetSelection.checks_for_assets(pipeline.videos_key),
         executor_def=in_process_executor,
-        description="Run the checks of stored videos again (checksum at rest, source unchanged, playable), "
-        "without regenerating anything.",
+        description=f"Run the checks of stored videos again ({', '.join(CHECK_NAMES)}), without regenerating anything.",
     )
     assets: list[Any] = [images_spec(pipeline), videos]
     jobs = [videos_job, verify_job]

@@ -22,6 +22,7 @@ from dagster import (
 
 from dagster_runway import _compat
 from dagster_runway.pipeline import reconcile as rc
+from dagster_runway.pipeline.checks import CHECK_NAMES
 from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.pipeline.discovery import discover
 from dagster_runway.pipeline.sensors import (
@@ -108,8 +109,8 @@ def build_verify_schedule(pipeline: RunwayPipelineConfig, verify_job: _compat.Un
         job=verify_job,
         default_status=DefaultScheduleStatus.STOPPED,
         description=f"At {pipeline.verify_schedule} ({pipeline.schedule_timezone}): runs the checks of every stored "
-        "video again (checksum at rest, source unchanged, playable, duration, aspect) without regenerating "
-        "anything, so silent corruption or a changed source shows in the UI.",
+        f"video again ({', '.join(CHECK_NAMES)}) without regenerating anything, so silent corruption or a "
+        "changed source shows in the UI.",
     )
     def _verify(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
         order = list(context.instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))

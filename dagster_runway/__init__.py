@@ -8,6 +8,8 @@ Only light modules (schema, client, errors) are imported here. ``RunComfyResourc
 from typing import TYPE_CHECKING, Any
 
 from dagster_runway.client import AsyncRunComfyClient as AsyncRunComfyClient
+from dagster_runway.client import ModelInfo as ModelInfo
+from dagster_runway.client import ModelPage as ModelPage
 from dagster_runway.client import RetryPolicy as RetryPolicy
 from dagster_runway.client import RunComfyClient as RunComfyClient
 from dagster_runway.errors import AmbiguousSubmitError as AmbiguousSubmitError
@@ -68,7 +70,9 @@ __all__ = [
     "InputValidationError",
     "InsufficientCreditsError",
     "LiteralTokenWarning",
+    "ModelInfo",
     "ModelNotFoundError",
+    "ModelPage",
     "PermissionDeniedError",
     "RateLimitedError",
     "RequestCancelledError",

@@ -1,4 +1,4 @@
-"""``dagster-runway``: the command line (``emulator``, ``demo``, ``dev`` and ``journal``)."""
+"""``dagster-runway``: the command line (``emulator``, ``demo``, ``dev``, ``journal`` and ``models``)."""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         emulator_cli.add_arguments(emulator)
         emulator.set_defaults(run=emulator_cli.run)
 
-    from dagster_runway import demo, dev, journal_cli
+    from dagster_runway import demo, dev, journal_cli, models_cli
 
     for name, module, summary in (
         ("demo", demo, "Run the pipeline end to end on a real Dagster instance (offline against the emulator)."),
         ("dev", dev, "Open the Dagster UI on the demo's instance, with the emulator (offline) or a spend cap."),
         ("journal", journal_cli, "Look into the submission journal: list, show, adopt an ambiguous attempt's "
                                  "request id, spend."),
+        ("models", models_cli, "What the RunComfy catalog says: models, prices, input fields and rules."),
     ):  # fmt: skip
         command = commands.add_parser(name, help=summary, description=summary)
         module.add_arguments(command)  # a module's own description, where it has one, replaces the summary

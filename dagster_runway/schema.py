@@ -42,6 +42,79 @@ IMAGE_MAX_ASPECT = 2.0
 
 Ratio = Literal["1584:672", "1280:720", "1104:832", "960:960", "832:1104", "720:1280"]
 
+# The input schema the vendor page publishes for this model, verbatim: what this package was built for
+# (the catalog's live ``input_schema`` is compared with it), and what the emulator's catalog serves.
+INPUT_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "title": "Input",
+    "required": ["promptImage"],
+    "properties": {
+        "promptText": {
+            "title": "Prompt",
+            "description": "",
+            "type": "string",
+            "maxLength": PROMPT_TEXT_MAX,
+            "default": DEFAULT_PROMPT_TEXT,
+        },
+        "promptImage": {
+            "title": "Image",
+            "description": "Use images under 16MB, with dimensions below 8000x8000 pixels and an aspect "
+            "ratio between 1:2 and 2:1.",
+            "type": "string",
+            "validations": [
+                {
+                    "validation_rule": "width_pixels<",
+                    "validation_value": IMAGE_MAX_SIDE,
+                    "validation_error": "The uploaded image width and height must not exceed 8000 pixels.",
+                },
+                {
+                    "validation_rule": "height_pixels<",
+                    "validation_value": IMAGE_MAX_SIDE,
+                    "validation_error": "The uploaded image width and height must not exceed 8000 pixels.",
+                },
+                {
+                    "validation_rule": "width/height>",
+                    "validation_value": IMAGE_MIN_ASPECT,
+                    "validation_error": "The aspect ratio range should be 1:2 to 2:1.",
+                },
+                {
+                    "validation_rule": "width/height<",
+                    "validation_value": 2,
+                    "validation_error": "The aspect ratio range should be 1:2 to 2:1.",
+                },
+                {
+                    "validation_rule": "file_size_mb<",
+                    "validation_value": 16,
+                    "validation_error": "File size must be less than 16 MB.",
+                },
+            ],
+            "default": "https://playgrounds-storage-public.runcomfy.net/tools/7026/media-files/usecase1-1-input.png",
+        },
+        "ratio": {
+            "title": "Aspect Ratio (W:H)",
+            "description": "",
+            "type": "string",
+            "enum": list(RATIOS),
+            "default": DEFAULT_RATIO,
+        },
+        "duration": {
+            "title": "Duration",
+            "description": "",
+            "type": "integer",
+            "enum": list(DURATIONS),
+            "default": DEFAULT_DURATION,
+        },
+        "seed": {
+            "title": "Seed",
+            "description": "",
+            "maximum": SEED_MAX,
+            "minimum": 0,
+            "type": "integer",
+            "default": DEFAULT_SEED,
+        },
+    },
+}
+
 
 def ratio_size(ratio: str) -> tuple[int, int]:
     """``"1280:720"`` -> ``(1280, 720)``."""

@@ -70,7 +70,7 @@ def test_an_unknown_model_is_404_with_400001_and_not_billed(emulator: Emulator, 
 def test_unknown_routes_and_methods_answer_the_error_body(emulator: Emulator, http_api: Connect) -> None:
     api = http_api(emulator)
     assert error_of(api.http.get("/v2/nothing")) == (404, 404001)
-    assert error_of(api.http.get(MODEL_PATH)) == (405, 405001)
+    assert error_of(api.http.put(MODEL_PATH)) == (405, 405001)  # GET is the catalog entry now
 
 
 # States, one by one (the table of reference section 12)
@@ -138,7 +138,7 @@ def test_a_failed_request_is_completed_on_status_and_failed_on_result(
     assert (
         result["error"]["code"] == "ASSET.INVALID" and "not a decodable image" in result["error"]["message"]
     )
-    assert "output" not in result and "cost" not in result
+    assert "output" not in result and result["cost"] == pytest.approx(0.25)  # bill_failed: the ledger's cost
     assert TIMESTAMP.match(result["finished_at"])
     cancel = api.cancel(request_id).json()
     assert (cancel["status"], cancel["outcome"]) == ("completed", "not_cancellable")

@@ -14,6 +14,7 @@ from typing import Any, Self, TypeVar
 
 import httpx
 
+from dagster_runway.client._catalog import ModelInfo, ModelPage
 from dagster_runway.client._core import (
     DEFAULT_BASE_URL,
     USER_AGENT,
@@ -41,6 +42,8 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "USER_AGENT",
     "AsyncRunComfyClient",
+    "ModelInfo",
+    "ModelPage",
     "RetryPolicy",
     "RunComfyClient",
     "failure_error",
@@ -131,6 +134,21 @@ class RunComfyClient(_ClientBase):
         ``fingerprint`` is the caller's identity of this input (the pipeline's generation fingerprint),
         named in an ``AmbiguousSubmitError``; by default, ``input_fingerprint`` of the body."""
         return self._run(self._core.submit(input, fingerprint))
+
+    def model(self, model_id: str | None = None) -> ModelInfo:
+        """The catalog's entry of ``model_id`` (by default this client's model): price, unit, input schema."""
+        return self._run(self._core.model(model_id))
+
+    def models(
+        self,
+        *,
+        limit: int | None = None,
+        offset: int | None = None,
+        search: str | None = None,
+        category: str | None = None,
+    ) -> ModelPage:
+        """One page of the catalog, filtered by ``search`` (in the id or name) and ``category``."""
+        return self._run(self._core.models(limit=limit, offset=offset, search=search, category=category))
 
     def status(self, request_id: str) -> RequestStatus:
         return self._run(self._core.status(request_id))
@@ -247,6 +265,21 @@ class AsyncRunComfyClient(_ClientBase):
     async def submit(self, input: InputLike, *, fingerprint: str | None = None) -> Submission:
         """As ``RunComfyClient.submit``."""
         return await self._run(self._core.submit(input, fingerprint))
+
+    async def model(self, model_id: str | None = None) -> ModelInfo:
+        """As ``RunComfyClient.model``."""
+        return await self._run(self._core.model(model_id))
+
+    async def models(
+        self,
+        *,
+        limit: int | None = None,
+        offset: int | None = None,
+        search: str | None = None,
+        category: str | None = None,
+    ) -> ModelPage:
+        """As ``RunComfyClient.models``."""
+        return await self._run(self._core.models(limit=limit, offset=offset, search=search, category=category))
 
     async def status(self, request_id: str) -> RequestStatus:
         return await self._run(self._core.status(request_id))

@@ -25,6 +25,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from dagster_runway._redact import redact_text
+from dagster_runway.client._catalog import ModelInfo, ModelPage
 from dagster_runway.client._errors import describe_body, effective_status, error_for, failure_error
 from dagster_runway.errors import (
     AmbiguousSubmitError,
@@ -126,17 +127,41 @@ class RequestCore:
     def redact(self, text: str) -> str:
         return redact_text(text, [self._token])
 
-    # -- the four calls ------------------------------------------------------------------------
+    # -- the calls -----------------------------------------------------------------------------
 
     def submit(
         self, input: ImageToVideoInput | Mapping[str, Any], fingerprint: str | None = None
     ) -> Call[Submission]:
         model = input if isinstance(input, ImageToVideoInput) else self._validate_input(input)
         body = model.to_request()
-        path = "/v1/models/" + "/".join(quote(part, safe="") for part in self.model_id.split("/"))
-        request = self._request("POST", self.base_url + path, json=body)
+        request = self._request("POST", self._model_url(self.model_id), json=body)
         fingerprint = fingerprint or input_fingerprint(self.model_id, body)
         return self._call(request, Submission, idempotent=False, what="submit", fingerprint=fingerprint)
+
+    def model(self, model_id: str | None = None) -> Call[ModelInfo]:
+        """The catalog's entry of ``model_id`` (by default the client's model): its price and input schema."""
+        model_id = self.model_id if model_id is None else _check_model_id(model_id)
+        request = self._request("GET", self._model_url(model_id))
+        return self._call(request, ModelInfo, idempotent=True, what="model lookup", model_id=model_id)
+
+    def models(
+        self,
+        *,
+        limit: int | None = None,
+        offset: int | None = None,
+        search: str | None = None,
+        category: str | None = None,
+    ) -> Call[ModelPage]:
+        """One page of the catalog; only the parameters given are sent (the service has its defaults)."""
+        for name, value, low in (("limit", limit, 1), ("offset", offset, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise InputValidationError(
+                    f"{name}={value!r} must be a whole number of {low} or more; nothing was sent.", field=name
+                )
+        given = {"limit": limit, "offset": offset, "search": search, "category": category}
+        params = {name: str(value) for name, value in given.items() if value is not None}
+        request = self._request("GET", self.base_url + "/v1/models", params=params)
+        return self._call(request, ModelPage, idempotent=True, what="model listing", target="the catalog")
 
     def status(self, request_id: str) -> Call[RequestStatus]:
         request = self._request("GET", self._request_url(request_id, "status"))
@@ -180,6 +205,10 @@ class RequestCore:
                 detail=[{"loc": [field], "msg": e["msg"], "type": e["type"]} for field, e in errors],
             ) from None
 
+    def _model_url(self, model_id: str) -> str:
+        # The id's slashes stay separators; each segment is escaped (as RunComfy's own code does).
+        return self.base_url + "/v1/models/" + "/".join(quote(part, safe="") for part in model_id.split("/"))
+
     def _request_url(self, request_id: str, action: str) -> str:
         if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
             raise InputValidationError(
@@ -200,11 +229,14 @@ class RequestCore:
         what: str,
         request_id: str | None = None,
         fingerprint: str | None = None,
+        model_id: str | None = None,
+        target: str | None = None,
     ) -> Call[Any]:
         request.headers.update(self.headers)
         policy = self.retry
         started = time.monotonic()
-        target = f"request {request_id}" if request_id else f"model {self.model_id}"
+        model_id = model_id or self.model_id
+        target = target or (f"request {request_id}" if request_id else f"model {model_id}")
         attempt = 0
         while True:
             attempt += 1
@@ -218,7 +250,9 @@ class RequestCore:
                 )
             else:
                 try:
-                    return self._parse(outcome, model, what=what, target=target, request_id=request_id)
+                    return self._parse(
+                        outcome, model, what=what, target=target, request_id=request_id, model_id=model_id
+                    )
                 except RateLimitedError as exc:
                     error, retry_after = exc, exc.retry_after
                 except ServerError as exc:
@@ -309,6 +343,7 @@ class RequestCore:
         what: str,
         target: str,
         request_id: str | None,
+        model_id: str,
     ) -> Any:
         status = response.status_code
         try:
@@ -338,8 +373,20 @@ class RequestCore:
                     request_id=request_id,
                 ) from None
         raise error_for(
-            response, body, what=what, target=target, request_id=request_id, model_id=self.model_id, redact=self.redact
+            response, body, what=what, target=target, request_id=request_id, model_id=model_id, redact=self.redact
         )
+
+
+def _check_model_id(model_id: str) -> str:
+    """A model id as the catalog names it (``owner/model/variant``), or an ``InputValidationError``."""
+    parts = model_id.strip("/").split("/") if isinstance(model_id, str) else []
+    if not parts or any(part in ("", ".", "..") or not part.isprintable() or " " in part for part in parts):
+        raise InputValidationError(
+            f"model_id {str(model_id)[:80]!r} is not a model id: give one such as {MODEL_ID!r} (slash-separated "
+            "segments, no spaces); nothing was sent.",
+            field="model_id",
+        )
+    return "/".join(parts)
 
 
 def answer_of(exc: httpx.HTTPStatusError) -> httpx.Response:

@@ -110,15 +110,17 @@ def error_for(
             "is never a reason to submit again; if it persists, check base_url and any proxy in between.",
             **common,
         )
-    if code == 404001 or (status == 404 and request_id is not None):
+    # Without a request id (a submit, a catalog read) the missing resource is the model.
+    if request_id is not None and (code == 404001 or status == 404):
         return RequestNotFoundError(
             f"{where} failed: the request is unknown or has expired ({text}). Requests and their outputs "
             "are kept for a limited time; submit again if you need the video.",
             **common,
         )
-    if code == 400001 or status == 404:
+    if code in (400001, 404001) or status == 404:
         return ModelNotFoundError(
-            f"{where} failed: the model id {model_id!r} is unknown or malformed ({text}). Check model_id.",
+            f"{where} failed: the model id {model_id!r} is unknown or malformed ({text}). Check model_id "
+            "against the catalog (dagster-runway models).",
             **common,
         )
     if status in (400, 422) or code == 422001:

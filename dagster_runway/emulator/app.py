@@ -1,6 +1,7 @@
 """The emulator's HTTP side: a Starlette app speaking RunComfy's Model API protocol.
 
-API calls under ``/v1`` need ``Authorization: Bearer <token>``. Videos under ``/files`` are
+API calls under ``/v1`` need ``Authorization: Bearer <token>``, the catalog's reads too (RunComfy's
+own clients send the token there). Videos under ``/files`` are
 served without auth, like a CDN. The ``/_emulator`` admin endpoints need no auth either: the
 emulator binds to loopback by default, so only local processes reach them.
 """
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.server import ServerState
 
 from dagster_runway._redact import redact_url
+from dagster_runway.emulator.catalog import DEFAULT_LIMIT, MAX_LIMIT, Catalog, served_entry
 from dagster_runway.emulator.config import EmulatorConfig
 from dagster_runway.emulator.faults import Call, FaultBook, FaultRule, Hit, Stage
 from dagster_runway.emulator.holds import Holds
@@ -87,6 +89,10 @@ class EmulatorApp:
         self.server_state: ServerState | None = None
         self.asgi = Starlette(
             routes=[
+                # The exact paths first: "categories" is not a model id, and /v1/models is not redirected.
+                Route("/v1/models", self._models, methods=["GET"]),
+                Route("/v1/models/categories", self._categories, methods=["GET"]),
+                Route("/v1/models/{model_id:path}", self._model, methods=["GET"]),
                 Route("/v1/models/{model_id:path}", self._submit, methods=["POST"]),
                 Route("/v1/requests/{request_id}/status", self._status, methods=["GET"]),
                 Route("/v1/requests/{request_id}/result", self._result, methods=["GET"]),
@@ -153,6 +159,39 @@ class EmulatorApp:
             {"request_id": request_id, **self._urls(request, request_id, "status", "result", "cancel")}
         )
 
+    async def _model(self, request: Request) -> Response:
+        self._account(request)
+        if (response := await self._fault("models", "call", None, request)) is not None:
+            return response
+        model_id = request.path_params["model_id"]
+        entry = self.catalog().get(model_id)
+        if entry is None:
+            raise ApiError(404, 400001, f"Unknown model {model_id!r}; see GET /v1/models for the models listed")
+        return JSONResponse(entry.model_dump(mode="json"))
+
+    async def _models(self, request: Request) -> Response:
+        self._account(request)
+        if (response := await self._fault("models", "call", None, request)) is not None:
+            return response
+        query = request.query_params
+        limit = _query_int(query, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        offset = _query_int(query, "offset", 0, 0, None)
+        found = self.catalog().search(query.get("search"), query.get("category"))
+        return JSONResponse(
+            {
+                "models": [entry.model_dump(mode="json") for entry in found[offset : offset + limit]],
+                "total": len(found),
+                "limit": limit,
+                "offset": offset,
+            }
+        )
+
+    async def _categories(self, request: Request) -> Response:
+        self._account(request)
+        if (response := await self._fault("models", "call", None, request)) is not None:
+            return response
+        return JSONResponse({"categories": self.catalog().categories()})
+
     async def _status(self, request: Request) -> Response:
         account, request_id = self._account(request), request.path_params["request_id"]
         if (response := await self._fault("status", "call", self._fields(request_id), request)) is not None:
@@ -180,8 +219,10 @@ class EmulatorApp:
             body["finished_at"] = _timestamp(view.finished)
         if view.video is not None:
             body["output"] = {"video": f"{_base(request)}/files/{request_id}.mp4"}
-            if request.query_params.get("include_cost", "").lower() in ("true", "1"):
-                body["cost"] = view.cost
+        # A generation that ran states what the ledger keeps for it (a refunded failure: 0).
+        ran = view.state in ("succeeded", "failed")
+        if ran and request.query_params.get("include_cost", "").lower() in ("true", "1"):
+            body["cost"] = view.cost
         if view.failure is not None:
             body["error"] = {"code": view.failure.code, "message": view.failure.message}
         return JSONResponse(body)
@@ -254,6 +295,12 @@ class EmulatorApp:
             raise ApiError(422, 422001, "Invalid release", json.loads(exc.json(include_url=False))) from exc
         released = self._holds.release(count)
         return JSONResponse({"released": released, "held": len(self._holds.held())})
+
+    def catalog(self) -> Catalog:
+        """The catalog now: the served model's entry follows the config's price."""
+        config = self._config
+        served = served_entry(config.model_id, config.price_usd, config.price_unit, config.input_schema)
+        return Catalog(served, config.catalog)
 
     def reset(self) -> None:
         """Wipe requests, ledger and faults."""
@@ -335,6 +382,23 @@ class EmulatorApp:
 
 def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
+
+
+def _query_int(query: Any, name: str, default: int, low: int, high: int | None) -> int:
+    """A whole-number query parameter within bounds, or a 422 naming it."""
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    bounds = f"from {low} to {high}" if high is not None else f"{low} or more"
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        message = f"Query parameter {name}={raw[:40]!r} must be a whole number {bounds}"
+        detail = [{"loc": ["query", name], "msg": message, "type": "value_error"}]
+        raise ApiError(422, 422001, message, detail)
+    return value
 
 
 def _not_yours(exc: Exception, request_id: str) -> ApiError:

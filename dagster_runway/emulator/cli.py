@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dagster_runway.emulator.catalog import CatalogFileError, load_catalog_file
 from dagster_runway.emulator.config import EmulatorConfig
 from dagster_runway.emulator.faults import FaultRule
 from dagster_runway.emulator.persist import StateDirError
@@ -75,11 +76,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.latency_seconds,
         help="Seconds added to every answer (default: %(default)s).",
     )
-    parser.add_argument(
+    price = parser.add_mutually_exclusive_group()
+    price.add_argument(
+        "--price-usd-per-second",
         "--price-per-second",
+        dest="price_per_second",
         type=float,
-        default=defaults.price_per_second,
-        help="USD per second of video (default: %(default)s).",
+        default=None,
+        metavar="USD",
+        help=f"USD billed per second of video, and the catalog's price (default: {defaults.price_usd}).",
+    )
+    price.add_argument(
+        "--price-usd-per-output",
+        dest="price_per_output",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="USD billed per video whatever its length; the catalog's price_unit is then 'output'.",
+    )
+    parser.add_argument(
+        "--catalog",
+        default=None,
+        metavar="FILE",
+        help="A JSON file of other models' catalog entries (a list, or a saved GET /v1/models answer) to list.",
+    )
+    parser.add_argument(
+        "--bill-failed",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.bill_failed,
+        help="Keep failed generations charged; --no-bill-failed refunds them (default: %(default)s).",
     )
     parser.add_argument(
         "--balance", type=float, default=None, help="Credit of each account in USD (default: unlimited)."
@@ -111,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; print the base URL and the token first."""
     try:
         config = _config(args)
+    except CatalogFileError as exc:
+        print(f"dagster-runway emulator: {exc}", file=sys.stderr)
+        return 2
     except ValidationError as exc:
         print(f"dagster-runway emulator: invalid option: {exc}", file=sys.stderr)
         return 2
@@ -131,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"RunComfy emulator serving on {emulator.base_url}", flush=True)
         print(f"API token: {emulator.token}", flush=True)
         print(f"Model: {emulator.base_url}/v1/models/{config.model_id}", flush=True)
+        refund = "" if config.bill_failed else "; failed generations are refunded"
+        print(f"Price: {config.price_usd:g} USD per {config.price_unit}{refund}", flush=True)
         if config.state_dir:
             print(f"State: {config.state_dir} ({emulator.ledger().submissions} requests kept)", flush=True)
         print("Press Ctrl+C to stop.", flush=True)
@@ -141,14 +171,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> EmulatorConfig:
+    price: dict[str, Any] = {}
+    if args.price_per_second is not None:
+        price = {"price_usd": args.price_per_second, "price_unit": "second"}
+    elif args.price_per_output is not None:
+        price = {"price_usd": args.price_per_output, "price_unit": "output"}
     return EmulatorConfig(
+        **price,
+        bill_failed=args.bill_failed,
+        catalog=load_catalog_file(args.catalog) if args.catalog else [],
         tokens=args.tokens or EmulatorConfig().tokens,
         time_scale=args.time_scale,
         max_concurrency=args.max_concurrency,
         video_scale=args.video_scale,
         fps=args.fps,
         latency_seconds=args.latency,
-        price_per_second=args.price_per_second,
         balance_usd=args.balance,
         ttl_seconds=args.ttl,
         random_seed=args.seed,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import copy
+from typing import Any
 
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dagster_runway.emulator.catalog import CatalogEntry, PriceUnit
 from dagster_runway.emulator.faults import FaultRule
-from dagster_runway.schema import MODEL_ID
+from dagster_runway.schema import INPUT_SCHEMA, MODEL_ID
 
 
 class EmulatorConfig(BaseModel):
@@ -52,7 +56,37 @@ class EmulatorConfig(BaseModel):
         description="Output size as a fraction of the ratio's pixel size (0.25 renders 1280:720 as 320x180).",
     )
     fps: int = Field(default=8, ge=1, le=60, description="Frames per second of the rendered videos.")
-    price_per_second: float = Field(default=0.05, ge=0.0, description="USD charged per second of video.")
+    price_usd: float = Field(
+        default=0.05,
+        ge=0.0,
+        allow_inf_nan=False,
+        validation_alias=AliasChoices("price_usd", "price_per_second"),
+        description="USD charged per price_unit, and the catalog's base_price_usd (price_per_second is its "
+        "older name).",
+    )
+    price_unit: PriceUnit = Field(
+        default="second",
+        description="What price_usd is per: 'second' of output video (a 10 s video costs twice a 5 s one) or "
+        "'output' (one price per video).",
+    )
+    bill_failed: bool = Field(
+        default=True,
+        description="Whether a failed generation stays charged. RunComfy does not document it (reference "
+        "§10, §14); Runway's web app returns the credits of failed generations, fal does not bill 5xx "
+        "failures and Replicate does not charge aborted runs, but none of that binds RunComfy. True, the "
+        "default, is the assumption that never lets a spend cap overshoot. Either way the ledger and "
+        "/result?include_cost=true agree: a failed result states the cost the ledger keeps (0 when "
+        "refunded).",
+    )
+    input_schema: dict[str, Any] = Field(
+        default_factory=lambda: copy.deepcopy(INPUT_SCHEMA),
+        description="The served model's input_schema in the catalog: the seed's published schema by default. "
+        "Another one changes what the catalog says, not what the emulator accepts (to test schema drift).",
+    )
+    catalog: list[CatalogEntry] = Field(
+        default_factory=list,
+        description="Other models the catalog lists (see load_catalog_file); they are listed, not served.",
+    )
     balance_usd: float | None = Field(
         default=None,
         ge=0.0,
@@ -91,6 +125,17 @@ class EmulatorConfig(BaseModel):
     fetch_timeout_seconds: float = Field(
         default=10.0, gt=0.0, description="Timeout for fetching a promptImage URL."
     )
+
+    @model_validator(mode="after")
+    def _check_catalog(self) -> EmulatorConfig:
+        ids = [self.model_id, *(entry.model_id for entry in self.catalog)]
+        twice = sorted({model_id for model_id in ids if ids.count(model_id) > 1})
+        if twice:
+            raise ValueError(
+                f"catalog lists {', '.join(twice)} more than once (the served model's entry is made from "
+                "price_usd, price_unit and input_schema: leave it out of the catalog)"
+            )
+        return self
 
     @field_validator("queue_seconds", "render_seconds")
     @classmethod

@@ -32,14 +32,15 @@ from dagster_runway.emulator.responses import (
 )
 from dagster_runway.schema import DEFAULT_PROMPT_TEXT, DEFAULT_SEED
 
-Call = Literal["submit", "status", "result", "cancel", "files"]
-Endpoint = Literal["submit", "status", "result", "cancel", "files", "any"]
+Call = Literal["submit", "status", "result", "cancel", "files", "models"]
+Endpoint = Literal["submit", "status", "result", "cancel", "files", "models", "any"]
 # Where a call is when a rule may fire: on arrival, after a submit was recorded and billed, or
 # (for kinds that fail the generation) when a submitted request's outcome is drawn.
 Stage = Literal["call", "accepted", "generation"]
 
-CALLS: tuple[Call, ...] = ("submit", "status", "result", "cancel", "files")
-API_CALLS: tuple[Call, ...] = ("submit", "status", "result", "cancel")
+# "models" is every catalog read: /v1/models, /v1/models/{model_id} and /v1/models/categories.
+CALLS: tuple[Call, ...] = ("submit", "status", "result", "cancel", "files", "models")
+API_CALLS: tuple[Call, ...] = ("submit", "status", "result", "cancel", "models")
 SERVER_ERROR_STATUSES = (500, 502, 503, 504)
 
 

@@ -16,6 +16,9 @@ class LedgerEntry(BaseModel):
     fingerprint: str = Field(description="sha256 of the model id and the input, the image taken by identity.")
     duration: int = Field(description="Requested video length in seconds.")
     cost_usd: float = Field(description="What the submit costs now: 0 once refunded.")
+    billed: bool = Field(
+        description="Whether the submit stays charged: not once cancelled, nor once failed without bill_failed.",
+    )
     state: str = Field(
         description="The request's state: in_queue, in_progress, succeeded, failed or cancelled."
     )
@@ -52,12 +55,12 @@ class Ledger(BaseModel):
                 FingerprintTotal(submissions=0, billed_submissions=0, cost_usd=0.0, request_ids=[]),
             )
             total.submissions += 1
-            total.billed_submissions += entry.state != "cancelled"
+            total.billed_submissions += entry.billed
             total.cost_usd = round(total.cost_usd + entry.cost_usd, 6)
             total.request_ids.append(entry.request_id)
         return cls(
             submissions=len(entries),
-            billed_submissions=sum(entry.state != "cancelled" for entry in entries),
+            billed_submissions=sum(entry.billed for entry in entries),
             total_cost_usd=round(sum(entry.cost_usd for entry in entries), 6),
             by_fingerprint=by_fingerprint,
             entries=entries,

@@ -3,7 +3,9 @@
 A request waits ``in_queue`` for its drawn queue time and for a free slot of its account (at most
 ``max_concurrency`` in progress; the oldest ready request goes first), then is ``in_progress`` for
 its drawn render time and until its work (image fetch, checks, rendering) is done, then ends
-``succeeded`` or ``failed``. Only a queued request can be ``cancelled``; it is then refunded.
+``succeeded`` or ``failed``. Only a queued request can be ``cancelled``; it is then refunded. A submit
+is billed the configured price (per second of video, or per output); a failed one is refunded when
+the config's ``bill_failed`` is off.
 
 All state sits behind one lock and is advanced from timestamps each time it is read, so answers
 are right however often and from however many threads it is polled. The worker also advances it
@@ -241,12 +243,10 @@ class Store:
         are drawn now."""
         config = self._config
         duration = model_input.fields["duration"]
-        cost = round(config.price_per_second * duration, 6)
+        cost = round(config.price_usd * (duration if config.price_unit == "second" else 1), 6)
         with self._session():
             if config.balance_usd is not None:
-                spent = sum(
-                    r.cost for r in self._records.values() if r.account == account and r.state != "cancelled"
-                )
+                spent = sum(self._charged(r) for r in self._records.values() if r.account == account)
                 if spent + cost > config.balance_usd + 1e-9:
                     raise InsufficientBalance(
                         f"balance too low: this request costs ${cost:.2f}, "
@@ -334,7 +334,8 @@ class Store:
                         account=record.account,
                         fingerprint=record.fingerprint,
                         duration=record.fields["duration"],
-                        cost_usd=record.cost,
+                        cost_usd=self._charged(record),
+                        billed=self._billed(record),
                         state=record.state,
                         expired=record.expired,
                         submitted_at=datetime.fromtimestamp(record.created, UTC),
@@ -343,6 +344,13 @@ class Store:
                     )
                 )
             return Ledger.of(entries)
+
+    def _billed(self, record: _Record) -> bool:
+        """Whether the request stays charged: not once cancelled, nor once failed without bill_failed."""
+        return record.state != "cancelled" and (record.state != "failed" or self._config.bill_failed)
+
+    def _charged(self, record: _Record) -> float:
+        return record.cost if self._billed(record) else 0.0
 
     # The worker's side
 
@@ -449,7 +457,7 @@ class Store:
             created=record.created,
             started=record.started,
             finished=record.finished,
-            cost=record.cost,
+            cost=self._charged(record),
             video=outcome if isinstance(outcome, Video) else None,
             failure=outcome if isinstance(outcome, Failure) else None,
         )

@@ -268,17 +268,28 @@ def real_service() -> bool:
     return bool(os.environ.get("RUNCOMFY_API_TOKEN") or os.environ.get("RUNCOMFY_BASE_URL"))
 
 
-def check_spend_allowed(args: argparse.Namespace, found: int, estimate_usd_per_second: float, duration_s: int) -> None:
-    """Against the real service: say what it may cost, and refuse without --yes or --max-spend."""
-    base_url = os.environ.get("RUNCOMFY_BASE_URL")
-    estimate = found * duration_s * estimate_usd_per_second
+def check_spend_allowed(args: argparse.Namespace, found: int, config: Any) -> None:
+    """Against the real service: say what it may cost (at the catalog's price when it can be read), and
+    refuse without --yes or --max-spend."""
+    from dagster_runway.client import DEFAULT_BASE_URL, RetryPolicy, RunComfyClient
+    from dagster_runway.pipeline import catalog
+    from dagster_runway.schema import MODEL_ID
+
+    base_url = os.environ.get("RUNCOMFY_BASE_URL") or DEFAULT_BASE_URL
+    token = os.environ.get("RUNCOMFY_API_TOKEN")
+    if token:
+        with RunComfyClient(api_token=token, base_url=base_url, retry=RetryPolicy(deadline=20)) as client:
+            price = catalog.read_with(client, MODEL_ID, config.estimated_usd_per_second).price
+    else:
+        price = catalog.Price(catalog.ESTIMATE, config.estimated_usd_per_second, why_estimate="no token to read it")
+    estimate = found * price.estimate_usd(int(config.defaults.duration))
     print(
-        f"Using RunComfy at {base_url or 'https://model-api.runcomfy.net'}: {found} image(s), about "
-        f"{estimate:.2f} USD if every one is generated."
+        f"Using RunComfy at {base_url}: {found} image(s), about {estimate:.2f} USD if every one is generated, "
+        f"at {price.describe()}."
     )
     if not (args.yes or args.max_spend is not None):
         raise UsageError("this spends real credits; pass --yes, or --max-spend USD to cap the spend")
-    if not os.environ.get("RUNCOMFY_API_TOKEN"):
+    if not token:
         raise UsageError("RUNCOMFY_BASE_URL is set but RUNCOMFY_API_TOKEN is not: export RUNCOMFY_API_TOKEN=<your token>")
 
 
@@ -318,7 +329,7 @@ def _run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         base_url = os.environ.get("RUNCOMFY_BASE_URL")
         if real:
-            check_spend_allowed(args, found, config.estimated_usd_per_second, int(config.defaults.duration))
+            check_spend_allowed(args, found, config)
         else:
             emulator = start_emulator(stack, home, args.time_scale)
             os.environ["RUNCOMFY_API_TOKEN"], base_url = emulator.token, emulator.base_url

@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     environment = dict(os.environ)
     with contextlib.ExitStack() as stack:
         if real:
-            demo.check_spend_allowed(args, found, config.estimated_usd_per_second, int(config.defaults.duration))
+            demo.check_spend_allowed(args, found, config)
             base_url = os.environ.get("RUNCOMFY_BASE_URL")
             cap = f"spend cap {args.max_spend:.2f} USD" if args.max_spend is not None else "no spend cap (--yes)"
             print(f"The UI's runs pay the real service, with {cap}; images without a prompt fail before paying.")

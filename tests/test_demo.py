@@ -86,6 +86,22 @@ def test_real_credits_are_not_spent_without_yes_or_a_cap(tmp_path: Path, emulato
     assert capped.returncode == 1 and "raise max_spend_usd" in capped.stdout, capped.stdout[-2000:]
 
 
+def test_the_estimate_before_spending_uses_the_catalog_price_and_says_when_it_cannot(
+    tmp_path: Path, emulator_factory
+) -> None:
+    from dagster_runway.emulator.faults import FaultRule
+
+    write_images(tmp_path / "images", valid=3, invalid=False)
+    dearer = emulator_factory(tokens=[SECRET], price_usd=0.08)
+    refused = _demo(tmp_path, "--images", str(tmp_path / "images"), env=_real(dearer))
+    assert "3 image(s), about 1.20 USD" in refused.stdout and "the service's catalog" in refused.stdout
+
+    down = emulator_factory(tokens=[SECRET], faults=[FaultRule(kind="server_error", endpoint="models")])
+    refused = _demo(tmp_path, "--images", str(tmp_path / "images"), env=_real(down))
+    assert "3 image(s), about 0.75 USD" in refused.stdout and "the catalog could not be read" in refused.stdout
+    assert dearer.ledger().billed_submissions == down.ledger().billed_submissions == 0
+
+
 def test_the_token_is_nowhere_at_rest_after_a_run(tmp_path: Path, emulator_factory) -> None:
     emulator = emulator_factory(tokens=[SECRET])
     write_images(tmp_path / "images", valid=2, invalid=False)

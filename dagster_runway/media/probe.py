@@ -9,6 +9,7 @@ decode returns ``decodable=False`` with the reason in ``decode_error``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,19 @@ from .errors import VideoProbeError
 from .publish import write_bytes_atomic
 
 READ_BLOCK = 4 * 1024 * 1024
+
+#: The Dagster UI shows a markdown value inline only under about 1,000 characters; a longer one hides
+#: behind "Show Markdown". :func:`poster_markdown` always stays within this.
+POSTER_MARKDOWN_MAX_CHARS = 1000
+#: The thumbnail's longest side in the UI, and how much coarser it may get (downscaled by each factor,
+#: then scaled back up) before its WebP fits.
+_THUMB_SIDE = 160
+_THUMB_COARSENESS = (1, 2, 4, 8, 16)
+_THUMB_QUALITIES = (60, 40, 20)
+#: The last resort: at most 32 px a side, 16 colours, 4 bits a pixel, as PNG. Its size is bounded
+#: whatever the picture: 32 rows x 17 bytes of pixel data (+11 for zlib stored blocks), a 48-byte
+#: palette and 69 bytes of PNG framing make at most 672 bytes, 896 in base64, 929 characters of markdown.
+_FLOOR_SIDE = 32
 
 
 @dataclass(frozen=True)
@@ -239,3 +253,34 @@ def extract_poster(
     return write_bytes_atomic(
         poster_uri, buffer.getvalue(), storage_options=storage_options, content_type="image/jpeg"
     )
+
+
+def _markdown(data: bytes, mime: str) -> str:
+    return f"![poster](data:{mime};base64,{base64.b64encode(data).decode('ascii')})"
+
+
+def poster_markdown(poster: bytes) -> str:
+    """An inline thumbnail of a poster image for the Dagster UI, as markdown with a data URI, always
+    within :data:`POSTER_MARKDOWN_MAX_CHARS` characters however detailed the picture.
+
+    The first WebP that fits, from sharpest to coarsest: 160 px, then less detail (downscaled and
+    scaled back up) and lower quality; if none does, a 32 px 16-colour PNG, whose size is bounded
+    (see :data:`_FLOOR_SIDE`)."""
+    with Image.open(io.BytesIO(poster)) as opened:
+        image = opened.convert("RGB")
+    image.thumbnail((_THUMB_SIDE, _THUMB_SIDE), Image.Resampling.LANCZOS)
+    for coarseness in _THUMB_COARSENESS:
+        coarse = image
+        if coarseness > 1:
+            small = (max(1, image.width // coarseness), max(1, image.height // coarseness))
+            coarse = image.resize(small, Image.Resampling.BOX).resize(image.size, Image.Resampling.BICUBIC)
+        for quality in _THUMB_QUALITIES:
+            out = io.BytesIO()
+            coarse.save(out, format="WEBP", quality=quality)
+            markdown = _markdown(out.getvalue(), "image/webp")
+            if len(markdown) <= POSTER_MARKDOWN_MAX_CHARS:
+                return markdown
+    image.thumbnail((_FLOOR_SIDE, _FLOOR_SIDE), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.quantize(16).save(out, format="PNG", bits=4)
+    return _markdown(out.getvalue(), "image/png")

@@ -165,7 +165,8 @@ class ResolvedSettings(BaseModel):
 
 def resolve_auto_ratio(width: int, height: int) -> str:
     """The supported ratio closest to ``width:height``, compared on a log scale (so 2:1 and 1:2 are
-    symmetric). ``resolve_auto_ratio(4000, 3000) == "1104:832"``."""
+    symmetric). ``resolve_auto_ratio(4000, 3000) == "1104:832"``. Give the size as viewers show the
+    picture (``ImageInfo.displayed_size``, which applies EXIF orientation), not as it is stored."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     aspect = math.log(width / height)

@@ -6,6 +6,16 @@ the end of the file to catch a truncated upload. A 7000x7000 PNG on S3 costs abo
 transfer, not its full size. WebP is the one exception to "with Pillow": Pillow's WebP plugin reads
 the whole file to open it, so its RIFF header is parsed here (the same fields Pillow reads).
 
+A format the service refuses is named from its magic bytes before Pillow runs ("BMP is not
+accepted"). Where an image ends is decided by walking its structure (:mod:`.formats`), not by looking
+for a marker near the end: a file that ends exactly with its end marker is complete (known from the
+tail); any other file is read whole and walked, so a complete image followed by other bytes (a motion
+photo's MP4, zero padding, data after IEND) is accepted, and :attr:`ImageInfo.image_end` says where
+the image stops, while a file that ends before its end marker is refused as truncated.
+
+The EXIF Orientation a viewer applies (JPEG, and PNG's ``eXIf`` before its pixel data) is read from
+the header too: :attr:`ImageInfo.displayed_size` is the size the picture is shown at.
+
 Rules (from the model's schema): under 16 MB, width and height under 8000 px, width/height strictly
 between 0.5 and 2.0; plus what the service chokes on: a format other than PNG, JPEG or WebP, an empty,
 corrupt or truncated file.
@@ -26,6 +36,7 @@ from dagster_runway.schema import IMAGE_MAX_ASPECT, IMAGE_MAX_BYTES, IMAGE_MAX_S
 
 from ._fs import full_url, read_range
 from .errors import ImageValidationError
+from .formats import ends_complete, image_end, refused_format
 
 #: First ranged read; enough for the header of nearly every PNG and JPEG.
 HEADER_CHUNK = 64 * 1024
@@ -37,6 +48,10 @@ TAIL_BYTES = 1024
 ACCEPTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
 _FIX_FORMAT = "convert it to PNG or JPEG (the service accepts PNG, JPEG and WebP)"
 _FIX_REEXPORT = "re-export or re-upload the image"
+#: EXIF Orientation values whose displayed picture is the stored one turned a quarter (width and
+#: height swap): 5 transpose, 6 rotate 90 clockwise, 7 transverse, 8 rotate 90 counter-clockwise.
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,10 @@ class ImageInfo:
     height: int
     size: int
     bytes_read: int
+    #: Where the image ends (just past its end marker), when the file was walked: always by
+    #: :func:`validate_bytes`; by :func:`validate_image` only when the file does not end with its marker.
+    image_end: int | None = None
+    orientation: int = 1  # EXIF Orientation, 1..8 (1: as stored)
 
     @property
     def mime_type(self) -> str:
@@ -58,9 +77,38 @@ class ImageInfo:
     def aspect(self) -> float:
         return self.width / self.height
 
+    @property
+    def trailing_bytes(self) -> int:
+        """Bytes after the image's end marker (a motion photo's video, padding): 0 if none or not walked."""
+        return 0 if self.image_end is None else self.size - self.image_end
+
+    @property
+    def displayed_size(self) -> tuple[int, int]:
+        """``(width, height)`` as a viewer shows the picture: swapped for EXIF orientations 5 to 8."""
+        if self.orientation in SWAPPING_ORIENTATIONS:
+            return self.height, self.width
+        return self.width, self.height
+
+    @property
+    def pixels_text(self) -> str:
+        """For lineage: ``"480x360 JPEG"``, or ``"480x360 JPEG, displayed 360x480 (EXIF orientation 6)"``."""
+        text = f"{self.width}x{self.height} {self.format}"
+        if self.orientation != 1:
+            shown_w, shown_h = self.displayed_size
+            text += f", displayed {shown_w}x{shown_h} (EXIF orientation {self.orientation})"
+        return text
+
 
 class _HeaderBudgetExceeded(Exception):
     pass
+
+
+class _ReadFailed(Exception):
+    """A storage error while reading the header (so a decoder's error is never taken for one)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _RangeReader(io.RawIOBase):
@@ -95,7 +143,10 @@ class _RangeReader(io.RawIOBase):
             end = min(self._size, start + HEADER_CHUNK)
             if self.bytes_read + (end - start) > self._budget:
                 raise _HeaderBudgetExceeded()
-            chunk = read_range(self._fs, self._path, start, end)
+            try:
+                chunk = read_range(self._fs, self._path, start, end)
+            except Exception as exc:  # noqa: BLE001 - any storage failure, reported as such
+                raise _ReadFailed(exc) from exc
             self.bytes_read += len(chunk)
             self._chunks[index] = chunk
         return chunk
@@ -149,20 +200,25 @@ def sniff_mime(head: bytes) -> str | None:
     return None
 
 
-def _identify(reader: _RangeReader | io.BytesIO, shown: str) -> tuple[str, int, int]:
+def _identify(reader: _RangeReader | io.BytesIO, shown: str) -> tuple[str, int, int, int]:
+    """Format, width, height and EXIF orientation from the header. A format the service refuses is
+    named from its magic bytes before Pillow runs."""
     head = reader.read(32)
     reader.seek(0)
+    refused = refused_format(head)
+    if refused is not None:
+        raise _fail(shown, f"{refused} is not accepted", _FIX_FORMAT, "format")
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         size = _webp_size(head)
         if size is None:
             raise _fail(
                 shown, "WebP header is corrupt (no VP8/VP8L/VP8X frame header)", _FIX_REEXPORT, "corrupt"
             )
-        return "WEBP", size[0], size[1]
+        return "WEBP", size[0], size[1], 1
     try:
         # No warnings.catch_warnings() here: it is not thread-safe, and a sensor may validate in threads.
         with Image.open(cast(IO[bytes], reader)) as image:  # a file-like over ranged reads
-            return str(image.format), image.width, image.height
+            return str(image.format), image.width, image.height, _orientation(image.info.get("exif"))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _fail(
             shown,
@@ -180,28 +236,28 @@ def _identify(reader: _RangeReader | io.BytesIO, shown: str) -> tuple[str, int, 
             ) from None
         kind = _describe(head)
         raise _fail(shown, f"not a recognised image format ({kind})", _FIX_FORMAT, "format") from None
-    except (SyntaxError, OSError, ValueError, struct.error, EOFError) as exc:
+    except (_HeaderBudgetExceeded, _ReadFailed):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a decoder raises on a header it cannot parse
         raise _fail(
-            shown, f"image header is corrupt or truncated ({exc})", _FIX_REEXPORT, "corrupt"
+            shown, f"image header is corrupt or truncated ({type(exc).__name__}: {exc})", _FIX_REEXPORT, "corrupt"
         ) from None
 
 
+def _orientation(exif: object) -> int:
+    """The EXIF Orientation (1..8) in an APP1/eXIf payload; 1 when absent or unreadable (as viewers do)."""
+    if not isinstance(exif, bytes):
+        return 1
+    try:
+        value = Image.Exif()
+        value.load(exif)
+        orientation = value.get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: viewers show the picture as stored
+        return 1
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
 def _describe(head: bytes) -> str:
-    known = {
-        b"GIF8": "GIF",
-        b"BM": "BMP",
-        b"II*\x00": "TIFF",
-        b"MM\x00*": "TIFF",
-        b"%PDF": "PDF",
-        b"PK\x03\x04": "a ZIP archive",
-        b"\x00\x00\x00\x0cjP": "JPEG 2000",
-    }
-    for magic, name in known.items():
-        if head.startswith(magic):
-            return name
-    if head[4:8] == b"ftyp":
-        brand = head[8:12].decode("ascii", "replace")
-        return f"an ISO media file, brand {brand!r} (HEIC/AVIF/MP4)"
     if head and all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head):
         return "looks like text"
     return f"starts with {head[:8].hex(' ')}"
@@ -209,37 +265,42 @@ def _describe(head: bytes) -> str:
 
 def _check_tail(
     fs: fsspec.AbstractFileSystem, path: str, shown: str, fmt: str, size: int, head: bytes
-) -> int:
-    """Check the format's end marker; return the bytes read."""
+) -> tuple[int, int | None]:
+    """Check that the image is complete; return the bytes read and where the image ends (None when
+    the file ends with its end marker, which a few tail bytes show). WebP's end is its RIFF size;
+    a PNG or JPEG that does not end with its marker is read whole and walked to its end."""
     if fmt == "WEBP":
-        riff = int.from_bytes(head[4:8], "little") + 8
+        riff = 8 + int.from_bytes(head[4:8], "little")
         if size < riff:
-            raise _fail(
-                shown,
-                f"file is truncated: {size} bytes but its RIFF header says {riff}",
-                _FIX_REEXPORT,
-                "truncated",
-            )
-        return 0
+            raise _truncated(shown, fmt, head, size)
+        return 0, riff
     count = min(size, TAIL_BYTES)
-    tail = read_range(fs, path, size - count, size)
-    _judge_tail(shown, fmt, tail, count)
-    return len(tail)
+    try:
+        tail = read_range(fs, path, size - count, size)
+        if ends_complete(fmt, tail):
+            return len(tail), None
+        data = read_range(fs, path, 0, size)  # rare (a trailer, or a truncated file): at most 16 MB
+    except Exception as exc:  # noqa: BLE001 - a storage error while reading the tail
+        raise _unreadable(shown, exc) from None
+    return len(tail) + len(data), _end_of(shown, fmt, data, size)
 
 
-def _judge_tail(shown: str, fmt: str, tail: bytes, count: int) -> None:
-    if fmt == "PNG" and b"IEND\xaeB`\x82" not in tail:
-        raise _fail(
-            shown, "file is truncated: the PNG has no IEND chunk at its end", _FIX_REEXPORT, "truncated"
-        )
-    if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
-        raise _fail(
-            shown,
-            "file is truncated: the JPEG has no end-of-image marker in its last "
-            f"{count} bytes (data appended after the image is not supported)",
-            _FIX_REEXPORT,
-            "truncated",
-        )
+def _end_of(shown: str, fmt: str, data: bytes, size: int) -> int:
+    """Where the image in ``data`` (a file of ``size`` bytes) ends; refused as truncated if it does not."""
+    end = image_end(fmt, data)
+    if end is None:
+        raise _truncated(shown, fmt, data, size)
+    return end
+
+
+def _truncated(shown: str, fmt: str, head: bytes, size: int) -> ImageValidationError:
+    if fmt == "WEBP":
+        rule = f"file is truncated: {size} bytes but its RIFF header says {8 + int.from_bytes(head[4:8], 'little')}"
+    elif fmt == "PNG":
+        rule = "file is truncated: the PNG's chunks end before its IEND chunk"
+    else:
+        rule = "file is truncated: the JPEG's data ends before its end-of-image marker (FF D9)"
+    return _fail(shown, rule, _FIX_REEXPORT, "truncated")
 
 
 def validate_image(
@@ -248,9 +309,11 @@ def validate_image(
     """Check an image against the service's rules from its header alone; return what the header said.
 
     Reads at most :data:`HEADER_BUDGET` bytes from the start of the file (usually one 64 KiB ranged
-    read) and :data:`TAIL_BYTES` from its end. ``size`` (from a listing) saves a metadata request.
-    ``deep=True`` also downloads and fully decodes the image to catch corrupt pixel data; it reads
-    the whole file. Raises :class:`ImageValidationError` naming the file, the rule and the fix.
+    read) and :data:`TAIL_BYTES` from its end; a PNG or JPEG that does not end with its end marker
+    (bytes after the image, or a truncated file) is read whole to find where the image ends.
+    ``size`` (from a listing) saves a metadata request. ``deep=True`` also downloads and fully
+    decodes the image to catch corrupt pixel data; it reads the whole file. Raises
+    :class:`ImageValidationError` naming the file, the rule and the fix.
     """
     shown = full_url(fs, path)
     size = _checked_size(fs, path, shown, size)
@@ -258,7 +321,7 @@ def validate_image(
     try:
         head = reader.read(32)
         reader.seek(0)
-        fmt, width, height = _identify(reader, shown)
+        fmt, width, height, orientation = _identify(reader, shown)
     except _HeaderBudgetExceeded:
         raise _fail(
             shown,
@@ -266,38 +329,34 @@ def validate_image(
             "strip the metadata (EXIF/XMP/ICC) or re-export the image",
             "corrupt",
         ) from None
-    except ImageValidationError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a storage error while reading the header
-        raise _unreadable(shown, exc) from None
+    except _ReadFailed as exc:
+        raise _unreadable(shown, exc.error) from None
 
     _check_header(shown, fmt, width, height)
-    bytes_read = reader.bytes_read + _check_tail(fs, path, shown, fmt, size, head)
+    tail_read, end = _check_tail(fs, path, shown, fmt, size, head)
+    bytes_read = reader.bytes_read + tail_read
     if deep:
         bytes_read += _deep_decode(fs, path, shown)
-    return ImageInfo(path=path, format=fmt, width=width, height=height, size=size, bytes_read=bytes_read)
+    return ImageInfo(
+        path=path, format=fmt, width=width, height=height, size=size, bytes_read=bytes_read,
+        image_end=end, orientation=orientation,
+    )
 
 
 def validate_bytes(data: bytes, shown: str) -> ImageInfo:
-    """:func:`validate_image`'s rules (size, format, sides, aspect, end marker) on bytes already read:
-    the exact bytes that are hashed and sent, so what was checked is what is paid for. ``shown`` names
-    the file in errors. The pixels are :func:`check_pixels`'s job."""
+    """:func:`validate_image`'s rules (size, format, sides, aspect, a complete image) on bytes already
+    read: the exact bytes that are hashed and sent, so what was checked is what is paid for. The
+    image's structure is always walked, so ``image_end`` says where it ends (``trailing_bytes`` follow
+    it). ``shown`` names the file in errors. The pixels are :func:`check_pixels`'s job."""
     size = len(data)
     _check_size(shown, size)
-    reader = io.BytesIO(data)
-    fmt, width, height = _identify(reader, shown)
+    fmt, width, height, orientation = _identify(io.BytesIO(data), shown)
     _check_header(shown, fmt, width, height)
-    head = data[:32]
-    if fmt == "WEBP":
-        riff = int.from_bytes(head[4:8], "little") + 8
-        if size < riff:
-            raise _fail(
-                shown, f"file is truncated: {size} bytes but its RIFF header says {riff}", _FIX_REEXPORT, "truncated"
-            )
-    else:
-        count = min(size, TAIL_BYTES)
-        _judge_tail(shown, fmt, data[size - count :], count)
-    return ImageInfo(path=shown, format=fmt, width=width, height=height, size=size, bytes_read=size)
+    end = _end_of(shown, fmt, data, size)
+    return ImageInfo(
+        path=shown, format=fmt, width=width, height=height, size=size, bytes_read=size,
+        image_end=end, orientation=orientation,
+    )
 
 
 def _unreadable(shown: str, exc: Exception) -> ImageValidationError:
@@ -337,7 +396,7 @@ def _check_size(shown: str, size: int) -> None:
 def _check_header(shown: str, fmt: str, width: int, height: int) -> None:
     """The service's rules on what the header says: format, sides, aspect."""
     if fmt not in ACCEPTED_FORMATS:
-        raise _fail(shown, f"format {fmt} is not accepted", _FIX_FORMAT, "format")
+        raise _fail(shown, f"{fmt} is not accepted", _FIX_FORMAT, "format")
     if width <= 0 or height <= 0:
         raise _fail(shown, f"image header gives an empty size {width}x{height}", _FIX_REEXPORT, "corrupt")
     if width >= IMAGE_MAX_SIDE or height >= IMAGE_MAX_SIDE:

@@ -279,7 +279,7 @@ def check_spend_allowed(args: argparse.Namespace, found: int, config: Any) -> No
     token = os.environ.get("RUNCOMFY_API_TOKEN")
     if token:
         with RunComfyClient(api_token=token, base_url=base_url, retry=RetryPolicy(deadline=20)) as client:
-            price = catalog.read_with(client, MODEL_ID, config.estimated_usd_per_second).price
+            price = catalog.read_with(client, MODEL_ID, config.estimated_usd_per_second, warn=False).price
     else:
         price = catalog.Price(catalog.ESTIMATE, config.estimated_usd_per_second, why_estimate="no token to read it")
     estimate = found * price.estimate_usd(int(config.defaults.duration))

@@ -191,6 +191,15 @@ def test_truncated_files(tmp_path: Path, name: str, data: bytes) -> None:
     assert "re-export or re-upload" in error.fix
 
 
+@pytest.mark.parametrize("trailer", [b"", b"\x00" * 64], ids=["iend-damaged", "damaged-with-trailer"])
+def test_a_png_chunk_with_a_wrong_crc_is_corrupt(tmp_path: Path, trailer: bytes) -> None:
+    data = png_bytes(300, 300)
+    error = _rule(tmp_path, "damaged.png", data[:-1] + bytes([data[-1] ^ 0xFF]) + trailer)
+    assert error.code == "corrupt"
+    assert error.rule == "file is corrupt: the PNG's IEND chunk fails its CRC check"
+    assert "re-export or re-upload" in error.fix
+
+
 def test_deep_decode_finds_corrupt_pixel_data(tmp_path: Path) -> None:
     noisy = Image.effect_noise((256, 256), 60).convert("RGB")
     buffer = io.BytesIO()

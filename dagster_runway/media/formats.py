@@ -12,6 +12,8 @@ end at all means the file is truncated.
 
 from __future__ import annotations
 
+import zlib
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # (magic, name), checked in order; the first match names the file. Formats Pillow names well
@@ -74,6 +76,18 @@ def png_end(data: bytes) -> int | None:
         if data[pos + 4 : pos + 8] == b"IEND":
             return end
         pos = end
+    return None
+
+
+def png_bad_crc(data: bytes, end: int) -> str | None:
+    """The type of the first chunk before ``end`` whose CRC is wrong (a damaged file), or None."""
+    pos = len(_PNG_SIGNATURE)
+    while pos < end:
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        body = data[pos + 4 : pos + 8 + length]
+        if zlib.crc32(body) != int.from_bytes(data[pos + 8 + length : pos + 12 + length], "big"):
+            return body[:4].decode("latin-1")
+        pos += 12 + length
     return None
 
 

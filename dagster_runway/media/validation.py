@@ -36,7 +36,7 @@ from dagster_runway.schema import IMAGE_MAX_ASPECT, IMAGE_MAX_BYTES, IMAGE_MAX_S
 
 from ._fs import full_url, read_range
 from .errors import ImageValidationError
-from .formats import ends_complete, image_end, refused_format
+from .formats import ends_complete, image_end, png_bad_crc, refused_format
 
 #: First ranged read; enough for the header of nearly every PNG and JPEG.
 HEADER_CHUNK = 64 * 1024
@@ -290,6 +290,9 @@ def _end_of(shown: str, fmt: str, data: bytes, size: int) -> int:
     end = image_end(fmt, data)
     if end is None:
         raise _truncated(shown, fmt, data, size)
+    chunk = png_bad_crc(data, end) if fmt == "PNG" else None
+    if chunk is not None:
+        raise _fail(shown, f"file is corrupt: the PNG's {chunk} chunk fails its CRC check", _FIX_REEXPORT, "corrupt")
     return end
 
 

@@ -70,14 +70,21 @@ def read(resource: RunComfyResource, estimated_usd_per_second: float, accepted: 
 
 
 def read_with(
-    client: RunComfyClient, model_id: str, estimated_usd_per_second: float, accepted: tuple[str, ...] = ()
+    client: RunComfyClient,
+    model_id: str,
+    estimated_usd_per_second: float,
+    accepted: tuple[str, ...] = (),
+    *,
+    warn: bool = True,
 ) -> CatalogView:
-    """:func:`read` with a client of one's own (the demo's, before any run)."""
+    """:func:`read` with a client of one's own (the demo's, before any run). ``warn=False`` leaves saying
+    why the estimate is used to the caller (``price.describe()`` does)."""
     try:
         info = client.model(model_id)
     except RunComfyError as exc:
         why = f"the catalog could not be read ({type(exc).__name__}: {exc})"
-        logger.warning("%s: %s; pricing with estimated_usd_per_second and not checking the input schema", model_id, why)
+        if warn:
+            logger.warning("%s: %s; pricing with estimated_usd_per_second and not checking the input schema", model_id, why)
         return CatalogView(model_id, Price(ESTIMATE, usd_per_second=estimated_usd_per_second, why_estimate=why))
     return view(model_id, info, estimated_usd_per_second, accepted)
 

@@ -127,9 +127,10 @@ def dagster_home(root: Path, storage: str) -> Iterator[Path]:
 
 
 def populate(
-    instance: Any, pipeline: Any, ids: list[str], workers: int, mode: str
+    instance: Any, pipeline: Any, ids: list[str], workers: int, mode: str, submitted_at: float | None = None
 ) -> tuple[list[str], float]:
-    """A partition per request, its image record and its request record; returns the keys and seconds.
+    """A partition per request, its image record and its request record (submitted at ``submitted_at``,
+    now by default); returns the keys and seconds.
 
     ``mode="report"`` writes each record with ``report_runless_asset_event``, from ``workers`` threads
     (setup only: one at a time, PostgreSQL takes 15-30 ms for each on a busy 2-core machine).
@@ -191,7 +192,7 @@ def populate(
             duration_s=5,
             seed=str(n),
             settings_from="defaults",
-            submitted_at=MetadataValue.timestamp(time.time()),
+            submitted_at=MetadataValue.timestamp(submitted_at or time.time()),
             estimated_cost_usd=0.25,
             journal_entry=f"{pipeline.output}/.runway/claims/{fingerprint[:2]}/{fingerprint}/1.json",
             source_path=MetadataValue.path(source),
@@ -262,7 +263,6 @@ class Tick:
     cursor: dict[str, Any] = field(default_factory=dict)
     events: int = 0
     run_requests: int = 0
-    round_robin: tuple[int, int] = (0, 0)
     memory_json_bytes: int = 0
 
 
@@ -314,7 +314,6 @@ def run_tick(number: int, defs: Any, instance: Any, memory: Callable[[], dict[st
     from dagster import build_sensor_context
 
     tick = Tick(number)
-    before = memory().get("rr", 0)
     sensor_def = defs.resolve_sensor_def(SENSOR)
     with timed_phases(tick):
         started = time.perf_counter()
@@ -326,7 +325,6 @@ def run_tick(number: int, defs: Any, instance: Any, memory: Callable[[], dict[st
     tick.cursor = json.loads(result.cursor or "{}")
     tick.run_requests = len(result.run_requests or [])
     after = memory()
-    tick.round_robin = (before, after.get("rr", 0))
     tick.memory_json_bytes = len(json.dumps(after, separators=(",", ":")))
     return tick
 
@@ -466,7 +464,7 @@ def report(outcome: Outcome, concurrency: int) -> None:
         f"({outcome.floor_in_flight} in flight); {outcome.floor_load}"
     )
     print(f"ticks: {outcome.load}")
-    columns = ["tick", "total_s", *PHASES, "polled", "polls/s", "vs floor", "rr before->after", "in budget",
+    columns = ["tick", "total_s", *PHASES, "polled", "polls/s", "vs floor", "in budget",
                "memory_B", "changes", "runs"]  # fmt: skip
     print(" | ".join(columns))
     for tick in outcome.ticks:
@@ -480,7 +478,6 @@ def report(outcome: Outcome, concurrency: int) -> None:
             str(polled),
             f"{rps:.0f}" if rps else "-",
             f"{rps / floor_rps:.2f}x" if rps else "-",
-            f"{tick.round_robin[0]}->{tick.round_robin[1]}",
             "yes" if tick.seconds <= outcome.budget_s else "NO",
             str(tick.cursor.get("memory_bytes", "?")),
             str(tick.events),
@@ -493,7 +490,7 @@ def report(outcome: Outcome, concurrency: int) -> None:
         tick_s = sum(t.seconds for t in steady)
         print(
             f"polling ticks: {len(steady)}, polled {[int(t.cursor['polled']) for t in steady]} "
-            f"(round robin: each tick starts where the last stopped); a full pass over {n} takes "
+            f"(most overdue first; the rest are due at the next tick); a full pass over {n} takes "
             f"{n / (polled_total / len(steady)):.1f} ticks. Tick time per poll {tick_s / polled_total * 1000:.2f} ms "
             f"vs floor {outcome.floor_s / n * 1000:.2f} ms ({(tick_s / polled_total) / (outcome.floor_s / n):.2f}x)."
         )

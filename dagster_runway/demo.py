@@ -347,14 +347,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"DAGSTER_HOME={home}")
         save_settings(home, images, output, options)
         rows = _drive(defs, instance, args, config)
-        gallery = write_gallery(config, instance)
+        paid = [row for row in rows if row.paid_now]
+        paid_usd = sum(float(row.cost) for row in paid if row.cost.replace(".", "", 1).isdigit())
+        gallery = write_gallery(config, instance, run_spend_usd=paid_usd)
     _print_table(rows)
     bad = [row for row in rows if row.outcome not in ("ok", "stale", "source missing")]
     stale = sum(row.outcome == "stale" for row in rows)
     missing = sum(row.outcome == "source missing" for row in rows)
     defaulted = sum(row.prompt_source == "service default" for row in rows)
-    paid = [row for row in rows if row.paid_now]
-    paid_usd = sum(float(row.cost) for row in paid if row.cost.replace(".", "", 1).isdigit())
     total_usd = Journal(config.journal_url, config.journal_options).spent_usd()
     definitions_file(home, images, output, options, base_url if real else None, offline=not real)
     print(
@@ -421,12 +421,13 @@ def _drive(defs: Any, instance: Any, args: argparse.Namespace, config: Any) -> l
 
 
 def discovery_pending(cursor: str | None) -> bool:
-    """Whether the discovery sensor left images for its next tick (its cursor says how many)."""
+    """Whether the discovery sensor left images for its next tick: some it listed but did not judge, or
+    a pass over the source it has not finished (its cursor says)."""
     try:
         data = json.loads(cursor or "{}")
     except ValueError:
         return False
-    return isinstance(data, dict) and bool(data.get("deferred"))
+    return isinstance(data, dict) and (bool(data.get("deferred")) or data.get("pass_done") is False)
 
 
 def _request_ids(instance: Any, config: Any) -> set[str]:

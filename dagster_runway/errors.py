@@ -126,6 +126,18 @@ class AmbiguousSubmitError(RunComfyError):
         self.cause = cause
 
 
+def is_safety_code(code: str | None) -> bool:
+    """Whether a failed generation's code is a content-moderation rejection (never retried): the one
+    rule, for the client's message, the pipeline's failure class and the submit's reuse verdict."""
+    upper = (code or "").upper()
+    return upper.startswith("SAFETY.") or ".SAFETY." in upper or upper.startswith("INPUT_PREPROCESSING.SAFETY")
+
+
+def is_internal_code(code: str | None) -> bool:
+    """Whether a failed generation's code is the service's own failure (retried only when configured)."""
+    return (code or "").upper().startswith(("INTERNAL", "INPUT_PREPROCESSING.INTERNAL"))
+
+
 class GenerationFailedError(RunComfyError):
     """The request finished as ``failed``. ``failure_code`` is Runway's code, e.g. ``SAFETY.INPUT.IMAGE``."""
 
@@ -139,13 +151,12 @@ class GenerationFailedError(RunComfyError):
     @property
     def is_safety(self) -> bool:
         """A content-moderation rejection: never retry it."""
-        code = (self.failure_code or "").upper()
-        return code.startswith("SAFETY.") or ".SAFETY." in code or code.startswith("INPUT_PREPROCESSING.SAFETY")
+        return is_safety_code(self.failure_code)
 
     @property
     def is_internal(self) -> bool:
         """An internal failure on the service's side: may be retried once, by explicit configuration."""
-        return (self.failure_code or "").upper().startswith(("INTERNAL", "INPUT_PREPROCESSING.INTERNAL"))
+        return is_internal_code(self.failure_code)
 
 
 class RequestCancelledError(RunComfyError):

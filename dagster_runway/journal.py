@@ -165,9 +165,9 @@ class JournalDamaged(JournalError):
 class SourceMismatch(JournalError):
     """The output (its journal) belongs to another image source than the one given."""
 
-    def __init__(self, message: str, *, bound: str, given: str) -> None:
-        super().__init__(message)
-        self.bound, self.given = bound, given
+    def __init__(self, reason: str, fix: str, *, bound: str, given: str) -> None:
+        super().__init__(f"{reason} Fix: {fix}")
+        self.reason, self.fix, self.bound, self.given = reason, fix, bound, given
 
 
 class ClaimTaken(Exception):
@@ -329,9 +329,10 @@ class Journal:
         if not adopt:
             raise SourceMismatch(
                 f"the output {where} holds videos of the image source {bound} ({self.where(path)} says so), "
-                f"not of {given}: mixing them would show the other source's videos as this one's. Fix: give "
-                f"this source an output of its own, or adopt the output for {given} (the demo's --adopt-output, "
-                "the pipeline option adopt_output=True); the old source's videos then stay in it unmanaged.",
+                f"not of {given}: mixing them would show the other source's videos as this one's.",
+                f"give this source an output of its own, or adopt the output for {given} (the demo's "
+                "--adopt-output, the pipeline option adopt_output=True); the old source's videos then stay in it "
+                "unmanaged.",
                 bound=str(bound),
                 given=given,
             )

@@ -38,7 +38,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # The heavy tests (a real daemon, webserver and PostgreSQL; a real browser) run one at a time on one
 # xdist worker, beside the rest on the other: two of them at once on 2 cores would starve each other.
-HEAVY_FILES = {"test_deployment.py", "test_ui_browser.py", "test_gallery.py"}
+HEAVY_FILES = {"test_deployment.py", "test_ui_browser.py", "test_gallery.py", "test_gallery_page.py"}
 
 
 def _named_on_the_command_line(config: pytest.Config) -> bool:

@@ -34,14 +34,6 @@ from tests.test_media_support import mp4_bytes
 
 LOCAL = fsspec.filesystem("file")
 
-# What the pipeline does with a file's bytes and its orientation lives in pipeline/prepare.py and
-# the poster's thumbnail in pipeline/collect.py; until /tmp/brief/out/photos-prepare.py.diff and
-# photos-collect.py.diff are applied these tests fail. Remove this mark when applying them.
-needs_pipeline_diffs = pytest.mark.xfail(
-    strict=True, reason="needs the photos-prepare.py / photos-collect.py diffs in pipeline/"
-)
-
-
 # -- the corpus ------------------------------------------------------------------------------------
 
 
@@ -250,7 +242,6 @@ def test_an_image_with_trailing_data_makes_a_video(tmp_path: Path, emulator: Any
     assert meta is not None and Path(meta["runway/video_uri"]).exists()
 
 
-@needs_pipeline_diffs
 def test_only_the_image_is_sent_and_hashed_and_the_lineage_says_so(
     tmp_path: Path, emulator: Any, instance: DagsterInstance
 ) -> None:
@@ -288,7 +279,6 @@ def test_a_truncated_motion_photo_bills_nothing(tmp_path: Path, emulator: Any, i
     assert failure is not None and "truncated" in failure.reason
 
 
-@needs_pipeline_diffs
 def test_ratio_auto_follows_exif_orientation_to_a_portrait_video(
     tmp_path: Path, emulator: Any, instance: DagsterInstance
 ) -> None:
@@ -303,7 +293,6 @@ def test_ratio_auto_follows_exif_orientation_to_a_portrait_video(
     assert _input_lineage(instance, "portrait.jpg")["source_pixels"] == "480x360 JPEG, displayed 360x480 (EXIF orientation 6)"
 
 
-@needs_pipeline_diffs
 def test_a_noisy_4000x3000_photo_gets_an_inline_poster(tmp_path: Path, emulator: Any, instance: DagsterInstance) -> None:
     _save(tmp_path / "images", "detailed.jpg", _encode(_detailed(4000, 3000), "JPEG", quality=60))
     assert _materialize(emulator, instance, tmp_path / "images", "detailed.jpg").success

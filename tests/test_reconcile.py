@@ -11,15 +11,20 @@ from dagster import AssetKey
 from dagster_runway import _compat
 from dagster_runway.pipeline import failures as fl
 from dagster_runway.pipeline.reconcile import (
+    POLL_CAP_S,
     Failure,
+    Learnt,
     PartitionState,
     Policy,
     SensorMemory,
     batch_run_requests,
     covered,
+    due_polls,
     hold_collects,
     late_poll,
     late_poll_interval,
+    observe,
+    poll_due,
     request_partitions,
     stage,
 )
@@ -100,6 +105,22 @@ def test_stage(state: PartitionState, policy: Policy, expected: str) -> None:
     assert stage(state, policy) == expected
 
 
+def test_a_schema_drift_failure_is_owed_again_once_accepted_or_at_its_hourly_look() -> None:
+    drift = _state(failure=_failure(fl.SCHEMA_DRIFT, retry_at=1000.0, schema_changes=["duration.enum", "seed.maximum"]))
+    assert stage(drift, POLICY, now=999.0) == "failed"
+    assert stage(drift, POLICY, now=1001.0) == "submit"  # the catalog may be back to what was built for
+    some = Policy("mark_stale", 0, None, accept_schema_changes=frozenset({"duration.enum"}))
+    assert stage(drift, some, now=999.0) == "failed"  # one of the two is not accepted
+    both = Policy("mark_stale", 0, None, accept_schema_changes=frozenset({"duration.enum", "seed.maximum"}))
+    assert stage(drift, both, now=999.0) == "submit"
+
+
+def test_an_output_mismatch_is_owed_again_only_once_the_output_is_adopted() -> None:
+    mismatch = _state(failure=_failure(fl.OUTPUT_MISMATCH))
+    assert stage(mismatch, POLICY) == "failed"
+    assert stage(mismatch, Policy("mark_stale", 0, None, adopt_output=True)) == "submit"
+
+
 def test_a_spend_cap_failure_is_owed_again_when_the_window_allows_or_the_cap_is_raised() -> None:
     capped = _state(failure=_failure(fl.SPEND_CAP, retry_at=1000.0, cap_usd=5.0))
     assert stage(capped, Policy("mark_stale", 0, 5.0), now=999.0) == "failed"
@@ -171,10 +192,11 @@ def test_a_render_timeout_is_final_unless_the_request_finishes_after_all() -> No
 
 
 def test_memory_round_trips_through_json() -> None:
-    memory = SensorMemory(high_water=42, caught_up=True, round_robin=3)
+    memory = SensorMemory(high_water=42, caught_up=True, learnt=Learnt([30.0, 41.5], [2.5]))
     memory.state("a").failure = _failure(fl.DOWNLOAD, request_id="r")
     memory.state("b").request_id = "x"
     memory.state("b").submitted_at, memory.state("b").late_poll_at = 1234.5, 2000.0
+    memory.state("b").poll_at, memory.state("b").polled_at, memory.state("b").started_at = 1300.0, 1250.0, 1240.0
     again = SensorMemory.from_json(memory.to_json())
     assert again == memory
     assert SensorMemory.from_json({"v": 99}) == SensorMemory()  # an unknown version starts afresh
@@ -228,3 +250,123 @@ def test_a_part_batch_of_finished_requests_waits_for_the_collect_run_in_progress
     # A request whose finish no poll saw (a recollect after a failure, memory rebuilt) is never held.
     assert not hold_collects([*ready, PartitionState(request_id="r9")], collect_running=True, **wait)
     assert not hold_collects([], collect_running=True, **wait)
+
+
+# Polling by expectation
+
+T0 = 1_000_000.0
+STEP_CAP = 30.0  # twice a 15 s status interval
+# Renders of 30 to 90 s (10th percentile 36, 90th 84), and a queue that drains 10 positions a second.
+LEARNT = [float(x) for x in range(30, 91, 6)]
+
+
+def _learnt(drains: tuple[float, ...] = (10.0, 10.0, 10.0)) -> Learnt:
+    return Learnt(list(LEARNT), list(drains))
+
+
+def _flight(**values: object) -> PartitionState:
+    return _state(**{"request_id": "r", "request_version": "v1", "request_storage_id": 5, "submitted_at": T0, **values})
+
+
+def test_a_new_request_is_first_due_when_the_quickest_renders_seen_would_end() -> None:
+    state = _flight()
+    assert poll_due(state, Learnt()) == T0  # nothing learnt yet: at once
+    assert poll_due(state, _learnt()) == T0 + 36.0  # the 10th percentile of the renders seen
+    assert poll_due(_flight(submitted_at=0.0), _learnt()) == 0.0  # submit time unknown: at once
+    assert due_polls({"a": state}, ["a"], POLICY, _learnt(), T0 + 35.0) == []
+    assert due_polls({"a": state}, ["a"], POLICY, _learnt(), T0 + 36.0) == ["a"]
+
+
+def test_a_queued_request_waits_for_the_requests_ahead_and_a_render_scaled_by_its_position() -> None:
+    waits = {}
+    for position in (1, 100, 1000, 100_000):
+        state = _flight()
+        observe(state, _learnt(), "in_queue", position, T0 + 36.0, step_cap_s=STEP_CAP)
+        waits[position] = state.poll_at - (T0 + 36.0)
+    # 0.8 x position / 10 per second, plus the quickest render (36 s); no sooner than a running
+    # request's step (30 s), no later than the cap.
+    assert waits == pytest.approx({1: 36.08, 100: 44.0, 1000: 116.0, 100_000: POLL_CAP_S})
+
+
+def test_queued_requests_are_polled_less_often_than_running_ones() -> None:
+    queued, running = _flight(), _flight(status="in_progress", started_at=T0, polled_at=T0 + 40.0)
+    observe(queued, _learnt(), "in_queue", 1, T0 + 100.0, step_cap_s=STEP_CAP)
+    observe(running, _learnt(), "in_progress", None, T0 + 100.0, step_cap_s=STEP_CAP)
+    assert running.poll_at - (T0 + 100.0) == 24.0  # past its quickest end: every (84 - 36) / 2 s
+    assert queued.poll_at - (T0 + 100.0) > 24.0
+
+
+def test_a_running_request_is_not_polled_before_the_quickest_render_would_end_after_its_start() -> None:
+    state = _flight(status="in_queue", queue_position=50, polled_at=T0 + 36.0)
+    observe(state, _learnt(), "in_progress", None, T0 + 46.0, step_cap_s=STEP_CAP)
+    assert state.started_at == T0 + 41.0  # the 50 ahead of it were due to go in 5 s
+    assert state.poll_at == T0 + 41.0 + 36.0
+    # Past that, every step, never more than the cap (two ticks) apart.
+    observe(state, _learnt(), "in_progress", None, T0 + 77.0, step_cap_s=STEP_CAP)
+    assert state.poll_at == T0 + 77.0 + 24.0
+    wide = Learnt([10.0, 10.0, 10.0, 300.0, 300.0, 300.0, 300.0, 300.0, 300.0, 300.0], [10.0] * 3)
+    observe(state, wide, "in_progress", None, T0 + 101.0, step_cap_s=STEP_CAP)
+    assert state.poll_at == T0 + 101.0 + STEP_CAP
+
+
+def test_while_nothing_is_learnt_polls_thin_out_with_the_request_age() -> None:
+    state = _flight()
+    observe(state, Learnt(), "in_queue", 5, T0 + 0.5, step_cap_s=STEP_CAP)
+    assert state.poll_at == T0 + 0.5 + 1.0  # the floor
+    observe(state, Learnt(), "in_queue", 5, T0 + 40.0, step_cap_s=STEP_CAP)
+    assert state.poll_at == T0 + 40.0 + 20.0  # half its age
+    observe(state, Learnt(), "in_progress", None, T0 + 60.0, step_cap_s=STEP_CAP)
+    assert state.poll_at == T0 + 60.0 + 5.0  # it started about 10 s ago (between the two polls)
+
+
+def test_the_polls_learn_queue_drain_rates_and_render_times() -> None:
+    learnt, state = Learnt(), _flight()
+    observe(state, learnt, "in_queue", 30, T0 + 10.0, step_cap_s=STEP_CAP)
+    observe(state, learnt, "in_queue", 10, T0 + 20.0, step_cap_s=STEP_CAP)
+    assert learnt.drains == [2.0]  # 20 positions in 10 s
+    observe(state, learnt, "in_progress", None, T0 + 30.0, step_cap_s=STEP_CAP)
+    assert state.started_at == T0 + 25.0  # no rate known yet (one sample): half way between the polls
+    observe(state, learnt, "succeeded", None, T0 + 90.0, step_cap_s=STEP_CAP)
+    assert learnt.renders == [35.0]  # it ended between 30 and 90: about 60, after a start at 25
+    assert learnt.render_range() is None and learnt.drain_rate() is None  # too few samples to go by
+    stalled = Learnt([], [0.0, 0.0, 0.0])
+    assert stalled.drain_rate() is None  # a queue that stands still predicts nothing
+    full = Learnt()
+    for n in range(100):
+        full.add_render(float(n))
+    assert len(full.renders) == 64 and full.renders[0] == 36.0  # the latest samples only
+
+
+def test_due_polls_go_most_overdue_first_with_the_deadline_and_the_late_polls() -> None:
+    deadline = Policy("mark_stale", 0, None, max_render_s=3600.0)
+    states = {
+        "later": _flight(poll_at=T0 + 500.0),
+        "soon": _flight(poll_at=T0 + 200.0),
+        "first": _flight(poll_at=T0 + 100.0),
+        "done": _flight(poll_at=T0 + 50.0, status="succeeded"),
+        "overdue": _flight(submitted_at=T0 - 4000.0, poll_at=T0 + 900.0),
+        "late": _flight(
+            submitted_at=T0 - 9000.0,
+            status="in_progress",
+            failure=_failure(fl.RENDER_TIMEOUT, storage_id=10, request_id="r"),
+            late_poll_at=T0 + 150.0,
+        ),
+    }
+    order = list(states)
+    assert due_polls(states, order, deadline, Learnt(), T0 + 300.0) == ["first", "late", "soon", "overdue"]
+
+
+def test_sensor_memory_from_before_polling_by_expectation_loads() -> None:
+    old = {
+        "v": 1,
+        "hw": 7,
+        "up": True,
+        "rr": 12,
+        "p": {"a": {"request_id": "r", "status": "in_queue", "queue_position": 3, "submitted_at": T0}},
+    }
+    memory = SensorMemory.from_json(old)
+    state = memory.partitions["a"]
+    assert memory.learnt == Learnt() and (state.poll_at, state.polled_at, state.started_at) == (0.0, 0.0, 0.0)
+    assert poll_due(state, memory.learnt) == T0  # due at once, as before
+    observe(state, memory.learnt, "in_queue", 2, T0 + 30.0, step_cap_s=STEP_CAP)
+    assert state.poll_at == T0 + 45.0 and memory.learnt.drains == []  # no earlier poll time to learn from

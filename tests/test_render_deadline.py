@@ -19,6 +19,7 @@ from dagster import DagsterInstance, MetadataValue, instance_for_test
 from dagster_runway import journal as jn
 from dagster_runway.emulator import Emulator, FaultRule
 from dagster_runway.pipeline import failures as fl
+from dagster_runway.pipeline.gallery import GalleryIndex
 from dagster_runway.testing import LocalDaemon
 
 from .pipeline_helpers import (
@@ -83,8 +84,8 @@ def test_a_queued_request_past_the_deadline_is_cancelled_refunded_and_not_resubm
     assert "not submitted again by itself" in failure.next_step
     assert "materialize runway/requests for this partition" in failure.next_step
     assert status_summary(daemon)["failed"] == 1 and video_metadata(instance, KEY) is None
-    page = (tmp_path / "videos" / "gallery.html").read_text()
-    assert f'data-state="failed" data-partition="{KEY}"' in page and "past the render deadline" in page  # not pending
+    row = GalleryIndex(str(tmp_path / "videos")).rows()[KEY]
+    assert row["s"] == "failed" and "past the render deadline" in row["w"]  # not pending
     observed = [r.asset_observation.metadata for r in instance.fetch_observations(REQUESTS, limit=20).records]
     assert any(m.get("runway/status") == MetadataValue.text("cancelled") for m in observed)  # shown cancelled
 

@@ -45,8 +45,9 @@ def test_a_change_that_could_alter_a_paid_submit_is_breaking(kind: str) -> None:
     changes = compare(INPUT_SCHEMA, _changed(edit))
     breaking = [change for change in changes if change.breaking]
     assert [change.id for change in breaking] == [expected], changes
-    message = refusal("runwayml/runway-gen-4/turbo/image-to-video", breaking)
-    assert expected in message and "accept_schema_changes" in message and "Nothing was sent" in message
+    reason, fix = refusal("runwayml/runway-gen-4/turbo/image-to-video", breaking)
+    assert expected in reason and "Nothing was sent" in reason
+    assert f"accept_schema_changes=[{expected!r}]" in fix
 
 
 def test_a_rename_names_the_new_field() -> None:

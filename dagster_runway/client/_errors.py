@@ -26,6 +26,7 @@ from dagster_runway.errors import (
     RequestNotFoundError,
     RunComfyError,
     ServerError,
+    is_safety_code,
 )
 from dagster_runway.retry import retry_after_seconds
 from dagster_runway.schema import RequestResult, RequestState
@@ -210,7 +211,7 @@ def failure_error(result: RequestResult) -> RunComfyError | None:
         code, text = result.failure_code, result.failure_message or "no message"
         advice = (
             "This is a content-safety rejection: change the image or prompt; do not retry it as is."
-            if code and "SAFETY" in code.upper()
+            if is_safety_code(code)
             else "The input was accepted but the generation failed; check the message, then submit again "
             "if it looks transient."
         )

@@ -106,11 +106,16 @@ def _hidden(relpath: str) -> bool:
     return any(segment.startswith(".") and segment not in (".", "..") for segment in relpath.split("/"))
 
 
+_GALLERY_INDEX = re.compile(r"index\.js|rows-[0-9a-f]{2}\.js")  # the review page's index, in gallery/
+
+
 def _own_output(relpath: str, found_relpaths: Mapping[str, object]) -> bool:
     """Whether ``relpath`` is something this project writes: a poster beside its video, a video's JSON
-    sidecar, the gallery page, or a file of a journal folder."""
+    sidecar, the gallery page and its index, or a file of a journal folder."""
     segments = relpath.split("/")
     if _JOURNAL_FOLDER in segments[:-1] or segments[-1] == _GALLERY:
+        return True
+    if len(segments) > 1 and segments[-2] == "gallery" and _GALLERY_INDEX.fullmatch(segments[-1]):
         return True
     lower = relpath.lower()
     if lower.endswith(".poster.jpg"):
@@ -231,10 +236,7 @@ class ImageSource:
         except FileNotFoundError:
             found = {}
         except Exception as exc:
-            raise SourceError(
-                f"{self.root_url}: cannot list images ({type(exc).__name__}: {exc}); check the path, the bucket "
-                "name, the credentials and endpoint_url in storage_options"
-            ) from None
+            raise self._list_error(exc) from None
         if not found:
             container = self.root if is_local(self.fs) else self.root.split("/", 1)[0]
             try:
@@ -248,45 +250,21 @@ class ImageSource:
                 )
         return dict(found)
 
+    def _list_error(self, exc: Exception) -> SourceError:
+        return SourceError(
+            f"{self.root_url}: cannot list images ({type(exc).__name__}: {exc}); check the path, the bucket "
+            "name, the credentials and endpoint_url in storage_options"
+        )
+
     def list(self) -> list[ImageEntry]:
         """Every image of the source, sorted by partition key. Re-lists (bypassing fsspec's listing
         cache) and re-reads the manifest on each call; one listing, no request per image."""
         found = self._find()
         manifest = self._load_manifest(refresh=True)
-        relpaths = {rel: path for path in found if (rel := self._relpath(path))}
-        entries: list[ImageEntry] = []
-        skipped: list[str] = []
-        linked_folders: list[str] = []
-        for path, listed in found.items():
-            relpath = self._relpath(path)
-            info = self._followed(path, listed)
-            if info.get("type", "file") == "directory" or not relpath:
-                if info.get("islink") and relpath and not _hidden(relpath):
-                    linked_folders.append(relpath)
-                continue
-            if _own_output(relpath, relpaths):
-                skipped.append(relpath)
-                continue
-            if _hidden(relpath) or not self._matcher.match(_matchable(relpath)):
-                continue
-            sidecars = tuple(c for c in sidecar_candidates(path) if c in found and c != path)
-            entry = self._entry(path, relpath, info, sidecars, [found[c] for c in sidecars])
-            entries.append(entry)
+        entries, skipped, linked_folders = self._listed(found)
         self.skipped_outputs = sorted(skipped)
         self.linked_folders = sorted(linked_folders)
-        if linked_folders:
-            logger.warning(
-                "%s: %d linked folder(s) are not followed, so no image in them is listed, e.g. %s; copy or move "
-                "the images into the source",
-                shown_name(self.root_url), len(linked_folders), shown_name(self.linked_folders[0]),
-            )
-        if skipped:
-            logger.warning(
-                "%s: %d file(s) that this project writes (posters, video sidecars, gallery.html, the .runway "
-                "journal) are inside the image source and are not listed as images, e.g. %s; keep the output and "
-                "the journal outside the source",
-                shown_name(self.root_url), len(skipped), shown_name(self.skipped_outputs[0]),
-            )
+        self._warn_listed(self.skipped_outputs, self.linked_folders)
         entries = self._match_manifest(entries, manifest)
         entries.sort(key=lambda e: e.partition_key)
         by_key: dict[str, ImageEntry] = {}
@@ -300,6 +278,47 @@ class ImageSource:
             by_key[entry.partition_key] = entry
         self._entries, self._by_key = entries, by_key
         return list(entries)
+
+    def _listed(
+        self, found: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[builtins.list[ImageEntry], builtins.list[str], builtins.list[str]]:
+        """The images among ``found`` (fs path -> listing info) by the listing's rules, without the
+        manifest, and the own outputs and linked folders seen, by relative path. A part of a listing
+        (:mod:`.listing`) holds each image with its sidecars and the videos its name may belong to."""
+        relpaths = {rel: path for path in found if (rel := self._relpath(path))}
+        entries: builtins.list[ImageEntry] = []
+        skipped: builtins.list[str] = []
+        linked_folders: builtins.list[str] = []
+        for path, listed in found.items():
+            relpath = self._relpath(path)
+            info = self._followed(path, listed)
+            if info.get("type", "file") == "directory" or not relpath:
+                if info.get("islink") and relpath and not _hidden(relpath):
+                    linked_folders.append(relpath)
+                continue
+            if _own_output(relpath, relpaths):
+                skipped.append(relpath)
+                continue
+            if _hidden(relpath) or not self._matcher.match(_matchable(relpath)):
+                continue
+            sidecars = tuple(c for c in sidecar_candidates(path) if c in found and c != path)
+            entries.append(self._entry(path, relpath, info, sidecars, [found[c] for c in sidecars]))
+        return entries, skipped, linked_folders
+
+    def _warn_listed(self, skipped: Sequence[str], linked_folders: Sequence[str]) -> None:
+        if linked_folders:
+            logger.warning(
+                "%s: %d linked folder(s) are not followed, so no image in them is listed, e.g. %s; copy or move "
+                "the images into the source",
+                shown_name(self.root_url), len(linked_folders), shown_name(linked_folders[0]),
+            )
+        if skipped:
+            logger.warning(
+                "%s: %d file(s) that this project writes (posters, video sidecars, gallery.html, the .runway "
+                "journal) are inside the image source and are not listed as images, e.g. %s; keep the output and "
+                "the journal outside the source",
+                shown_name(self.root_url), len(skipped), shown_name(skipped[0]),
+            )
 
     def _match_manifest(self, entries: builtins.list[ImageEntry], manifest: Manifest | None) -> builtins.list[ImageEntry]:
         """Tie each image to its manifest rows (NFC on both sides; case must match exactly), note the
@@ -416,6 +435,21 @@ class ImageSource:
                 infos.append(sidecar_info)
         return self._entry(path, relpath, info, tuple(sidecars), infos)
 
+    def _probe(self, relpath: str) -> ImageEntry | None:
+        """The image at ``relpath`` as a listing would give it but without its sidecars (one metadata
+        request), or None if there is no such image: to match manifest rows against images that one part
+        of a listing (:mod:`.listing`) does not hold."""
+        if _hidden(relpath) or not self._matcher.match(_matchable(relpath)):
+            return None
+        path = f"{self.root}/{relpath}" if self.root else relpath
+        try:
+            info = self._followed(path, self.fs.info(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if info.get("type", "file") == "directory":
+            return None
+        return self._entry(path, relpath, info, (), [])
+
     # -- settings --------------------------------------------------------------------------------
 
     def _manifest_location(self) -> tuple[fsspec.AbstractFileSystem, str, str]:
@@ -503,7 +537,7 @@ class ImageSource:
         if ratio == AUTO_RATIO:
             if image_size is None:
                 info = validate_image(self.fs, entry.path, size=entry.size or None)
-                image_size = (info.width, info.height)
+                image_size = info.displayed_size  # as viewers show it (EXIF orientation)
             ratio, ratio_auto = resolve_auto_ratio(*image_size), True
         seed, seed_derived = merged.seed, False
         if seed is None:

@@ -311,14 +311,19 @@ class _Download:
                 if delay > 0:
                     time.sleep(delay)
 
-    def publish(self, verify: Callable[[str], Any] | None) -> None:
-        """Check the complete body is a video (signature, then ``verify``), then make it visible."""
+    def publish(self, verify: Callable[[str], Any] | None, rewrite: Callable[[str], Any] | None = None) -> None:
+        """Check the complete body is a video (signature), ``rewrite`` it in place, check it with
+        ``verify``, then make it visible; the size and sha256 are then of the bytes stored."""
         assert self.sink is not None
         self.sink.close()
         _check_signature(self.sink.local_path, self.shown, self.dest)
-        if verify is not None:
+        if rewrite is not None or verify is not None:
             try:
-                verify(self.sink.local_path)
+                if rewrite is not None:
+                    rewrite(self.sink.local_path)
+                    self.digest, self.received = _file_digest(self.sink.local_path)
+                if verify is not None:
+                    verify(self.sink.local_path)
             except MediaError as exc:
                 raise NotAVideoError(
                     f"{self.shown}: the downloaded file is not a playable video ({exc}); nothing was stored"
@@ -392,6 +397,7 @@ def store_video(
     content_type: str | None = None,
     chunk_size: int = CHUNK_SIZE,
     verify: Callable[[str], Any] | None = None,
+    rewrite: Callable[[str], Any] | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     deadline_s: float | None = DEFAULT_DEADLINE_S,
     trusted_origins: Collection[str] | None = None,
@@ -409,7 +415,9 @@ def store_video(
     Only a video is published: an answer whose Content-Type is neither ``video/*`` nor binary, or
     whose body lacks the MP4 ``ftyp`` box (for ``.mp4``/``.mov``/``.m4v`` destinations), raises
     :class:`NotAVideoError`, and so does ``verify(local_path)`` raising a ``MediaError`` (e.g. a probe
-    that fails), called on the complete body before it is published.
+    that fails), called on the complete body before it is published. ``rewrite(local_path)`` may
+    change the body in place first (the lineage tags, :mod:`.provenance`); the size and sha256 returned
+    are then those of the rewritten bytes, and ``verify`` judges them.
 
     Limits (see the module's docstring): ``deadline_s`` in all, retries included
     (:class:`DownloadTimeoutError`); ``max_bytes`` (:class:`VideoTooLargeError`); redirects followed
@@ -433,7 +441,7 @@ def store_video(
     http = client or httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)), follow_redirects=False)
     try:
         attempts = state.fetch(http, retry, chunk_size)
-        state.publish(verify)
+        state.publish(verify, rewrite)
     except BaseException as exc:
         if state.sink is not None:
             state.sink.abort()
@@ -453,6 +461,15 @@ def store_video(
         content_type=state.content_type or guess_content_type(dest),
         attempts=attempts,
     )
+
+
+def _file_digest(local_path: str) -> tuple[Any, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(local_path, "rb") as handle:
+        while chunk := handle.read(CHUNK_SIZE):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest, size
 
 
 def _first_origin(url: str) -> frozenset[str]:

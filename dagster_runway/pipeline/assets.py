@@ -190,7 +190,7 @@ def build_videos_asset(pipeline: RunwayPipelineConfig):
         keys = _selected(context, config.partitions)
         if pipeline.videos_key not in context.selected_asset_keys:
             yield from verify_stored(pipeline, context, keys, resource)
-            _refresh_gallery(pipeline, context)
+            _refresh_gallery(pipeline, context, keys)
             return
         failures: list[fl.PartitionFailure] = []
         requests = None
@@ -222,17 +222,17 @@ def build_videos_asset(pipeline: RunwayPipelineConfig):
         for failure in failures:  # the submit's, in blocking mode
             yield from collect.explain_checks(failure)
         failures.extend(collect.failures)
-        _refresh_gallery(pipeline, context)
+        _refresh_gallery(pipeline, context, _selected(context, config.partitions))
         if failures:
             raise fl.run_failure("be collected", failures, len(_selected(context, config.partitions)))
 
     return _videos
 
 
-def _refresh_gallery(pipeline: RunwayPipelineConfig, context: AssetExecutionContext) -> None:
-    """Rewrite the review page with this run's outcomes; a failure to write it fails nothing."""
+def _refresh_gallery(pipeline: RunwayPipelineConfig, context: AssetExecutionContext, keys: list[str]) -> None:
+    """Rewrite the review page's rows of this run's partitions; a failure to write it fails nothing."""
     try:
-        uri = write_gallery(pipeline, context.instance)
+        uri = write_gallery(pipeline, context.instance, partitions=keys)
     except Exception as exc:  # noqa: BLE001 - the page is a convenience; the event log has everything
         context.log.warning(f"Could not write the review page {gallery_uri(pipeline)}: {exc}")
     else:

@@ -59,8 +59,8 @@ class CatalogView:
     harmless: list[SchemaChange] = field(default_factory=list)
     schema_checked: bool = False
 
-    def refusal(self) -> str | None:
-        """Why nothing may be sent in this run, or None."""
+    def refusal(self) -> tuple[str, str] | None:
+        """Why nothing may be sent in this run and the fix, or None."""
         return refusal(self.model_id, self.breaking) if self.breaking else None
 
 

@@ -16,10 +16,9 @@ status is current.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
-import io
+import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -46,13 +45,19 @@ from dagster_runway.media import (
     sha256_of,
     store_video,
 )
+from dagster_runway.media.lookup import change_tokens
+from dagster_runway.media.probe import poster_markdown
+from dagster_runway.media.provenance import tag_video
+from dagster_runway.media.publish import write_bytes_atomic
 from dagster_runway.media.storage import VideoTooLargeError, trusted_origins_for
+from dagster_runway.pipeline import catalog
 from dagster_runway.pipeline import checks as ck
 from dagster_runway.pipeline import failures as fl
 from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.pipeline.gallery import gallery_uri
+from dagster_runway.pipeline.prepare import recorded_relpaths
 from dagster_runway.pipeline.records import run_id_of as _run_id
 from dagster_runway.resource import RunComfyResource
 from dagster_runway.schema import RequestResult
@@ -214,7 +219,7 @@ class CollectBatch:
             return _Fetched(key, record, failure=self._result_failure(key, record, error))
         assert result.video_url is not None
         try:
-            stored = self._store(key, result.video_url)
+            stored = self._store(key, result.video_url, lineage_tags(record))
         except NotAVideoError as exc:
             return _Fetched(
                 key,
@@ -259,7 +264,8 @@ class CollectBatch:
             key, exc, attempt=record.attempt, retries_allowed=self.pipeline.retry_failed_generations
         )
 
-    def _store(self, key: str, video_url: str) -> Stored:
+    def _store(self, key: str, video_url: str, tags: Mapping[str, str]) -> Stored:
+        """Download, tag (the lineage in the MP4's metadata), check, publish; then the lineage sidecar."""
         pipeline = self.pipeline
         options = dict(pipeline.output_storage_options)
         video_uri = pipeline.video_uri(key)
@@ -277,10 +283,13 @@ class CollectBatch:
             video_uri,
             storage_options=options,
             verify=verify,
+            rewrite=lambda local_path: tag_video(local_path, tags),
             max_bytes=pipeline.max_video_bytes,
             deadline_s=pipeline.download_timeout_s,
             trusted_origins=self.trusted_origins,
         )
+        sidecar = json.dumps({**tags, "video_sha256": video.sha256, "video_size_bytes": video.size}, indent=2)
+        write_bytes_atomic(f"{video_uri}.json", sidecar.encode(), storage_options=options, content_type="application/json")
         return Stored(uri=video.uri, size=video.size, sha256=video.sha256, probe=probes[-1])
 
     def _poster(self, key: str, video_uri: str) -> tuple[bool, str | None]:
@@ -324,17 +333,6 @@ class CollectBatch:
                 video_size_bytes=stored.size,
                 video_sha256=stored.sha256,
                 result_url=MetadataValue.url(redact_url(str(result.video_url))),
-                probe=MetadataValue.json(
-                    {
-                        "codec": probe.codec,
-                        "width": probe.width,
-                        "height": probe.height,
-                        "fps": probe.fps,
-                        "duration_s": probe.duration_s,
-                        "frames": probe.frames,
-                        "container": probe.container,
-                    }
-                ),
                 video_codec=probe.codec,
                 video_size=f"{probe.width}x{probe.height}",
                 video_fps=round(probe.fps, 3),
@@ -344,6 +342,7 @@ class CollectBatch:
                 poster_preview=MetadataValue.md(fetched.preview) if fetched.preview else None,
                 gallery=md.uri_value(gallery_uri(pipeline), options),
                 cost_usd=result.cost,
+                price_source=catalog.RESULT if result.cost is not None else None,
                 package_version=__version__,
                 **_timings(result),
             ),
@@ -394,9 +393,11 @@ class CollectBatch:
             probe = probe_video(self.pipeline.video_uri(key), dict(self.pipeline.output_storage_options))
         except (MediaError, OSError) as exc:
             error = str(exc)
-        fields = record.fields if record is not None else dict(video.metadata.get("input") or {})
-        source_token = video.metadata.get("source_change_token")
-        return self._check_inputs(key, record, video.video_sha256, probe, error, fields=fields, source_token=source_token)
+        meta = video.metadata
+        fields = record.fields if record is not None else {"ratio": meta.get("ratio"), "duration": meta.get("duration_s")}
+        return self._check_inputs(
+            key, record, video.video_sha256, probe, error, fields=fields, source_token=meta.get("source_change_token")
+        )
 
     def _check_inputs(
         self,
@@ -429,14 +430,13 @@ class CollectBatch:
         )
 
     def _load_change_tokens(self) -> None:
-        """Each partition's image change token now (one listing, before the pool's threads read it)."""
+        """Each partition's image change token now, before the pool's threads read it: one metadata
+        request per image, at its recorded path (never a listing)."""
         if self._tokens is None:
-            wanted = set(self.keys)
-            self._tokens = {
-                entry.partition_key: entry.change_token
-                for entry in self.pipeline.image_source().list()
-                if entry.partition_key in wanted
-            }
+            source = self.pipeline.image_source()
+            relpaths = recorded_relpaths(self.pipeline, source, self.instance, self.keys)
+            tokens = change_tokens(source, relpaths.values())
+            self._tokens = {key: tokens.get(relpath) for key, relpath in relpaths.items()}
 
     def current_change_token(self, key: str) -> str | None:
         self._load_change_tokens()
@@ -529,8 +529,30 @@ def verify_stored(pipeline: RunwayPipelineConfig, context: Any, keys: Sequence[s
         yield from batch._judge()
 
 
+def lineage_tags(record: rec.RequestRecord) -> dict[str, str]:
+    """What a video carries of its making when it leaves the pipeline: in its MP4 metadata (``runway_*``
+    tags) and in the ``<video>.json`` sidecar beside it. Text only; no secret (the image's path as recorded)."""
+    meta, fields = record.metadata, record.fields
+    values = {
+        "model": meta.get("model"),
+        "prompt_text": fields.get("promptText"),
+        "prompt_source": meta.get("prompt_source"),
+        "seed": fields.get("seed"),
+        "ratio": fields.get("ratio"),
+        "duration_s": fields.get("duration"),
+        "source_path": meta.get("source_path"),
+        "source_sha256": meta.get("source_sha256"),
+        "request_id": record.request_id,
+        "fingerprint": record.fingerprint,
+        "package_version": __version__,
+    }
+    return {k: str(v) for k, v in values.items() if v is not None}
+
+
 def _request_lineage(record: rec.RequestRecord) -> dict[str, Any]:
-    """The request's metadata carried onto the video: what was asked, from which image, by which request."""
+    """The request's metadata carried onto the video: what was asked, from which image, by which request.
+    Each input field once (the request's ``input`` JSON repeats them); the estimate and the spend so far
+    stay on the request (the video has its ``cost_usd``)."""
     meta = record.metadata
     input_fields = record.fields
     values = md.RunwayMetadata(
@@ -538,7 +560,6 @@ def _request_lineage(record: rec.RequestRecord) -> dict[str, Any]:
         fingerprint=record.fingerprint,
         attempt=record.attempt,
         model=meta.get("model"),
-        input=MetadataValue.json(input_fields),
         prompt_text=meta.get("prompt_text"),
         prompt_source=meta.get("prompt_source"),
         prompt_warning=meta.get("prompt_warning"),
@@ -551,8 +572,6 @@ def _request_lineage(record: rec.RequestRecord) -> dict[str, Any]:
         source_change_token=meta.get("source_change_token"),
         source_version=meta.get("source_version"),
         submitted_at=MetadataValue.timestamp(meta["submitted_at"]) if meta.get("submitted_at") else None,
-        estimated_cost_usd=meta.get("estimated_cost_usd"),
-        spend_usd=meta.get("spend_usd"),
         spend_cap_usd=meta.get("spend_cap_usd"),
     )
     return dict(**values)
@@ -575,27 +594,11 @@ def _timings(result: RequestResult) -> dict[str, Any]:
     return timings
 
 
-# The UI renders a markdown value inline only below about 1,000 characters; longer ones hide behind
-# "Show Markdown".
-POSTER_MARKDOWN_MAX_CHARS = 1000
-
-
-def _poster_markdown(poster_uri: str, storage_options: Mapping[str, Any]) -> str | None:
-    """A thumbnail of the poster inline as a WebP data URI (the UI cannot load a local file), at the
-    largest size that stays under POSTER_MARKDOWN_MAX_CHARS; None if even the smallest does not."""
-    from PIL import Image
-
+def _poster_markdown(poster_uri: str, storage_options: Mapping[str, Any]) -> str:
+    """A thumbnail of the poster inline as a data URI (the UI cannot load a local file), short enough
+    for the UI to show it inline (:func:`~dagster_runway.media.probe.poster_markdown`)."""
     with fsspec.open(poster_uri, "rb", **storage_options) as handle:
-        image = Image.open(io.BytesIO(handle.read())).convert("RGB")
-    for size, quality in ((160, 60), (160, 40), (128, 40), (96, 40), (64, 30)):
-        thumbnail = image.copy()
-        thumbnail.thumbnail((size, size))
-        out = io.BytesIO()
-        thumbnail.save(out, format="WEBP", quality=quality)
-        markdown = f"![poster](data:image/webp;base64,{base64.b64encode(out.getvalue()).decode()})"
-        if len(markdown) <= POSTER_MARKDOWN_MAX_CHARS:
-            return markdown
-    return None
+        return poster_markdown(handle.read())
 
 
 def _poll(resource: RunComfyResource, request_ids: list[str], budget: float) -> dict[str, Any]:

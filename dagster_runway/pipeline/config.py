@@ -79,6 +79,14 @@ class RunwayPipelineConfig(BaseModel):
         "the tick's time budget); the rest wait for the next tick, so a tick stays short when thousands of images "
         "arrive at once.",
     )
+    discovery_list_per_tick: int = Field(
+        default=20_000,
+        ge=1000,
+        description="Objects one discovery tick reads from the source at most (S3 listing entries; locally "
+        "directory entries, plus the rest of the folder being read); the next tick resumes after the last path "
+        "judged. A pass over the source takes about objects / this many ticks, and a change or a deletion is "
+        "noticed within one pass.",
+    )
     discovery_interval_s: int = Field(default=30, ge=1, description="Seconds between discovery sensor ticks.")
     status_interval_s: int = Field(
         default=15,
@@ -143,7 +151,15 @@ class RunwayPipelineConfig(BaseModel):
         default=None, gt=0, description="Make `max_spend_usd` a rolling cap over this many hours (else all-time)."
     )
     estimated_usd_per_second: float = Field(
-        default=0.05, ge=0, description="Price estimate per output second, counted until a result states the cost."
+        default=0.05,
+        ge=0,
+        description="Price per output second used when the service's catalog gives none (or cannot be read); "
+        "a submit run prices its spend-cap reservations and estimates at the catalog's price otherwise.",
+    )
+    accept_schema_changes: tuple[str, ...] = Field(
+        default=(),
+        description="Breaking changes of the model's live input schema to accept, by the id the "
+        "`schema_drift` failure names (e.g. `duration.enum`); a submit run refuses any other breaking change.",
     )
     retry_failed_generations: int = Field(
         default=0,

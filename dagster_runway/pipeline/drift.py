@@ -104,13 +104,14 @@ def _messages(validations: Iterable[Mapping[str, Any]] | None) -> list[str]:
     return sorted(str(v.get("validation_error")) for v in validations or ())
 
 
-def refusal(model_id: str, changes: Iterable[SchemaChange]) -> str:
-    """The message of a run that stops before paying because of ``changes`` (the breaking ones)."""
+def refusal(model_id: str, changes: Iterable[SchemaChange]) -> tuple[str, str]:
+    """Why a run stops before paying because of ``changes`` (the breaking ones), and the fix."""
+    changes = list(changes)
     listed = "; ".join(str(change) for change in changes)
     ids = ", ".join(repr(change.id) for change in changes)
     return (
         f"the service's input schema for {model_id} differs from the one this package was built for in ways that "
-        f"could make a paid submit fail or behave otherwise: {listed}. Nothing was sent. Fix: upgrade "
-        f"dagster-runway, or, having checked that the change is safe for your inputs, accept it with the "
-        f"pipeline option accept_schema_changes=[{ids}]"
+        f"could make a paid submit fail or behave otherwise: {listed}. Nothing was sent.",
+        f"upgrade dagster-runway, or, having checked that the change is safe for your inputs, accept it with "
+        f"the pipeline option accept_schema_changes=[{ids}].",
     )

@@ -52,6 +52,40 @@ RENDER_TIMEOUT = "render_timeout"
 JOURNAL_UNSAFE = "journal_unsafe"  # the journal's store cannot create exclusively; nothing is submitted
 JOURNAL_DAMAGED = "journal_damaged"  # a journal file is unreadable; repair it as the message says, then run
 OUTPUT_MISMATCH = "output_mismatch"  # the output holds another source's videos; nothing is submitted
+SCHEMA_DRIFT = "schema_drift"  # the live input schema changed in a way this package cannot send; nothing is submitted
+
+# Every class once: what happened, and what happens next. The README's failure table is generated
+# from this (``failure_table()``), and tests/test_readme.py keeps the two equal.
+CATALOG: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    ((INVALID_INPUT, MISSING_PROMPT), "the image or its settings break a rule", "submitted again when the image, sidecar or manifest row changes"),
+    ((IMAGE_MISSING,), "the image was moved or deleted", "restore it, or delete the partition"),
+    ((AMBIGUOUS,), "a submit may have been billed, its answer lost", "find it in your RunComfy history and `dagster-runway journal adopt` it (or op config `adopt_request_ids`); if there is none, `force_after_ambiguous: true`"),
+    ((SPEND_CAP,), "the cap would be passed; nothing sent", "submitted again when the window or the cap allows"),
+    ((ACCOUNT,), "bad token, or no credits", "fix the account, run again"),
+    ((CONFIGURATION,), "`base_url` cannot be sent to", "fix the resource, run again"),
+    ((JOURNAL_UNSAFE,), "the journal's store does not refuse a second exclusive create", "move the journal (`journal`), run again"),
+    ((JOURNAL_DAMAGED,), "a journal file is unreadable (truncated or garbled outside the pipeline)", "repair or remove the file the message names, run again"),
+    ((OUTPUT_MISMATCH,), "the output's videos were made from another image source (its journal records which); nothing was sent", "give this source its own `output`, or set `adopt_output=True` (the demo: `--adopt-output`); the status sensor submits again then"),
+    ((SCHEMA_DRIFT,), "the model's live input schema changed in a way that could make a paid submit fail or behave otherwise; nothing was sent", "upgrade dagster-runway, or accept the named changes (`accept_schema_changes`); the status sensor submits again then, and every hour"),
+    ((SERVICE_UNAVAILABLE,), "the submit provably never reached the service, an earlier request could not be checked now (a gateway's 404), or the journal could not be read", "the status sensor submits it again"),
+    ((CANCELLED,), "the request was cancelled (a terminated run) and refunded", "the status sensor submits it again"),
+    ((GENERATION_SAFETY,), "a content-safety rejection", "change the image or prompt"),
+    ((GENERATION_INTERNAL,), "the service's own failure", "resubmitted by the status sensor up to `retry_failed_generations` times (billed each time), else by hand"),
+    ((GENERATION_FAILED, EXPIRED), "the request ended without a video", "materialize `runway/requests` for the partition"),
+    ((NO_REQUEST,), "a collect ran for a partition with no request", "materialize `runway/requests` for it, or turn on the status sensor"),
+    ((DOWNLOAD, BAD_OUTPUT, STILL_RUNNING), "the video could not be stored yet", "the status sensor collects it again"),
+    ((RUNS_EXHAUSTED,), "`max_run_attempts` runs ended without a result", "read the last run's log, fix, materialize"),
+    ((RENDER_TIMEOUT,), "still queued or rendering past `max_render_s` (cancelled and refunded if it was queued)", "not resubmitted: materialize `runway/requests` to pay for a new try; one still rendering is collected if it finishes"),
+)  # fmt: skip
+
+
+def failure_table() -> str:
+    """The README's failure table (markdown), from :data:`CATALOG`."""
+    lines = ["| class | what happened | what happens next |", "| --- | --- | --- |"]
+    for classes, what, next_step in CATALOG:
+        lines.append(f"| {', '.join(f'`{c}`' for c in classes)} | {what} | {next_step} |")
+    return "\n".join(lines)
+
 
 # Classes after which the status sensor launches another run by itself (within max_run_attempts): a new
 # submit (nothing was billed, or it was refunded), or a new collect (the video is paid for).
@@ -140,8 +174,7 @@ def from_result_error(key: str, exc: RunComfyError, *, attempt: int, retries_all
     request_id = exc.request_id
     if isinstance(exc, GenerationFailedError):
         code = exc.failure_code or ""
-        upper = code.upper()
-        if "SAFETY" in upper:
+        if exc.is_safety:
             return PartitionFailure(
                 key,
                 GENERATION_SAFETY,
@@ -151,7 +184,7 @@ def from_result_error(key: str, exc: RunComfyError, *, attempt: int, retries_all
                 failure_code=code,
                 request_id=request_id,
             )
-        if upper.startswith("INTERNAL"):
+        if exc.is_internal:
             left = retries_allowed - (attempt - 1)
             step = (
                 f"nothing to do: the status sensor resubmits it (attempt {attempt + 1} of {retries_allowed + 1}; "

@@ -49,6 +49,7 @@ class RunwayMetadata(NamespacedMetadataSet):
     prompt_image: str | None = None
     submitted_at: TimestampMetadataValue | None = None
     estimated_cost_usd: float | None = None
+    price_source: str | None = None  # catalog, estimate (estimated_usd_per_second) or result (the result's cost)
     spend_usd: float | None = None
     spend_cap_usd: float | None = None
     journal_entry: str | None = None
@@ -90,6 +91,7 @@ class RunwayMetadata(NamespacedMetadataSet):
     retryable: bool | None = None
     next_step: str | None = None
     retry_at: TimestampMetadataValue | None = None
+    schema_changes: JsonMetadataValue | None = None  # schema_drift: the breaking changes' ids
     package_version: str | None = None
 
     @classmethod

@@ -10,22 +10,29 @@ generation that the journal, reuse and every message about a possibly billed sub
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
-from dagster import MetadataValue
+from dagster import DagsterInstance, MetadataValue
 
 from dagster_runway.media import (
     ImageEntry,
     ImageSource,
     SourcePin,
     check_pixels,
+    partition_key_for,
     pin_image,
     validate_bytes,
     validate_image,
 )
+from dagster_runway.media._fs import full_url
+from dagster_runway.media.lookup import path_for
+from dagster_runway.media.service_url import sends_inline
 from dagster_runway.media.untrusted import shown_name
 from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import records as rec
@@ -62,6 +69,7 @@ class Prepared:
     prompt_source: str
     model_id: str
     pin: SourcePin
+    pixels: str  # for lineage: stored and displayed size, and any bytes after the image's end
     prompt_warning: str | None = None
 
     @property
@@ -94,7 +102,7 @@ class Prepared:
                 source_version_id=self.pin.version_id,
                 source_version=self.source_version,
                 source_size_bytes=self.pin.size,
-                source_pixels=f"{self.width}x{self.height} {self.image_format}",
+                source_pixels=self.pixels,
                 package_version=__version__,
             )
         }
@@ -108,11 +116,19 @@ def prepare(pipeline: RunwayPipelineConfig, source: ImageSource, key: str, entry
     read = source.read_image(entry)  # then the whole file, once: these bytes are checked, hashed and sent
     shown = shown_name(entry.url)
     info = validate_bytes(read.data, shown)
+    pixels = info.pixels_text
+    if info.trailing_bytes:  # a motion photo's video, padding: decoders stop at the image's end marker
+        if sends_inline(source.fs, pipeline.public_base_url):
+            read = dataclasses.replace(read, data=read.data[: info.image_end])
+            pixels += f"; {info.trailing_bytes} bytes after its end marker dropped (not sent, not hashed)"
+        else:  # the service fetches the stored object, whole
+            pixels += f"; {info.trailing_bytes} bytes after its end marker sent as stored (the URL serves the whole file)"
     check_pixels(read.data, shown)
     sha256 = hashlib.sha256(read.data).hexdigest()
     pin = pin_image(source.fs, read, sha256, info.mime_type, public_base_url=pipeline.public_base_url)
     del read  # only the pin (and its data URI, within the data-URI limit) outlives this call
-    settings = source.settings_for(entry, image_size=(info.width, info.height), content_sha256=sha256)
+    # ``ratio: auto`` follows the picture as viewers show it (EXIF orientation); the bytes are sent as stored.
+    settings = source.settings_for(entry, image_size=info.displayed_size, content_sha256=sha256)
     fields = settings.request_fields()
     return Prepared(
         key=key,
@@ -127,4 +143,41 @@ def prepare(pipeline: RunwayPipelineConfig, source: ImageSource, key: str, entry
         prompt_source=settings.prompt_source,
         model_id=model_id,
         pin=pin,
+        pixels=pixels,
     )
+
+
+_MARKER = "RUNWAYRELPATH"  # stands for the relative path, to find how discovery writes an image's path
+
+
+def recorded_relpath(pipeline: RunwayPipelineConfig, source: ImageSource, recorded: str) -> str | None:
+    """The image's path relative to the source root, from its recorded ``runway/source_path`` (the
+    image's URL as ``metadata.uri_value`` shows it), or None if that names no file of this source."""
+
+    def shown(relpath: str) -> str:
+        return str(md.uri_value(full_url(source.fs, path_for(source, relpath)), pipeline.source_storage_options).value)
+
+    prefix, _, suffix = shown(_MARKER).partition(_MARKER)
+    if len(recorded) <= len(prefix) + len(suffix) or not (recorded.startswith(prefix) and recorded.endswith(suffix)):
+        return None
+    middle = recorded[len(prefix) : len(recorded) - len(suffix)]
+    # A link to an object quotes its key; a local path is as it is: keep the reading that gives it back.
+    return next((rel for rel in (middle, unquote(middle)) if shown(rel) == recorded), None)
+
+
+def recorded_relpaths(
+    pipeline: RunwayPipelineConfig, source: ImageSource, instance: DagsterInstance, keys: Sequence[str]
+) -> dict[str, str]:
+    """Each partition's image path relative to the source root, from its latest ``runway/images``
+    record (all read at once). A key with no such record and no ``~`` is its own path (the key scheme);
+    a hashed key with none is left out: nothing says which image it is."""
+    records = rec.latest_images(instance, pipeline.images_key, keys)
+    found = {}
+    for key in keys:
+        record = records.get(key)
+        relpath = recorded_relpath(pipeline, source, record.source_path) if record and record.source_path else None
+        if relpath is None and "~" not in key:
+            relpath = key
+        if relpath is not None and partition_key_for(relpath) == key:
+            found[key] = relpath
+    return found

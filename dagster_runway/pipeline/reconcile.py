@@ -5,7 +5,9 @@ The sensor keeps a ``PartitionState`` per partition, built from the event log (r
 failures, image versions) and from its own polls. From it and the runs in progress, ``stage`` says
 whether a partition is done, failed, in flight, overdue (in flight past ``max_render_s`` after its
 submit: the sensor cancels it if it can and fails it as ``render_timeout``), or owes a submit or a
-collect run; ``late_poll`` says when a timed-out request is checked again; ``covered``
+collect run; ``late_poll`` says when a timed-out request is checked again; ``due_polls`` and ``observe`` say
+which requests in flight to poll and when each is due next (by what this deployment has learnt of
+render times and of how fast the service's queue drains: ``Learnt``); ``covered``
 says which partitions a run in progress already works on, so that nothing is launched twice; and
 ``batch_run_requests`` groups owed partitions into few runs, with a fresh run key per attempt
 (the daemon never launches a run key twice, whatever became of its run).
@@ -41,6 +43,7 @@ class Failure:
     request_id: str | None = None
     retry_at: float | None = None
     cap_usd: float | None = None
+    schema_changes: list[str] | None = None  # schema_drift: the breaking changes named, by id
 
 
 @dataclass
@@ -63,6 +66,9 @@ class PartitionState:
     run_key: str | None = None  # that run's key: the daemon creates the run after the tick
     submitted_at: float = 0.0  # when its request was submitted (the clock of max_render_s; 0: unknown)
     late_poll_at: float = 0.0  # when a request past its deadline is next checked
+    poll_at: float = 0.0  # when its request is next due for a poll (0: its first, see ``poll_due``)
+    polled_at: float = 0.0  # when a poll last answered for its request
+    started_at: float = 0.0  # when its request started rendering, as estimated from the polls
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, 0)}
@@ -87,6 +93,7 @@ class PartitionState:
         if new:
             self.status, self.queue_position, self.collect_runs, self.ready_at = None, None, 0, 0.0
             self.submitted_at, self.late_poll_at = round(submitted_at, 3), 0.0
+            self.poll_at, self.polled_at, self.started_at = 0.0, 0.0, 0.0
         self.submit_runs, self.launched_at = 0, 0.0
         if self.failure is not None and self.failure.storage_id < storage_id:
             self.failure = None
@@ -108,6 +115,16 @@ class Policy:
     retry_failed_generations: int
     spend_cap_usd: float | None
     max_render_s: float | None = None  # None: no render deadline
+    accept_schema_changes: frozenset[str] = frozenset()
+    adopt_output: bool = False
+
+    @classmethod
+    def of(cls, pipeline: Any) -> Policy:
+        """The policy of a :class:`~dagster_runway.pipeline.config.RunwayPipelineConfig`."""
+        return cls(
+            pipeline.on_change, pipeline.retry_failed_generations, pipeline.max_spend_usd, pipeline.max_render_s,
+            frozenset(pipeline.accept_schema_changes), pipeline.adopt_output,
+        )  # fmt: skip
 
 
 def stage(state: PartitionState, policy: Policy, now: float | None = None) -> Stage:
@@ -168,6 +185,11 @@ def _after(failure: Failure, state: PartitionState, policy: Policy, now: float) 
     if cls == fl.SPEND_CAP:
         raised = policy.spend_cap_usd is None or (failure.cap_usd is not None and policy.spend_cap_usd > failure.cap_usd)
         return "submit" if raised or (failure.retry_at is not None and now >= failure.retry_at) else "failed"
+    if cls == fl.SCHEMA_DRIFT:  # once the changes are accepted, or at its hourly look at the catalog again
+        accepted = bool(failure.schema_changes) and set(failure.schema_changes or ()) <= policy.accept_schema_changes
+        return "submit" if accepted or (failure.retry_at is not None and now >= failure.retry_at) else "failed"
+    if cls == fl.OUTPUT_MISMATCH:
+        return "submit" if policy.adopt_output else "failed"
     if cls in fl.RECOLLECTED_BY_SENSOR and failure.request_id == state.request_id:
         return "collect"
     if cls == fl.RENDER_TIMEOUT and failure.request_id == state.request_id and state.status in FINISHED_STATUSES:
@@ -187,6 +209,130 @@ def hold_collects(owed: Sequence[PartitionState], *, batch_size: int, collect_ru
         return False
     ready = [state.ready_at for state in owed]
     return all(ready) and now - min(ready) < max_wait_s
+
+
+# Polling by expectation
+
+# A request is polled again no sooner than POLL_FLOOR_S after its last poll, and no later than
+# POLL_CAP_S (an estimate may be wrong; the service may speed up).
+POLL_FLOOR_S = 1.0
+POLL_CAP_S = 600.0
+# Queue waits are predicted short by this factor: a poll too early costs a poll, one too late delays a video.
+QUEUE_SAFETY = 0.8
+# Samples kept of each learnt quantity (the latest ones), and how many make an estimate.
+LEARNT_SAMPLES = 64
+MIN_SAMPLES = 3
+RENDERED = frozenset({"completed", "succeeded"})
+
+
+@dataclass
+class Learnt:
+    """What the polls taught of this deployment: recent render times (start to end, seconds) and queue
+    drain rates (queue positions gained per second by a queued request)."""
+
+    renders: list[float] = field(default_factory=list)
+    drains: list[float] = field(default_factory=list)
+
+    def add_render(self, seconds: float) -> None:
+        self.renders = [*self.renders, round(seconds, 2)][-LEARNT_SAMPLES:]
+
+    def add_drain(self, rate: float) -> None:
+        self.drains = [*self.drains, round(rate, 4)][-LEARNT_SAMPLES:]
+
+    def render_range(self) -> tuple[float, float] | None:
+        """The 10th and 90th percentiles of recent render times; None until enough are known."""
+        if len(self.renders) < MIN_SAMPLES:
+            return None
+        ordered = sorted(self.renders)
+        return ordered[len(ordered) // 10], ordered[(len(ordered) * 9) // 10]
+
+    def drain_rate(self) -> float | None:
+        """The median of recent drain rates (positions per second); None until known, or while the queue stands still."""
+        if len(self.drains) < MIN_SAMPLES:
+            return None
+        rate = sorted(self.drains)[len(self.drains) // 2]
+        return rate if rate > 0 else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"r": self.renders, "d": self.drains}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> Learnt:
+        data = data or {}
+        return cls([float(x) for x in data.get("r") or []], [float(x) for x in data.get("d") or []])
+
+
+def poll_due(state: PartitionState, learnt: Learnt) -> float:
+    """When a request in flight is due for a poll: as scheduled by its last poll, or, before its first,
+    once the quickest renders seen here would have ended after its submit (at once while none are known,
+    or if its submit time is not)."""
+    if state.poll_at:
+        return state.poll_at
+    known = learnt.render_range()
+    return state.submitted_at + (known[0] if known and state.submitted_at else 0.0)
+
+
+def due_polls(
+    states: Mapping[str, PartitionState], order: Sequence[str], policy: Policy, learnt: Learnt, now: float
+) -> list[str]:
+    """The partitions whose request is due for a poll now, most overdue first: those in flight once
+    due (``poll_due``), those past the render deadline (the deadline pass cancels them), and those
+    past it whose late poll is due (``late_poll``)."""
+    due: list[tuple[float, str]] = []
+    for key in order:
+        state = states[key]
+        where = stage(state, policy, now)
+        if where == "in_flight" and (at := poll_due(state, learnt)) <= now:
+            due.append((at, key))
+        elif where == "overdue":
+            due.append((poll_due(state, learnt), key))
+        elif late_poll(state, policy, now):
+            due.append((state.late_poll_at, key))
+    return [key for _, key in sorted(due, key=lambda pair: pair[0])]
+
+
+def observe(
+    state: PartitionState, learnt: Learnt, status: str, position: int | None, now: float, *, step_cap_s: float
+) -> None:
+    """Apply a poll's answer to ``state`` (its status and queue position), learning from how it
+    changed since the last poll, and schedule the request's next poll in ``state.poll_at``.
+
+    - Queued at ``position``: due when the requests ahead should have gone (at the learnt drain rate,
+      predicted short by ``QUEUE_SAFETY``) and the quickest renders (10th percentile) would end; no
+      sooner than a running request's step, so queued requests are polled less often.
+    - Rendering: due when the quickest renders would end after its estimated start, then every
+      step: half the spread of render times (10th to 90th percentile), at most ``step_cap_s``.
+    - While nothing is learnt: due after half its age (since its submit, or its start), so polls
+      thin out geometrically, up to ``step_cap_s``.
+    Every wait is within ``POLL_FLOOR_S`` and ``POLL_CAP_S``.
+    """
+    before, last = state.status, state.polled_at
+    rate = learnt.drain_rate()
+    if before == "in_queue" and last and now > last:
+        if status == "in_queue" and state.queue_position is not None and position is not None:
+            learnt.add_drain(max(0.0, state.queue_position - position) / (now - last))
+        if status not in ("in_queue", "cancelled"):
+            # It started since the last poll: when the requests ahead of it were expected to have gone.
+            ahead = (state.queue_position or 1) / rate if rate else (now - last) / 2
+            state.started_at = round(min(now, last + ahead), 2)
+    elif before is None and status != "in_queue":
+        since = state.submitted_at or now
+        state.started_at = round(since + (now - since) / 2, 2)
+    if status in RENDERED and before == "in_progress" and state.started_at and last:
+        learnt.add_render((last + now) / 2 - state.started_at)
+    state.status, state.queue_position, state.polled_at = status, position, round(now, 2)
+    known = learnt.render_range()
+    step = min(step_cap_s, max(POLL_FLOOR_S, (known[1] - known[0]) / 2)) if known else None
+    if status == "in_queue":
+        if known is None or rate is None:
+            wait = min(step_cap_s, (now - (state.submitted_at or now)) / 2)
+        else:
+            wait = max(step or 0.0, QUEUE_SAFETY * (position or 1) / rate + known[0])
+    elif known is None or step is None:
+        wait = min(step_cap_s, (now - (state.started_at or now)) / 2)
+    else:
+        wait = max(step, state.started_at + known[0] - now)
+    state.poll_at = round(now + min(POLL_CAP_S, max(POLL_FLOOR_S, wait)), 2)
 
 
 # Runs in progress
@@ -322,14 +468,14 @@ class SensorMemory:
     high_water: int = 0
     caught_up: bool = False
     partitions: dict[str, PartitionState] = field(default_factory=dict)
-    round_robin: int = 0
+    learnt: Learnt = field(default_factory=Learnt)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "v": 1,
             "hw": self.high_water,
             "up": self.caught_up,
-            "rr": self.round_robin,
+            "l": self.learnt.to_json(),
             "p": {key: state.to_json() for key, state in self.partitions.items()},
         }
 
@@ -340,7 +486,7 @@ class SensorMemory:
         return cls(
             high_water=int(data.get("hw", 0)),
             caught_up=bool(data.get("up")),
-            round_robin=int(data.get("rr", 0)),
+            learnt=Learnt.from_json(data.get("l")),
             partitions={key: PartitionState.from_json(value) for key, value in (data.get("p") or {}).items()},
         )
 

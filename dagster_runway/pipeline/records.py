@@ -74,6 +74,15 @@ class FailureRecord:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ImageRecord:
+    """An image as discovery last recorded it (a ``runway/images`` materialization)."""
+
+    partition: str
+    source_path: str | None  # as recorded: a local path, or a link to the object (see metadata.uri_value)
+    storage_id: int
+
+
 def _request(partition: str, record: EventLogRecord) -> RequestRecord | None:
     event = record.asset_materialization
     if event is None:
@@ -186,6 +195,21 @@ def latest_videos(instance: DagsterInstance, asset_key: AssetKey, partitions: Se
         video = _video(partition, record)
         if video is not None:
             found[partition] = video
+    return found
+
+
+def latest_images(instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]) -> dict[str, ImageRecord]:
+    """Each partition's latest image record (``asset_key`` is the images asset), batched."""
+    found = {}
+    for partition, record in latest_materializations(instance, asset_key, partitions).items():
+        event = record.asset_materialization
+        meta = md.read_metadata(event.metadata) if event is not None else {}
+        path = meta.get("source_path")
+        found[partition] = ImageRecord(
+            partition=partition,
+            source_path=str(path) if path else None,
+            storage_id=record.storage_id,
+        )
     return found
 
 

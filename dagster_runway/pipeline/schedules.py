@@ -71,9 +71,7 @@ def build_submit_schedule(
             order = list(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
             for key, version in found.versions.items():
                 memory.state(key).image_version = version  # what this listing saw, newer than the sensor's memory
-            policy = rc.Policy(
-                pipeline.on_change, pipeline.retry_failed_generations, pipeline.max_spend_usd, pipeline.max_render_s
-            )
+            policy = rc.Policy.of(pipeline)
             coverage = rc.covered(
                 runs,
                 order=order,

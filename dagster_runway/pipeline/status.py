@@ -1,4 +1,4 @@
-"""The status sensor: polls requests in flight, reconciles every partition from durable records and
+"""The status sensor: polls requests in flight when each may be done, reconciles every partition from durable records and
 launches the runs each is owed."""
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ def read_events(
                         request_id=event.request_id,
                         retry_at=event.metadata.get("retry_at"),
                         cap_usd=event.metadata.get("spend_cap_usd"),
+                        schema_changes=event.metadata.get("schema_changes"),
                     )
                 )
             else:
@@ -154,7 +155,7 @@ class StatusTick:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.pipeline, self.context, self.resource = pipeline, context, resource
-        self.clock = clock  # wall-clock seconds: the render deadline and the late polls read it
+        self.clock = clock  # wall-clock seconds: the render deadline and the poll schedule read it
         self.instance = context.instance
         self.sensor_name = sensor_name
         self.submit_job, self.collect_job = submit_job, collect_job
@@ -163,9 +164,7 @@ class StatusTick:
         self.memory = rc.SensorMemory.from_json(load_memory(self.instance, self.memory_key) or {})
         self.recorded = 0  # events this tick wrote
         self.late_polled: set[str] = set()  # timed-out requests polled this tick
-        self.policy = rc.Policy(
-            pipeline.on_change, pipeline.retry_failed_generations, pipeline.max_spend_usd, pipeline.max_render_s
-        )
+        self.policy = rc.Policy.of(pipeline)
 
     @property
     def memory_key(self) -> str:
@@ -217,18 +216,12 @@ class StatusTick:
         read_events(self.instance, self.pipeline, self.memory, self.started + budget_s)
 
     def poll(self, order: list[str], budget_s: float) -> int:
-        """Poll requests in flight, round-robin from where the last tick stopped, a slice at a time,
+        """Poll the requests due (``reconcile.due_polls``: most overdue first), a slice at a time,
         recording each change as it is seen, until all are polled or ``budget_s`` is spent."""
-        states, policy, now = self.memory.partitions, self.policy, self.clock()
-        keys = [
-            k
-            for k in order
-            if rc.stage(states[k], policy, now) in ("in_flight", "overdue") or rc.late_poll(states[k], policy, now)
-        ]
+        states = self.memory.partitions
+        keys = rc.due_polls(states, order, self.policy, self.memory.learnt, self.clock())
         if not keys or budget_s <= 0:
             return 0
-        start = self.memory.round_robin % len(keys)
-        keys = keys[start:] + keys[:start]
         end = time.monotonic() + max(1.0, budget_s)
         polled = 0
         for first in range(0, len(keys), POLL_SLICE):
@@ -238,7 +231,6 @@ class StatusTick:
             by_id = {rid: k for k in keys[first : first + POLL_SLICE] if (rid := states[k].request_id) is not None}
             for request_id, answer in _poll(self.resource, list(by_id), left).items():
                 polled += self._apply(by_id[request_id], request_id, answer)
-        self.memory.round_robin = start + polled
         return polled
 
     def poll_budget(self) -> float:
@@ -258,10 +250,14 @@ class StatusTick:
             return 0
         else:
             status, position = answer.status.value, answer.queue_position
+        changed = status != state.status
+        rc.observe(
+            state, self.memory.learnt, status, position, self.clock(), step_cap_s=2.0 * self.pipeline.status_interval_s
+        )
         if state.failure is not None and state.failure.failure_class == fl.RENDER_TIMEOUT:
             state.late_poll_at = self.clock() + rc.late_poll_interval(self.policy)
             self.late_polled.add(key)
-        if status != state.status:
+        if changed:
             self.record(
                 AssetObservation(
                     asset_key=self.pipeline.requests_key,
@@ -271,7 +267,6 @@ class StatusTick:
                     metadata={**md.RunwayMetadata(request_id=request_id, status=status, queue_position=position)},
                 )
             )
-            state.status, state.queue_position = status, position
             if status in rc.TERMINAL_STATUSES and not state.ready_at:
                 state.ready_at = time.time()
         return 1
@@ -301,18 +296,18 @@ class StatusTick:
             if (request_id := states[key].request_id) is not None:
                 by_id.setdefault(request_id, []).append(key)
         answers = _cancel_many(self.resource, list(by_id), left)
-        recorded, due = self.recorded, set(keys)
+        due, touched = set(keys), []
         for request_id, answer in answers.items():
             if self.elapsed() > self.pipeline.sensor_budget_s - 2.0:
                 break  # the next tick cancels these again (a no-op if done) and records them
             for key in by_id[request_id]:
                 if key in due or (isinstance(answer, CancelResult) and answer.cancelled):
                     self._timed_out(key, request_id, answer)
-        if self.recorded > recorded and self.elapsed() < self.pipeline.sensor_budget_s / 2:
-            # The review page is rewritten by collect runs; these partitions may have none to come. Only
-            # with half the budget left: it reads every partition, and the tick's results matter more.
+                    touched.append(key)
+        if touched:
+            # The review page is rewritten by collect runs; these partitions may have none to come.
             try:
-                write_gallery(self.pipeline, self.instance)
+                write_gallery(self.pipeline, self.instance, partitions=touched)
             except Exception as exc:  # noqa: BLE001 - the page is a view; the event log has the failures
                 self.context.log.warning(f"Could not rewrite the review page: {type(exc).__name__}: {exc}")
         return sum(1 for k in keys if rc.stage(states[k], self.policy, now) == "failed")
@@ -550,7 +545,7 @@ def build_status_sensor(
     submit_op: str,
     collect_op: str,
 ):
-    """Polls every request in flight and launches the runs every partition is owed, from durable records."""
+    """Polls requests in flight when each is due and launches the runs every partition is owed, from durable records."""
     name = f"{pipeline.name}_status_sensor"
 
     @sensor(
@@ -560,7 +555,8 @@ def build_status_sensor(
         default_status=DefaultSensorStatus.STOPPED,
         required_resource_keys={pipeline.resource_key},
         description="Reconciles every partition from durable records: submits what has no request, polls "
-        f"requests in flight (inside a time budget, round-robin) and collects finished ones into "
+        "requests in flight when each is due (by its queue position and the render times seen; inside a time "
+        "budget, most overdue first) and collects finished ones into "
         f"{pipeline.videos_key.to_user_string()}; relaunches runs that died, within max_run_attempts. A request "
         f"still queued {pipeline.max_render_s:g} s after its submit (max_render_s) is cancelled and refunded, one still "
         "rendering is reported with its estimated cost; both fail as render_timeout. No worker waits while a video "

@@ -43,20 +43,26 @@ from dagster_runway.errors import (
     InsufficientCreditsError,
     RequestNotFoundError,
     RunComfyError,
+    is_internal_code,
+    is_safety_code,
 )
 from dagster_runway.media import (
     ImageSource,
     MediaError,
     service_image_url,
 )
+from dagster_runway.media.lookup import lookup
+from dagster_runway.pipeline import catalog
 from dagster_runway.pipeline import failures as fl
 from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
-from dagster_runway.pipeline.prepare import Prepared, prepare
+from dagster_runway.pipeline.prepare import Prepared, prepare, recorded_relpaths
 from dagster_runway.pipeline.records import run_id_of as _run_id
 from dagster_runway.resource import RunComfyResource
 from dagster_runway.schema import DEFAULT_PROMPT_TEXT, ImageToVideoInput, RequestState, Submission
+
+SCHEMA_RECHECK_S = 3600.0  # after a schema_drift refusal, the status sensor submits (and reads the catalog) again
 
 
 @dataclass
@@ -123,6 +129,7 @@ class SubmitBatch:
         self._progress: dict[str, Progress] = {}  # by partition key, written by the worker
         self._stopped_by: fl.PartitionFailure | None = None  # the failure every submit would meet
         self._worker_error: BaseException | None = None
+        self.price = catalog.Price(catalog.ESTIMATE, pipeline.estimated_usd_per_second, why_estimate="not read yet")
 
     @property
     def cap(self) -> jn.SpendCap | None:
@@ -143,11 +150,25 @@ class SubmitBatch:
     def run(self) -> Iterator[AssetMaterialization | AssetObservation]:
         pipeline = self.pipeline
         source = pipeline.image_source()
-        wanted = set(self.keys)
-        entries = {entry.partition_key: entry for entry in source.list() if entry.partition_key in wanted}
+        # Each image as it is now, from its recorded path: a few metadata requests each, never a listing.
+        relpaths = recorded_relpaths(pipeline, source, self.instance, self.keys)
+        entries = lookup(source, relpaths.values())
         plans: list[Plan] = []
         for key in self.keys:
-            entry = entries.get(key)
+            relpath = relpaths.get(key)
+            if relpath is None:
+                yield from self._fail(
+                    fl.PartitionFailure(
+                        key,
+                        fl.IMAGE_MISSING,
+                        f"partition {key!r} has no image record in {pipeline.images_key.to_user_string()}, so which "
+                        f"image of {redact_url(pipeline.source)} it stands for is not known (it was never discovered).",
+                        "turn on the discovery sensor (it records each image), or delete the partition.",
+                    ),
+                    None,
+                )
+                continue
+            entry = entries.get(relpath)
             if entry is None:
                 yield from self._fail(
                     fl.PartitionFailure(
@@ -393,12 +414,11 @@ class SubmitBatch:
             return None
         if result.status is RequestState.CANCELLED:
             return "was cancelled (refunded)"
-        code = (result.failure_code or "").upper()
-        if code.startswith("INTERNAL") or self.force_resubmit:
+        if is_internal_code(result.failure_code) or self.force_resubmit:
             return f"failed ({result.failure_code or 'no code'})"
         return fl.PartitionFailure(
             prepared.key,
-            fl.GENERATION_SAFETY if "SAFETY" in code else fl.GENERATION_FAILED,
+            fl.GENERATION_SAFETY if is_safety_code(result.failure_code) else fl.GENERATION_FAILED,
             f"earlier request {request_id} of this exact input failed ({result.failure_code or 'no code'}: "
             f"{result.failure_message or 'no message'}); submitting it again would most likely fail again and "
             "be billed.",
@@ -423,6 +443,8 @@ class SubmitBatch:
         )
 
     def _journal_error(self, prepared: Prepared, exc: Exception) -> fl.PartitionFailure:
+        if isinstance(exc, jn.SourceMismatch):
+            return fl.PartitionFailure(prepared.key, fl.OUTPUT_MISMATCH, f"{exc.reason} Nothing was sent.", exc.fix)
         if isinstance(exc, jn.JournalStoreUnsafe):
             return fl.PartitionFailure(
                 prepared.key, fl.JOURNAL_UNSAFE, str(exc), "move the journal as the message says, then run again."
@@ -444,12 +466,33 @@ class SubmitBatch:
     # Submitting
 
     def _submit(self, plans: list[Plan]) -> Iterator[Any]:
+        pipeline = self.pipeline
         try:
             self.journal.verify_store()  # once per journal root and process: its exclusive create holds
-        except Exception as exc:  # noqa: BLE001 - an unsafe or unreachable store: send nothing
+            before = self.journal.bind_output(pipeline.output, pipeline.source, adopt=pipeline.adopt_output)
+        except Exception as exc:  # noqa: BLE001 - an unsafe or unreachable store, another source's output
             for plan in plans:
                 yield from self._fail(self._journal_error(plan.prepared, exc), plan.prepared.source_version)
             return
+        if before is not None:
+            self.log.warning(
+                f"{redact_url(pipeline.output)} held videos of {redact_url(before)}; adopted for "
+                f"{redact_url(pipeline.source)} (adopt_output): the old source's videos stay in it unmanaged."
+            )
+        # Once per run: the price of every claim below, and the schema the inputs are checked against.
+        view = catalog.read(self.resource, pipeline.estimated_usd_per_second, pipeline.accept_schema_changes)
+        if (refused := view.refusal()) is not None:
+            reason, fix = refused
+            changes = [change.id for change in view.breaking]
+            for plan in plans:
+                failure = fl.PartitionFailure(
+                    plan.prepared.key, fl.SCHEMA_DRIFT, reason, fix + " The status sensor looks again every hour.",
+                    retryable=True, retry_at=time.time() + SCHEMA_RECHECK_S,
+                    extra={md.key("schema_changes"): MetadataValue.json(changes)},
+                )  # fmt: skip
+                yield from self._fail(failure, plan.prepared.source_version)
+            return
+        self.price = view.price
         out: queue.Queue[tuple[str, Plan, Any] | None] = queue.Queue()
         stop = threading.Event()
         worker = threading.Thread(
@@ -636,7 +679,7 @@ class SubmitBatch:
         prepared, journal = plan.prepared, self.journal
         if stop.is_set():
             return "failed", plan, self._not_sent(prepared)
-        estimate = round(prepared.estimate_usd_seconds * self.pipeline.estimated_usd_per_second, 6)
+        estimate = self.price.estimate_usd(prepared.estimate_usd_seconds)
         try:
             claim = await asyncio.to_thread(
                 journal.claim,
@@ -718,6 +761,7 @@ class SubmitBatch:
                 attempt=claim.attempt,
                 submitted_at=MetadataValue.timestamp(claim.answered_at or claim.claimed_at),
                 estimated_cost_usd=claim.estimate_usd,
+                price_source=self.price.source if state == md.SUBMITTED else None,  # a reused claim's run priced it
                 spend_usd=spend,
                 spend_cap_usd=self.pipeline.max_spend_usd,
                 prompt_image=redact_url(image_url) if image_url else None,

@@ -16,6 +16,8 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 
 from dagster_runway import _compat
 from dagster_runway.emulator import FaultRule
+from dagster_runway.media import probe_video
+from dagster_runway.media.provenance import read_tags
 from dagster_runway.pipeline import metadata as md
 from dagster_runway.testing import LocalDaemon
 
@@ -429,7 +431,10 @@ def test_a_copied_or_renamed_image_reuses_the_request_of_the_same_input(
     assert copy["runway/request_id"] == original["runway/request_id"]
     assert copy["runway/fingerprint"] == original["runway/fingerprint"]
     assert video_metadata(instance, "renamed.png") is not None
-    assert Path(copy["runway/video_uri"]).read_bytes() == Path(original["runway/video_uri"]).read_bytes()
+    # The same video, each copy tagged with the image it stands for (runway_source_path).
+    copied, first = read_tags(str(copy["runway/video_uri"])), read_tags(str(original["runway/video_uri"]))
+    assert copied == {**first, "source_path": str(tmp_path / "images" / "copy-of-img00.png")}
+    assert probe_video(str(copy["runway/video_uri"])).frames == probe_video(str(original["runway/video_uri"])).frames
 
 
 def corrupt_pixel_png(width: int = 320, height: int = 180) -> bytes:

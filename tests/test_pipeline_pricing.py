@@ -98,6 +98,31 @@ def test_an_unreadable_catalog_prices_with_the_configured_estimate(
     assert "the catalog could not be read" in caplog.text and "pricing with estimated_usd_per_second" in caplog.text
 
 
+def _rename(live: dict) -> None:
+    live["properties"]["prompt_text"] = live["properties"].pop("promptText")
+
+
+@pytest.mark.parametrize(
+    ("edit", "change"),
+    [
+        (lambda s: (s["properties"].update(motion={"type": "string"}), s["required"].append("motion")), "motion.required"),
+        (lambda s: s["properties"]["seed"].update(maximum=2**31 - 1), "seed.maximum"),
+        (_rename, "promptText.removed"),
+    ],
+    ids=["new-required-field", "changed-bound", "renamed-field"],
+)
+def test_each_kind_of_breaking_change_fails_before_paying(tmp_path: Path, emulator_factory, instance, edit, change) -> None:
+    live = copy.deepcopy(INPUT_SCHEMA)
+    edit(live)
+    emulator = emulator_factory(input_schema=live)
+    write_images(tmp_path / "images", valid=2, invalid=False)
+    assert len(_settle(LocalDaemon(make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos")), instance))) == 1
+    assert emulator.ledger().submissions == 0
+    for key in instance.get_dynamic_partitions(PARTITIONS):
+        failure = latest_failure(instance, key)
+        assert failure.failure_class == "schema_drift" and change in failure.reason
+
+
 def test_a_breaking_schema_change_stops_the_run_before_paying_until_it_is_accepted(
     tmp_path: Path, emulator_factory, instance
 ) -> None:

@@ -31,6 +31,7 @@ from dagster_runway.pipeline.sensors import (
     memory_key,
     op_config,
     save_memory,
+    verify_run_requests,
 )
 
 
@@ -158,17 +159,24 @@ def _record(pipeline: RunwayPipelineConfig, instance: DagsterInstance, entry: Im
     instance.report_runless_asset_event(AssetObservation(pipeline.images_key, partition=partition, tags=tags))
 
 
-def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: _compat.UnresolvedAssetJobDefinition | None, op_name: str):
+def build_discovery_sensor(
+    pipeline: RunwayPipelineConfig,
+    videos_job: _compat.UnresolvedAssetJobDefinition | None,
+    op_name: str,
+    verify_job: _compat.UnresolvedAssetJobDefinition,
+):
     """Lists a part of the source each tick; adds a partition per new image and records every new or changed one.
 
     In deferred mode the status sensor decides what to submit; in blocking mode this sensor also
     requests a videos run for each new image (and, with ``on_change="regenerate"``, each changed one).
+    When a pass over the source ends, the videos whose image it no longer saw are checked again (a
+    verify run): their ``source_unchanged`` check fails with "deleted", in the UI as on the review page.
     """
     name = f"{pipeline.name}_discovery_sensor"
 
     @sensor(
         name=name,
-        job=videos_job,
+        jobs=[job for job in (videos_job, verify_job) if job is not None],
         minimum_interval_seconds=pipeline.discovery_interval_s,
         default_status=DefaultSensorStatus.STOPPED,
         description=f"Lists {pipeline.source} for images, a part per tick. Each new image becomes a partition of "
@@ -190,6 +198,7 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: _compat.U
                 prefix="videos",
                 identity=found.versions.__getitem__,
                 config_for=lambda batch: op_config(op_name, batch),
+                job_name=videos_job.name if videos_job is not None else None,
             )
         if found.unmatched:
             shown = ", ".join(repr(row) for row in found.unmatched[:5]) + (", ..." if len(found.unmatched) > 5 else "")
@@ -200,7 +209,15 @@ def build_discovery_sensor(pipeline: RunwayPipelineConfig, videos_job: _compat.U
             )
         if found.gone:
             shown = ", ".join(repr(key) for key in found.gone[:5]) + (", ..." if len(found.gone) > 5 else "")
-            context.log.info(f"{len(found.gone)} image(s) of the last pass are no longer in the source: {shown}.")
+            with_video = sorted(rec.latest_materializations(context.instance, pipeline.videos_key, found.gone))
+            context.log.info(
+                f"{len(found.gone)} image(s) of the last pass are no longer in the source: {shown}; the "
+                f"{len(with_video)} with a video are checked again (source_unchanged fails: deleted)."
+            )
+            order = list(context.instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
+            run_requests += verify_run_requests(
+                pipeline, with_video, order, op_name, prefix=f"gone:{found.passes}", job_name=verify_job.name
+            )
         context.log.info(
             f"Read {found.read} objects, listed {found.images} images and recorded {found.recorded} in "
             f"{time.monotonic() - started:.2f}s: {len(found.new)} new, {len(found.changed)} changed"

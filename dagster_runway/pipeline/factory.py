@@ -75,13 +75,13 @@ def build_definitions(pipeline: RunwayPipelineConfig, resource: RunComfyResource
         status = build_status_sensor(pipeline, submit_job, videos_job, requests.op.name, videos_op)
         sensors = [status]
         if pipeline.submit_schedule is None:
-            sensors.insert(0, build_discovery_sensor(pipeline, None, videos_op))
+            sensors.insert(0, build_discovery_sensor(pipeline, None, videos_op, verify_job))
         else:
             schedules.append(
                 build_submit_schedule(pipeline, submit_job, videos_job.name, requests.op.name, status.name)
             )
     else:
-        sensors = [build_discovery_sensor(pipeline, videos_job, videos_op)]
+        sensors = [build_discovery_sensor(pipeline, videos_job, videos_op, verify_job)]
     return Definitions(
         assets=assets,
         jobs=jobs,

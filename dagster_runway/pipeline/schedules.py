@@ -32,6 +32,7 @@ from dagster_runway.pipeline.sensors import (
     load_memory,
     memory_key,
     op_config,
+    verify_run_requests,
 )
 from dagster_runway.pipeline.status import read_events
 
@@ -113,24 +114,10 @@ def build_verify_schedule(pipeline: RunwayPipelineConfig, verify_job: _compat.Un
     def _verify(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
         order = list(context.instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
         tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
-        requests = verify_run_requests(pipeline, order, videos_op, prefix=f"verify:{tick}")
+        requests = verify_run_requests(pipeline, order, order, videos_op, prefix=f"verify:{tick}")
         return requests or SkipReason("no partitions yet")
 
     return _verify
-
-
-def verify_run_requests(pipeline: RunwayPipelineConfig, order: list[str], videos_op: str, *, prefix: str) -> list[RunRequest]:
-    """Runs of the verify job over every partition, in ranges (the checks-only job takes its range by tags)."""
-    requests = rc.batch_run_requests(
-        order,
-        order,
-        max_batch=pipeline.collect_batch_size,
-        prefix=prefix,
-        identity=lambda k: "",
-        config_for=lambda batch: op_config(videos_op, batch),
-    )
-    # A job of checks alone resolves its partitions from the run's tags only, not from a partition key.
-    return [request.with_replaced_attrs(partition_key=None) for request in requests]
 
 
 

@@ -14,9 +14,11 @@ from typing import Any
 
 from dagster import (
     DagsterRunStatus,
+    RunRequest,
 )
 
 from dagster_runway import _compat
+from dagster_runway.pipeline import reconcile as rc
 from dagster_runway.pipeline.config import RunwayPipelineConfig
 
 NOT_FINISHED = [
@@ -55,3 +57,27 @@ def memory_key(pipeline: RunwayPipelineConfig, sensor_name: str) -> str:
 
 def op_config(op_name: str, partitions: list[str], **extra: Any) -> dict[str, Any]:
     return {"ops": {op_name: {"config": {"partitions": partitions, **extra}}}}
+
+
+def verify_run_requests(
+    pipeline: RunwayPipelineConfig,
+    keys: list[str],
+    order: list[str],
+    videos_op: str,
+    *,
+    prefix: str,
+    job_name: str | None = None,
+) -> list[RunRequest]:
+    """Runs of the verify job over ``keys``, in ranges of ``order`` (the checks-only job takes its range
+    by tags)."""
+    requests = rc.batch_run_requests(
+        keys,
+        order,
+        max_batch=pipeline.collect_batch_size,
+        prefix=prefix,
+        identity=lambda k: "",
+        config_for=lambda batch: op_config(videos_op, batch),
+        job_name=job_name,
+    )
+    # A job of checks alone resolves its partitions from the run's tags only, not from a partition key.
+    return [request.with_replaced_attrs(partition_key=None) for request in requests]

@@ -283,9 +283,9 @@ def test_a_queued_request_waits_for_the_requests_ahead_and_a_render_scaled_by_it
         state = _flight()
         observe(state, _learnt(), "in_queue", position, T0 + 36.0, step_cap_s=STEP_CAP)
         waits[position] = state.poll_at - (T0 + 36.0)
-    # 0.8 x position / 10 per second, plus the quickest render (36 s); no sooner than a running
+    # 0.9 x position / 10 per second, plus the quickest render (36 s); no sooner than a running
     # request's step (30 s), no later than the cap.
-    assert waits == pytest.approx({1: 36.08, 100: 44.0, 1000: 116.0, 100_000: POLL_CAP_S})
+    assert waits == pytest.approx({1: 36.09, 100: 45.0, 1000: 126.0, 100_000: POLL_CAP_S})
 
 
 def test_queued_requests_are_polled_less_often_than_running_ones() -> None:

@@ -218,7 +218,7 @@ def hold_collects(owed: Sequence[PartitionState], *, batch_size: int, collect_ru
 POLL_FLOOR_S = 1.0
 POLL_CAP_S = 600.0
 # Queue waits are predicted short by this factor: a poll too early costs a poll, one too late delays a video.
-QUEUE_SAFETY = 0.8
+QUEUE_SAFETY = 0.9
 # Samples kept of each learnt quantity (the latest ones), and how many make an estimate.
 LEARNT_SAMPLES = 64
 MIN_SAMPLES = 3

@@ -173,3 +173,21 @@ def test_an_output_of_another_source_is_refused_before_paying(tmp_path: Path, em
     assert _settle(LocalDaemon(adopted, instance)) == []
     assert emulator.ledger().billed_submissions == 2
     assert journal.bind_output(str(videos), images) is None  # bound to this source now
+
+
+@pytest.mark.parametrize(
+    ("price", "unit", "why"),
+    [
+        (0.0, "second", "the catalog's price 0.0 is not a positive number"),  # would reserve nothing under the cap
+        (None, "second", "the catalog gives no price"),
+        (0.1, "minute", "the catalog's price_unit 'minute' is not 'second' or 'output'"),
+    ],
+)
+def test_a_price_the_cap_cannot_use_falls_back_to_the_estimate(price, unit, why) -> None:
+    from dagster_runway.client import ModelInfo
+    from dagster_runway.pipeline import catalog
+
+    info = ModelInfo(model_id="m", base_price_usd=price, price_unit=unit, input_schema=INPUT_SCHEMA)
+    seen = catalog.view("m", info, 0.05).price
+    assert (seen.source, seen.estimate_usd(5), seen.why_estimate) == ("estimate", 0.25, why)
+    assert catalog.view("m", ModelInfo(model_id="m", base_price_usd=0.2, price_unit="output"), 0.05).price.estimate_usd(10) == 0.2

@@ -11,6 +11,7 @@ before anything is sent, unless ``accept_schema_changes`` names it.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 from dagster_runway.client import ModelInfo, RunComfyClient
@@ -105,13 +106,16 @@ def view(model_id: str, info: ModelInfo, estimated_usd_per_second: float, accept
 
 
 def _price(info: ModelInfo, estimated_usd_per_second: float) -> Price:
-    if info.base_price_usd is not None and info.price_unit == "second":
-        return Price(CATALOG, usd_per_second=info.base_price_usd)
-    if info.base_price_usd is not None and info.price_unit == "output":
-        return Price(CATALOG, usd_per_output=info.base_price_usd)
-    why = (
-        "the catalog gives no price"
-        if info.base_price_usd is None
-        else f"the catalog's price_unit {info.price_unit!r} is not 'second' or 'output'"
-    )
+    price = info.base_price_usd
+    usable = price is not None and math.isfinite(price) and price > 0  # a zero price would reserve nothing
+    if usable and info.price_unit == "second":
+        return Price(CATALOG, usd_per_second=price)
+    if usable and info.price_unit == "output":
+        return Price(CATALOG, usd_per_output=price)
+    if price is None:
+        why = "the catalog gives no price"
+    elif not usable:
+        why = f"the catalog's price {price!r} is not a positive number"
+    else:
+        why = f"the catalog's price_unit {info.price_unit!r} is not 'second' or 'output'"
     return Price(ESTIMATE, usd_per_second=estimated_usd_per_second, why_estimate=why)

@@ -100,3 +100,32 @@ def test_a_file_that_is_no_video_is_refused_and_left_as_it_was(tmp_path: Path) -
         tag_video(str(broken), {"request_id": "r"})
     assert broken.read_bytes() == b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64
     assert list(tmp_path.iterdir()) == [broken]
+
+
+def test_control_characters_in_a_prompt_are_dropped_from_its_tag(tmp_path: Path, emulator, instance) -> None:
+    key = _collected(tmp_path, emulator, instance)[0]
+    copy = tmp_path / "copy.mp4"
+    shutil.copy(tmp_path / "videos" / f"{key}.mp4", copy)
+    tag_video(str(copy), {"prompt_text": "two\nlines\tand a NUL\x00 and a bell\x07"})
+    assert read_tags(str(copy)) == {"prompt_text": "two\nlines\tand a NUL and a bell"}
+
+
+@pytest.mark.parametrize("broken", ["tagging", "sidecar"])
+def test_a_failure_to_tag_or_write_the_sidecar_never_loses_the_paid_video(
+    tmp_path: Path, emulator, instance, monkeypatch, broken: str
+) -> None:
+    from dagster_runway.pipeline import collect
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise VideoTagError("no") if broken == "tagging" else PermissionError("read-only output")
+
+    monkeypatch.setattr(collect, "tag_video" if broken == "tagging" else "write_bytes_atomic", refuse)
+    keys = _collected(tmp_path, emulator, instance)
+    assert emulator.ledger().billed_submissions == 2
+    for key in keys:
+        video = tmp_path / "videos" / f"{key}.mp4"
+        meta = video_metadata(instance, key)
+        assert meta["runway/video_sha256"] == hashlib.sha256(video.read_bytes()).hexdigest()
+        assert check_statuses(instance, key)["checksum_at_rest"] == "SUCCEEDED"
+        assert (read_tags(str(video)) == {}) is (broken == "tagging")
+        assert (tmp_path / "videos" / f"{key}.mp4.json").exists() is (broken == "tagging")

@@ -8,7 +8,8 @@ tags) and the moov atom first (``faststart``, for playback from a URL). :func:`r
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import av
 
@@ -21,8 +22,10 @@ class VideoTagError(MediaError):
     """The video could not be remuxed with its tags (its streams or packets are unreadable)."""
 
 
-def tag_video(path: str, tags: Mapping[str, str]) -> None:
-    """Rewrite the MP4 at local ``path`` in place with ``tags`` (keys prefixed ``runway_``)."""
+def tag_video(path: str, tags: Mapping[str, str], check: Callable[[str], Any] | None = None) -> None:
+    """Rewrite the MP4 at local ``path`` in place with ``tags`` (keys prefixed ``runway_``; NUL and other
+    control characters but newline and tab dropped from values). The tagged copy replaces the file only
+    once it is complete and ``check(tagged_path)`` passes: on any failure the file is as it was."""
     tagged = f"{path}.tagged"
     try:
         with av.open(path) as source, av.open(
@@ -32,7 +35,7 @@ def tag_video(path: str, tags: Mapping[str, str]) -> None:
                 if not key.startswith(TAG_PREFIX) and key not in ("major_brand", "minor_version", "compatible_brands"):
                     target.metadata[key] = value
             for key, value in tags.items():
-                target.metadata[f"{TAG_PREFIX}{key}"] = value
+                target.metadata[f"{TAG_PREFIX}{key}"] = "".join(c for c in value if c >= " " or c in "\n\t")
             streams = {}
             for stream in source.streams:
                 if stream.type in ("video", "audio"):
@@ -42,6 +45,8 @@ def tag_video(path: str, tags: Mapping[str, str]) -> None:
                     continue
                 packet.stream = streams[packet.stream.index]
                 target.mux(packet)
+        if check is not None:
+            check(tagged)
         os.replace(tagged, path)
     except (av.FFmpegError, ValueError, KeyError) as exc:
         raise VideoTagError(f"its streams could not be copied with the lineage tags ({exc})") from None

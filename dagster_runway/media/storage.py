@@ -312,22 +312,25 @@ class _Download:
                     time.sleep(delay)
 
     def publish(self, verify: Callable[[str], Any] | None, rewrite: Callable[[str], Any] | None = None) -> None:
-        """Check the complete body is a video (signature), ``rewrite`` it in place, check it with
-        ``verify``, then make it visible; the size and sha256 are then of the bytes stored."""
+        """Check the complete body is a video (signature, then ``verify``), ``rewrite`` it in place if
+        that works (a failed rewrite leaves the body as it was: a paid video is never lost to it), then
+        make it visible; the size and sha256 are of the bytes stored."""
         assert self.sink is not None
         self.sink.close()
         _check_signature(self.sink.local_path, self.shown, self.dest)
-        if rewrite is not None or verify is not None:
+        if verify is not None:
             try:
-                if rewrite is not None:
-                    rewrite(self.sink.local_path)
-                    self.digest, self.received = _file_digest(self.sink.local_path)
-                if verify is not None:
-                    verify(self.sink.local_path)
+                verify(self.sink.local_path)
             except MediaError as exc:
                 raise NotAVideoError(
                     f"{self.shown}: the downloaded file is not a playable video ({exc}); nothing was stored"
                 ) from None
+        if rewrite is not None:
+            try:
+                rewrite(self.sink.local_path)
+            except MediaError as exc:
+                logger.warning("%s: stored as downloaded, without its rewrite: %s", self.shown, exc)
+            self.digest, self.received = _file_digest(self.sink.local_path)
         try:
             self.sink.commit()
         except Exception as exc:
@@ -415,9 +418,10 @@ def store_video(
     Only a video is published: an answer whose Content-Type is neither ``video/*`` nor binary, or
     whose body lacks the MP4 ``ftyp`` box (for ``.mp4``/``.mov``/``.m4v`` destinations), raises
     :class:`NotAVideoError`, and so does ``verify(local_path)`` raising a ``MediaError`` (e.g. a probe
-    that fails), called on the complete body before it is published. ``rewrite(local_path)`` may
-    change the body in place first (the lineage tags, :mod:`.provenance`); the size and sha256 returned
-    are then those of the rewritten bytes, and ``verify`` judges them.
+    that fails), called on the complete body before it is published. ``rewrite(local_path)`` may then
+    change the body in place (the lineage tags, :mod:`.provenance`; it checks its own result); the size
+    and sha256 returned are those of the bytes stored. A rewrite that raises ``MediaError`` is logged
+    and the body stored as downloaded.
 
     Limits (see the module's docstring): ``deadline_s`` in all, retries included
     (:class:`DownloadTimeoutError`); ``max_bytes`` (:class:`VideoTooLargeError`); redirects followed

@@ -283,13 +283,16 @@ class CollectBatch:
             video_uri,
             storage_options=options,
             verify=verify,
-            rewrite=lambda local_path: tag_video(local_path, tags),
+            rewrite=lambda local_path: tag_video(local_path, tags, check=verify),
             max_bytes=pipeline.max_video_bytes,
             deadline_s=pipeline.download_timeout_s,
             trusted_origins=self.trusted_origins,
         )
         sidecar = json.dumps({**tags, "video_sha256": video.sha256, "video_size_bytes": video.size}, indent=2)
-        write_bytes_atomic(f"{video_uri}.json", sidecar.encode(), storage_options=options, content_type="application/json")
+        try:
+            write_bytes_atomic(f"{video_uri}.json", sidecar.encode(), storage_options=options, content_type="application/json")
+        except Exception as exc:  # noqa: BLE001 - the video is stored and paid for: a missing sidecar must not lose it
+            self.log.warning(f"{video.uri}: the lineage sidecar could not be written ({type(exc).__name__}: {exc})")
         return Stored(uri=video.uri, size=video.size, sha256=video.sha256, probe=probes[-1])
 
     def _poster(self, key: str, video_uri: str) -> tuple[bool, str | None]:

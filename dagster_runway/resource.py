@@ -10,8 +10,17 @@ from dagster_shared.libraries import DagsterLibraryRegistry
 from pydantic import Field, PrivateAttr
 
 from dagster_runway.client import DEFAULT_BASE_URL, AsyncRunComfyClient, RetryPolicy, RunComfyClient
+from dagster_runway.client._defaults import (
+    CONNECT_TIMEOUT_S,
+    MAX_CONCURRENCY,
+    POLL_INTERVAL_S,
+    REQUEST_TIMEOUT_S,
+    WAIT_TIMEOUT_S,
+)
 from dagster_runway.schema import MODEL_ID
 from dagster_runway.version import __version__
+
+_RETRY = RetryPolicy()  # the retry defaults, whose home is RetryPolicy
 
 DagsterLibraryRegistry.register("dagster-runway", __version__, is_dagster_package=False)
 
@@ -42,26 +51,34 @@ class RunComfyResource(ConfigurableResource):
         "(dagster-runway emulator) to run without the real service.",
     )
     model_id: str = Field(default=MODEL_ID, description="The model to run.")
-    request_timeout: float = Field(default=60.0, description="Seconds to wait for one HTTP answer.")
-    connect_timeout: float = Field(default=10.0, description="Seconds to wait for a connection.")
+    request_timeout: float = Field(default=REQUEST_TIMEOUT_S, description="Seconds to wait for one HTTP answer.")
+    connect_timeout: float = Field(default=CONNECT_TIMEOUT_S, description="Seconds to wait for a connection.")
     max_attempts: int = Field(
-        default=5,
+        default=_RETRY.max_attempts,
         description="Attempts per call that is safe to repeat (status, result, cancel; a submit only when "
         "the connection was never made or the answer was 429).",
     )
-    backoff_initial: float = Field(default=0.5, description="First backoff ceiling in seconds (full jitter).")
-    backoff_max: float = Field(default=20.0, description="Largest backoff between two attempts, in seconds.")
-    retry_deadline: float = Field(default=120.0, description="No call retries past this many seconds in all.")
+    backoff_initial: float = Field(
+        default=_RETRY.backoff_initial, description="First backoff ceiling in seconds (full jitter)."
+    )
+    backoff_max: float = Field(default=_RETRY.backoff_max, description="Largest backoff between two attempts, in seconds.")
+    retry_deadline: float = Field(default=_RETRY.deadline, description="No call retries past this many seconds in all.")
     retry_after_max: float = Field(
-        default=60.0,
+        default=_RETRY.retry_after_max,
         description="Longest Retry-After the client will sleep through; a longer one raises RateLimitedError.",
     )
     poll_interval: float = Field(
-        default=5.0, description="Seconds between status polls in blocking waits (with +/-20% jitter)."
+        default=POLL_INTERVAL_S, description="Seconds between status polls in blocking waits (with +/-20% jitter)."
     )
-    wait_timeout: float = Field(default=1800.0, description="Seconds a blocking wait goes on before giving up.")
+    wait_timeout: float = Field(
+        default=2 * WAIT_TIMEOUT_S,
+        description="Seconds a blocking wait goes on before giving up: twice the client's, since a blocking-mode "
+        "step waits for a whole batch behind the service's queue.",
+    )
     max_concurrency: int = Field(
-        default=8, description="Most API calls in flight at once from one async client (submits and polls)."
+        default=MAX_CONCURRENCY // 2,
+        description="Most API calls in flight at once from one async client (submits and polls): half the "
+        "client's, since several runs (and the status sensor) share the account's rate limit.",
     )
 
     _client: RunComfyClient | None = PrivateAttr(default=None)

@@ -223,7 +223,7 @@ _STATE_ALIASES = {
     "running": "in_progress",
 }
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 class _Response(BaseModel):
@@ -241,7 +241,7 @@ class Submission(_Response):
     @field_validator("request_id")
     @classmethod
     def _check_id(cls, value: str) -> str:
-        if not _REQUEST_ID.match(value):
+        if not REQUEST_ID_PATTERN.match(value):
             raise ValueError(f"request_id {value[:40]!r} is not 1-128 characters of [A-Za-z0-9_-]")
         return value
 

@@ -155,3 +155,21 @@ def test_the_token_stays_out_of_a_materialization(emu: Emulator) -> None:
             assert TOKEN not in str(event)
         assert TOKEN not in str(instance.get_run_by_id(outcome.run_id))
     assert emu.ledger().billed_submissions == 1
+
+
+def test_the_resource_takes_the_clients_defaults_except_where_it_says_why() -> None:
+    from dagster_runway.client import _defaults as d
+    from dagster_runway.resource import RunComfyResource
+    from dagster_runway.retry import RetryPolicy
+
+    fields = RunComfyResource.model_fields
+    retry = RetryPolicy()
+    same = {
+        "request_timeout": d.REQUEST_TIMEOUT_S, "connect_timeout": d.CONNECT_TIMEOUT_S,
+        "poll_interval": d.POLL_INTERVAL_S, "max_attempts": retry.max_attempts,
+        "backoff_initial": retry.backoff_initial, "backoff_max": retry.backoff_max,
+        "retry_deadline": retry.deadline, "retry_after_max": retry.retry_after_max,
+    }  # fmt: skip
+    assert {name: fields[name].default for name in same} == same
+    for name, client_default in (("wait_timeout", d.WAIT_TIMEOUT_S), ("max_concurrency", d.MAX_CONCURRENCY)):
+        assert fields[name].default != client_default and "the client's" in (fields[name].description or "")

@@ -26,6 +26,13 @@ from dagster_runway.client._core import (
     run_sync,
     wait_call,
 )
+from dagster_runway.client._defaults import (
+    CONNECT_TIMEOUT_S,
+    MAX_CONCURRENCY,
+    POLL_INTERVAL_S,
+    REQUEST_TIMEOUT_S,
+    WAIT_TIMEOUT_S,
+)
 from dagster_runway.client._errors import failure_error
 from dagster_runway.errors import RunComfyError
 from dagster_runway.retry import RetryPolicy
@@ -113,10 +120,10 @@ class RunComfyClient(_ClientBase):
         *,
         base_url: str = DEFAULT_BASE_URL,
         model_id: str = MODEL_ID,
-        request_timeout: float = 60.0,
-        connect_timeout: float = 10.0,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
         retry: RetryPolicy | None = None,
-        poll_interval: float = 5.0,
+        poll_interval: float = POLL_INTERVAL_S,
         http_client: httpx.Client | None = None,
     ) -> None:
         super().__init__(api_token, base_url, model_id, retry, poll_interval)
@@ -164,7 +171,7 @@ class RunComfyClient(_ClientBase):
         self,
         request_id: str,
         *,
-        timeout: float = 900.0,
+        timeout: float = WAIT_TIMEOUT_S,
         poll_interval: float | None = None,
         on_update: Callable[[RequestStatus], None] | None = None,
         cancel_on_timeout: bool = False,
@@ -202,11 +209,11 @@ class AsyncRunComfyClient(_ClientBase):
         *,
         base_url: str = DEFAULT_BASE_URL,
         model_id: str = MODEL_ID,
-        request_timeout: float = 60.0,
-        connect_timeout: float = 10.0,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
         retry: RetryPolicy | None = None,
-        poll_interval: float = 5.0,
-        max_concurrency: int = 16,
+        poll_interval: float = POLL_INTERVAL_S,
+        max_concurrency: int = MAX_CONCURRENCY,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
         if max_concurrency < 1:
@@ -294,7 +301,7 @@ class AsyncRunComfyClient(_ClientBase):
         self,
         request_id: str,
         *,
-        timeout: float = 900.0,
+        timeout: float = WAIT_TIMEOUT_S,
         poll_interval: float | None = None,
         on_update: Callable[[RequestStatus], None] | None = None,
         cancel_on_timeout: bool = False,

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from dagster_runway.errors import (
 from dagster_runway.retry import RETRYABLE_STATUS, RetryPolicy
 from dagster_runway.schema import (
     MODEL_ID,
+    REQUEST_ID_PATTERN,
     CancelResult,
     ImageToVideoInput,
     RequestResult,
@@ -55,7 +55,6 @@ logger = logging.getLogger("dagster_runway.client")
 
 DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
 USER_AGENT = f"dagster-runway/{__version__}"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 T = TypeVar("T")
 
@@ -210,7 +209,7 @@ class RequestCore:
         return self.base_url + "/v1/models/" + "/".join(quote(part, safe="") for part in model_id.split("/"))
 
     def _request_url(self, request_id: str, action: str) -> str:
-        if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
+        if not isinstance(request_id, str) or not REQUEST_ID_PATTERN.match(request_id):
             raise InputValidationError(
                 f"request_id {str(request_id)[:40]!r} is not 1-128 characters of letters, digits, '_' or '-'; "
                 "pass the request_id that submit returned.",

@@ -37,7 +37,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import socket
 import threading
 import time
@@ -49,6 +48,7 @@ from typing import Any
 from dagster_runway._process import pid_alive
 from dagster_runway._redact import redact_url
 from dagster_runway.media._fs import is_local, url_to_fs
+from dagster_runway.schema import REQUEST_ID_PATTERN
 
 CLAIMED = "claimed"
 SUBMITTED = "submitted"
@@ -59,7 +59,6 @@ STATES = (CLAIMED, SUBMITTED, REJECTED, AMBIGUOUS)
 _SPEND_BUCKET = 1000
 _APPEND_TRIES = 1000  # each failed try means another writer appended; a stuck log fails instead of spinning
 _TEMP_MAX_AGE_S = 3600.0  # a temporary file older than this is litter whoever wrote it
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # the API's request id (schema.SubmitResponse)
 
 
 @dataclass(frozen=True)
@@ -506,7 +505,7 @@ class Journal:
                 f"no claim {where}: attempt {attempt} of {fingerprint} was never made; "
                 "list the claims with `dagster-runway journal list` and adopt one of those"
             )
-        if not _REQUEST_ID.match(request_id):
+        if not REQUEST_ID_PATTERN.match(request_id):
             raise JournalError(
                 f"request id {request_id[:40]!r} is not 1-128 characters of [A-Za-z0-9_-]; copy the request "
                 "id from your RunComfy history"

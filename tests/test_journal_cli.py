@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dagster_runway.journal import _REQUEST_ID, AMBIGUOUS, REJECTED, SUBMITTED, Journal, JournalError, Owner
-from dagster_runway.schema import _REQUEST_ID as API_REQUEST_ID
+from dagster_runway.journal import AMBIGUOUS, REJECTED, SUBMITTED, Journal, JournalError, Owner
 
 FP_DONE, FP_LOST, FP_GONE, FP_FREE = ("aa" + c * 62 for c in "1234")
 
@@ -143,10 +142,6 @@ def test_adopt_refuses_an_attempt_whose_owner_still_runs(tmp_path: Path) -> None
     journal.claim(FP_LOST, 1, partition="a.png", owner=Owner.current(), estimate_usd=0.25, input={})
     with pytest.raises(JournalError, match="still held by .* which is running"):
         journal.adopt(FP_LOST, 1, "req-1")
-
-
-def test_the_request_id_rule_is_the_api_s() -> None:
-    assert _REQUEST_ID.pattern == API_REQUEST_ID.pattern
 
 
 def test_adopt_asks_the_service_first_and_a_request_it_never_issued_leaves_the_attempt_ambiguous(

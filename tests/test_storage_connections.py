@@ -6,6 +6,7 @@ Judged by PostgreSQL itself: ``pg_stat_database.sessions`` counts every session 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,20 @@ def _open_connections(db: PostgresParams) -> int:
             return int(cursor.fetchone()[0])
     finally:
         connection.close()
+
+
+def _open_connections_settled(db: PostgresParams, expected: int) -> int:
+    """Connections open once the server has ended the ones its clients closed.
+
+    A client's close is a message; the server process ends after it, so a count taken at once can still
+    see it. Waits until the count is at most ``expected`` (or 30 s pass) and returns the count.
+    """
+    deadline = time.monotonic() + 30
+    count = _open_connections(db)
+    while count > expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+        count = _open_connections(db)
+    return count
 
 
 def _report(instance: dg.DagsterInstance, count: int) -> None:
@@ -100,13 +115,13 @@ def test_a_block_holds_the_connections_and_closes_them_when_it_ends(
     postgres_db: PostgresParams, pg_instance: dg.DagsterInstance
 ) -> None:
     _report(pg_instance, 1)
-    idle = _open_connections(postgres_db)
+    idle = _open_connections_settled(postgres_db, 0)
     before = postgres_db.sessions()
     with storage_connections_held(pg_instance):
         _report(pg_instance, 40)
         assert _open_connections(postgres_db) > idle, "the connections are held inside the block"
     assert postgres_db.sessions() - before - 1 <= 3, "one connection per storage at most"
-    assert _open_connections(postgres_db) == idle, "the block closes what it opened"
+    assert _open_connections_settled(postgres_db, idle) == idle, "the block closes what it opened"
     _report(pg_instance, 1)  # the instance works on after it
 
 
@@ -117,7 +132,7 @@ def test_a_discovery_tick_writes_its_records_over_held_connections_and_closes_th
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
     daemon = LocalDaemon(defs, pg_instance)
     pg_instance.get_dynamic_partitions("runway_images")  # the instance's own first connections
-    idle = _open_connections(postgres_db)
+    idle = _open_connections_settled(postgres_db, 0)
     before_sessions, before_events = postgres_db.sessions(), _events(postgres_db)
     assert daemon.tick("runway_discovery_sensor").new_partitions == 60
     sessions = postgres_db.sessions() - before_sessions - 1
@@ -126,4 +141,4 @@ def test_a_discovery_tick_writes_its_records_over_held_connections_and_closes_th
     # Measured: 10 sessions, most of them the driver's own statements around the tick (its cursor, the
     # partitions), which open one each as the daemon's do; the tick's 120 events share held ones.
     assert sessions < events / 5, f"{sessions} sessions for a tick that wrote {events} events"
-    assert _open_connections(postgres_db) == idle, "the tick closed the connections it held"
+    assert _open_connections_settled(postgres_db, idle) == idle, "the tick closed the connections it held"

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from dagster import ConfigurableResource, EnvVar, InitResourceContext
 from dagster_shared.libraries import DagsterLibraryRegistry
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 
 from dagster_runway.client import DEFAULT_BASE_URL, AsyncRunComfyClient, RetryPolicy, RunComfyClient
 from dagster_runway.client._defaults import (
@@ -17,6 +17,7 @@ from dagster_runway.client._defaults import (
     REQUEST_TIMEOUT_S,
     WAIT_TIMEOUT_S,
 )
+from dagster_runway.models import ModelSpec, known_models, model_spec
 from dagster_runway.schema import MODEL_ID
 from dagster_runway.version import __version__
 
@@ -50,7 +51,11 @@ class RunComfyResource(ConfigurableResource):
         description="Base URL of the Model API. Point it at a local emulator "
         "(dagster-runway emulator) to run without the real service.",
     )
-    model_id: str = Field(default=MODEL_ID, description="The model to run.")
+    model_id: str = Field(
+        default=MODEL_ID,
+        description=f"The model to run: one the package has a ModelSpec for ({', '.join(known_models())}); "
+        "its schema's rules check every input before it is paid for. Another id is refused.",
+    )
     request_timeout: float = Field(default=REQUEST_TIMEOUT_S, description="Seconds to wait for one HTTP answer.")
     connect_timeout: float = Field(default=CONNECT_TIMEOUT_S, description="Seconds to wait for a connection.")
     max_attempts: int = Field(
@@ -98,6 +103,16 @@ class RunComfyResource(ConfigurableResource):
             "snapshots, so the token would be written into the instance's storage. Pass "
             'dg.EnvVar("RUNCOMFY_API_TOKEN") instead.'
         )
+
+    @field_validator("model_id")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return model_spec(value).model_id  # UnknownModelError lists the known ones
+
+    @property
+    def model(self) -> ModelSpec:
+        """The spec of ``model_id``: its field names, enums, bounds and image rules."""
+        return model_spec(self.model_id)
 
     def __repr__(self) -> str:
         return f"RunComfyResource(base_url={self.base_url!r}, model_id={self.model_id!r})"

@@ -9,6 +9,7 @@ import dagster_runway.media as media
 
 ALLOWED_PACKAGE_MODULES = {
     "dagster_runway.schema",
+    "dagster_runway.models",
     "dagster_runway._redact",
     "dagster_runway._process",
     "dagster_runway.retry",

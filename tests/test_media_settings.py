@@ -16,6 +16,7 @@ from dagster_runway.media import (
     derive_seed,
     resolve_auto_ratio,
 )
+from dagster_runway.models import RUNWAY_GEN4_TURBO
 from dagster_runway.schema import RATIOS, SEED_MAX, ImageToVideoInput
 from tests.fixtures.s3 import S3Bucket
 from tests.test_media_support import png_bytes
@@ -93,8 +94,9 @@ def test_defaults_and_derived_seed(tmp_path: Path) -> None:
     (tmp_path / "copy.png").write_bytes(path.read_bytes())
     assert ImageSource(str(tmp_path)).settings_for(_entry(source, "copy.png")).seed == settings.seed
     # The result is a valid model input.
-    model_input = settings.to_input("https://example.com/a.png")
-    assert isinstance(model_input, ImageToVideoInput)
+    model_input = ImageToVideoInput.model_validate(
+        RUNWAY_GEN4_TURBO.request("https://example.com/a.png", settings.request_fields())
+    )
     assert model_input.to_request() == {
         "promptImage": "https://example.com/a.png",
         "promptText": "slow pan",

@@ -39,7 +39,7 @@ def _pipeline(source: str, output: str, **options) -> RunwayPipelineConfig:
 def _prepared(pipeline: RunwayPipelineConfig, relpath: str):
     source = pipeline.image_source()
     entry = next(e for e in source.list() if e.relpath == relpath)
-    return source, prepare(pipeline, source, entry.partition_key, entry, MODEL)
+    return source, prepare(pipeline, source, entry.partition_key, entry)
 
 
 def _decoded(uri: str) -> bytes:
@@ -97,7 +97,7 @@ def test_an_image_that_grows_past_the_limit_after_listing_is_refused_without_rea
         ImageValidationError,
         match=r"image is 17825792 bytes, more than the limit of 16777216 bytes for one image; compress it",
     ):
-        prepare(pipeline, source, entry.partition_key, entry, MODEL)
+        prepare(pipeline, source, entry.partition_key, entry)
 
 
 def _s3_pipeline(s3: S3Bucket, tmp_path: Path) -> RunwayPipelineConfig:
@@ -160,10 +160,10 @@ def test_s3_bytes_are_read_once_and_validated_as_read(s3: S3Bucket, tmp_path: Pa
     pipeline = _s3_pipeline(s3, tmp_path)
     source = pipeline.image_source()
     (entry,) = source.list()
-    prepared = prepare(pipeline, source, entry.partition_key, entry, MODEL)
+    prepared = prepare(pipeline, source, entry.partition_key, entry)
     assert prepared.sha256 == hashlib.sha256(good).hexdigest()
     assert prepared.pin.data_uri is None  # a bucket image is fetched by URL, never inlined
     # Replaced by a truncated upload after the listing: the bytes read are the ones checked, so it is refused.
     s3.put("in/cat.png", good[: len(good) // 2])
     with pytest.raises(ImageValidationError, match="truncated|corrupt"):
-        prepare(pipeline, source, entry.partition_key, entry, MODEL)
+        prepare(pipeline, source, entry.partition_key, entry)

@@ -38,6 +38,7 @@ from dagster_runway.errors import (
     UnexpectedResponseError,
     WaitTimeoutError,
 )
+from dagster_runway.models import find_model
 from dagster_runway.retry import RETRYABLE_STATUS, RetryPolicy
 from dagster_runway.schema import (
     MODEL_ID,
@@ -131,8 +132,7 @@ class RequestCore:
     def submit(
         self, input: ImageToVideoInput | Mapping[str, Any], fingerprint: str | None = None
     ) -> Call[Submission]:
-        model = input if isinstance(input, ImageToVideoInput) else self._validate_input(input)
-        body = model.to_request()
+        body = input.to_request() if isinstance(input, ImageToVideoInput) else self._checked_body(input)
         request = self._request("POST", self._model_url(self.model_id), json=body)
         fingerprint = fingerprint or input_fingerprint(self.model_id, body)
         return self._call(request, Submission, idempotent=False, what="submit", fingerprint=fingerprint)
@@ -185,24 +185,33 @@ class RequestCore:
                 f"to the Model API's address, e.g. {DEFAULT_BASE_URL}."
             ) from None
 
-    def _validate_input(self, input: Mapping[str, Any]) -> ImageToVideoInput:
-        """The input as the model, or an ``InputValidationError`` naming the field; nothing is sent."""
-        try:
-            return ImageToVideoInput.model_validate(input)
-        except ValidationError as exc:
-            aliases = {name: field.alias or name for name, field in ImageToVideoInput.model_fields.items()}
-            errors = []
-            for error in exc.errors():
-                name = str(error["loc"][0]) if error["loc"] else None
-                errors.append((aliases.get(name, name) if name else None, error))
-            # Only pydantic's messages, never the values: a promptImage may be a presigned URL.
-            problems = "; ".join(f"{field or 'input'}: {e['msg']}" for field, e in errors[:3])
+    def _checked_body(self, input: Mapping[str, Any]) -> dict[str, Any]:
+        """The body to send, checked against the model's schema when this package knows the model (its
+        ``ModelSpec``), else sent as given for the service to judge; an ``InputValidationError`` naming
+        the field, and nothing sent, when it breaks the schema."""
+        if not isinstance(input, Mapping):
+            raise InputValidationError(
+                f"The input for {self.model_id} must be a mapping of field names to values, got "
+                f"{type(input).__name__}. Nothing was sent or billed.",
+                field=None,
+                detail=[],
+            )
+        spec = find_model(self.model_id)
+        if spec is None:
+            return dict(input)
+        errors = spec.problems(input)
+        if errors:
+            # Only the schema's messages, never the values: an image URL may be a presigned URL.
+            problems = "; ".join(f"{field or 'input'}: {message}" for field, message, _ in errors[:3])
             raise InputValidationError(
                 f"The input for {self.model_id} breaks its schema ({problems}). Fix the input; nothing was "
                 "sent or billed.",
-                field=errors[0][0] if errors else None,
-                detail=[{"loc": [field], "msg": e["msg"], "type": e["type"]} for field, e in errors],
-            ) from None
+                field=errors[0][0],
+                detail=[{"loc": [field], "msg": message, "type": kind} for field, message, kind in errors],
+            )
+        if spec.input_model is not None:
+            return spec.input_model.model_validate(input).model_dump(by_alias=True, exclude_unset=True, mode="json")
+        return dict(input)
 
     def _model_url(self, model_id: str) -> str:
         # The id's slashes stay separators; each segment is escaped (as RunComfy's own code does).

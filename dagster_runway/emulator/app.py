@@ -27,6 +27,7 @@ from uvicorn.server import ServerState
 
 from dagster_runway._redact import redact_url
 from dagster_runway.emulator.catalog import DEFAULT_LIMIT, MAX_LIMIT, Catalog, served_entry
+from dagster_runway.emulator.catalog_models import CatalogModel
 from dagster_runway.emulator.config import EmulatorConfig
 from dagster_runway.emulator.faults import Call, FaultBook, FaultRule, Hit, Stage
 from dagster_runway.emulator.holds import Holds
@@ -121,10 +122,15 @@ class EmulatorApp:
     async def _submit(self, request: Request) -> Response:
         account = self._account(request)
         model_id = request.path_params["model_id"]
+        other: CatalogModel | None = None
         if model_id != self._config.model_id:
-            raise ApiError(
-                404, 400001, f"Unknown model {model_id!r}; this emulator serves {self._config.model_id}"
-            )
+            entry = self.catalog().get(model_id)
+            other = CatalogModel.of(entry) if entry is not None else None
+            if other is None:
+                raise ApiError(
+                    404, 400001, f"Unknown model {model_id!r}; this emulator serves {self._config.model_id}"
+                    + (" and the catalog models it can render" if self._config.catalog else "")
+                )
         # Faults come before validation, as a gateway's would; an unparsable body is reported after them.
         body: Any = None
         invalid: InputInvalid | None = None
@@ -137,11 +143,15 @@ class EmulatorApp:
             return response
         if invalid is not None:
             raise invalid
-        model_input = validate_input(body, allow_any_http=self._config.allow_any_http)
+        if other is not None:
+            model_input = other.validate(body, allow_any_http=self._config.allow_any_http)
+        else:
+            model_input = validate_input(body, allow_any_http=self._config.allow_any_http)
         rule = self._faults.pick("submit", "generation", model_input.fields)
         injected = Failure(rule.failure_code, rule.message) if rule is not None else None
         try:
-            request_id = self._store.submit(account, model_input, model_id, injected)
+            price = other.price if other is not None else None
+            request_id = self._store.submit(account, model_input, model_id, injected, price)
         except InsufficientBalance as exc:
             raise ApiError(
                 self._config.insufficient_balance_status, 400002, f"Insufficient balance: {exc}"

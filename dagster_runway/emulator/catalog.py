@@ -4,7 +4,8 @@ An entry has the fields RunComfy's own clients read (``reference/runcomfy-api.md
 ``display_name``, ``categories``, ``base_price_usd``, ``price_unit`` (``second`` or ``output``),
 ``pricing_note``, ``input_schema`` and ``model_url``. The served model's entry is built from the config
 (its price, and the seed's published input schema unless the config gives another); other entries come
-from the config's ``catalog`` (``--catalog FILE``) and are listed only: this emulator renders one model.
+from the config's ``catalog`` (``--catalog FILE``). Those whose schema is an image-to-video model's are
+served too, checked against that schema alone and billed at their own price (``catalog_models.py``).
 """
 
 from __future__ import annotations

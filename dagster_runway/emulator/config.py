@@ -85,7 +85,8 @@ class EmulatorConfig(BaseModel):
     )
     catalog: list[CatalogEntry] = Field(
         default_factory=list,
-        description="Other models the catalog lists (see load_catalog_file); they are listed, not served.",
+        description="Other models the catalog lists (see load_catalog_file); those whose input_schema is an "
+        "image-to-video model's are served too, at their own price (see emulator/catalog_models.py).",
     )
     balance_usd: float | None = Field(
         default=None,

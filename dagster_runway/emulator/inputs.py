@@ -38,16 +38,28 @@ _DATA_URI = re.compile(
 
 @dataclass(frozen=True)
 class ModelInput:
-    """A valid input: the image reference apart from the other fields, defaults filled in."""
+    """A valid input: the image reference apart from the other fields (under the model's names),
+    defaults filled in; ``render`` is what the video is made of: ratio, duration and seed."""
 
     prompt_image: str
     fields: dict[str, Any]
     image_identity: str
+    image_field: str = "promptImage"
+    render_fields: tuple[str, str, str | None] = ("ratio", "duration", "seed")
+
+    @property
+    def render(self) -> dict[str, Any]:
+        ratio, duration, seed = self.render_fields
+        return {
+            "ratio": str(self.fields[ratio]),
+            "duration": int(self.fields[duration]),
+            "seed": int(self.fields[seed]) if seed is not None and seed in self.fields else 0,
+        }
 
     def fingerprint(self, model_id: str) -> str:
         """sha256 of the canonical JSON of the model and the input, with the image by identity."""
         canonical = json.dumps(
-            {"model_id": model_id, "input": {**self.fields, "promptImage": self.image_identity}},
+            {"model_id": model_id, "input": {**self.fields, self.image_field: self.image_identity}},
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,

@@ -28,8 +28,12 @@ class Video:
 
 
 def output_size(ratio: str, scale: float) -> tuple[int, int]:
-    """The scaled frame size of a ratio, each side rounded to an even number of pixels (for yuv420p)."""
+    """The scaled frame size of a ratio, each side rounded to an even number of pixels (for yuv420p).
+    A ratio that is an aspect (``16:9``) rather than a size (``1280:720``) gets a long side of 1280 px."""
     width, height = ratio_size(ratio)
+    if max(width, height) < 256:
+        factor = 1280 / max(width, height)
+        width, height = round(width * factor), round(height * factor)
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 

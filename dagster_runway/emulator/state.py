@@ -105,6 +105,7 @@ class _Record:
     seq: int
     generation: int
     fields: dict[str, Any]
+    render: dict[str, Any]  # ratio, duration, seed: what the video is made of
     image: str | None
     fingerprint: str
     cost: float
@@ -238,12 +239,21 @@ class Store:
 
     # Requests
 
-    def submit(self, account: str, model_input: ModelInput, model_id: str, injected: Failure | None) -> str:
+    def submit(
+        self,
+        account: str,
+        model_input: ModelInput,
+        model_id: str,
+        injected: Failure | None,
+        price: tuple[float, str] | None = None,
+    ) -> str:
         """Record and bill a new request (on disk too, with a journal); its queue and render times
-        are drawn now."""
+        are drawn now. ``price`` is (USD, unit) of a catalog model; the config's price by default."""
         config = self._config
-        duration = model_input.fields["duration"]
-        cost = round(config.price_usd * (duration if config.price_unit == "second" else 1), 6)
+        render = model_input.render
+        duration = render["duration"]
+        usd, unit = price if price is not None else (config.price_usd, config.price_unit)
+        cost = round(usd * (duration if unit == "second" else 1), 6)
         with self._session():
             if config.balance_usd is not None:
                 spent = sum(self._charged(r) for r in self._records.values() if r.account == account)
@@ -259,6 +269,7 @@ class Store:
                 seq=self._seq + 1,
                 generation=self._generation,
                 fields=model_input.fields,
+                render=render,
                 image=model_input.prompt_image,
                 fingerprint=model_input.fingerprint(model_id),
                 cost=cost,
@@ -333,7 +344,7 @@ class Store:
                         request_id=record.request_id,
                         account=record.account,
                         fingerprint=record.fingerprint,
-                        duration=record.fields["duration"],
+                        duration=record.render["duration"],
                         cost_usd=self._charged(record),
                         billed=self._billed(record),
                         state=record.state,
@@ -366,15 +377,15 @@ class Store:
             for record in self._records.values():
                 if record.state == "in_progress" and not record.claimed and record.image is not None:
                     record.claimed = True
-                    fields = record.fields
+                    render = record.render
                     jobs.append(
                         Job(
                             request_id=record.request_id,
                             generation=record.generation,
                             image=record.image,
-                            ratio=fields["ratio"],
-                            duration=fields["duration"],
-                            seed=fields["seed"],
+                            ratio=render["ratio"],
+                            duration=render["duration"],
+                            seed=render["seed"],
                             injected=record.injected,
                         )
                     )
@@ -511,6 +522,7 @@ _PLAIN_FIELDS = (
     "account",
     "seq",
     "fields",
+    "render",
     "image",
     "fingerprint",
     "cost",
@@ -545,6 +557,8 @@ def _load(row: dict[str, Any], files_dir: Path) -> _Record:
     elif row["outcome"] is not None:
         outcome = Failure(**row["outcome"]["failure"])
     injected = Failure(**row["injected"]) if row["injected"] is not None else None
+    if "render" not in row:  # a journal of an emulator before catalog models: Gen-4 Turbo's names
+        row = {**row, "render": {name: row["fields"][name] for name in ("ratio", "duration", "seed")}}
     return _Record(
         **{key: row[key] for key in _PLAIN_FIELDS}, generation=0, injected=injected, outcome=outcome
     )

@@ -1,8 +1,10 @@
 """Per-image generation settings: defaults, sidecar and manifest values, ``auto`` ratio, derived seeds.
 
 Precedence, lowest first: the user's defaults (``GenerationSettings``), the source's manifest row,
-then the image's sidecar files. Every layer may set any of ``promptText``, ``ratio``, ``duration``
-and ``seed``; unknown keys are errors (a typo must not be silently ignored).
+then the image's sidecar files. Every layer may set any of ``promptText`` (or ``prompt``), ``ratio``,
+``duration`` and ``seed``, whatever the model calls them; unknown keys are errors (a typo must not be
+silently ignored). The values are checked against the model's rules (its :class:`ModelSpec`, passed
+as the validation context ``{"model": spec}``; Runway Gen-4 Turbo's when none is given).
 
 Seed derivation: when no layer gives a seed, :func:`derive_seed` derives one from the sha256 of the
 image's bytes. The seed therefore depends on the picture only: a re-run, a backfill, a copy of the
@@ -17,16 +19,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from dagster_runway.models import DEFAULT_MODEL, ModelSpec
 from dagster_runway.schema import (
     DEFAULT_DURATION,
     DEFAULT_RATIO,
-    DURATIONS,
-    PROMPT_TEXT_MAX,
     RATIOS,
     SEED_MAX,
-    ImageToVideoInput,
     ratio_size,
 )
 
@@ -81,7 +81,6 @@ class GenerationSettings(BaseModel):
     prompt_text: str | None = Field(
         default=None,
         alias="promptText",
-        max_length=PROMPT_TEXT_MAX,
         description="What should happen in the video, at most 1000 characters. None keeps the service default.",
     )
     ratio: str = Field(
@@ -92,44 +91,69 @@ class GenerationSettings(BaseModel):
     duration: int = Field(default=DEFAULT_DURATION, description="Video length in seconds: 5 or 10.")
     seed: int | None = Field(
         default=None,
-        ge=0,
-        le=SEED_MAX,
         description="Random seed 0..4294967295. None derives a stable seed from the image's content.",
     )
 
+    @classmethod
+    def for_model(cls, model: ModelSpec, **values: Any) -> GenerationSettings:
+        """Settings checked against ``model``'s rules; ratio and duration default to the model's."""
+        base = {"ratio": model.default_ratio, "duration": model.default_duration}
+        return cls.model_validate({**base, **values}, context={"model": model})
+
     @field_validator("prompt_text", mode="before")
     @classmethod
-    def _prompt(cls, value: Any) -> Any:
-        if value is not None and not isinstance(value, str):
+    def _prompt(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
             raise ValueError(f"promptText must be a string, got {type(value).__name__}")
+        model = _model(info)
+        if model.prompt_field is None:
+            raise ValueError(f"{model.model_id} takes no prompt; remove it")
+        if model.prompt_max is not None and len(value) > model.prompt_max:
+            raise ValueError(f"promptText is {len(value)} characters, at most {model.prompt_max}")
         return value
 
     @field_validator("ratio", mode="before")
     @classmethod
-    def _ratio(cls, value: Any) -> Any:
+    def _ratio(cls, value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"ratio must be a string, got {type(value).__name__}")
         text = value.strip()
         if text.lower() == AUTO_RATIO:
             return AUTO_RATIO
-        if text not in RATIOS:
-            raise ValueError(f"ratio {shown_value(value)} is not one of {', '.join(RATIOS)} or 'auto'")
+        ratios = _model(info).ratios
+        if text not in ratios:
+            raise ValueError(f"ratio {shown_value(value)} is not one of {', '.join(ratios)} or 'auto'")
         return text
 
     @field_validator("duration", mode="before")
     @classmethod
-    def _duration(cls, value: Any) -> Any:
+    def _duration(cls, value: Any, info: ValidationInfo) -> Any:
         value = _coerce_int(value, "duration")
-        if value not in DURATIONS:
-            raise ValueError(f"duration {shown_value(value)} is not one of {', '.join(map(str, DURATIONS))} (seconds)")
+        durations = _model(info).durations
+        if value not in durations:
+            raise ValueError(f"duration {shown_value(value)} is not one of {', '.join(map(str, durations))} (seconds)")
         return value
 
     @field_validator("seed", mode="before")
     @classmethod
-    def _seed(cls, value: Any) -> Any:
+    def _seed(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None:
             return None
-        return _coerce_int(value, "seed")
+        value = _coerce_int(value, "seed")
+        model = _model(info)
+        if model.seed_max is None:
+            raise ValueError(f"{model.model_id} takes no seed; remove it")
+        if not 0 <= value <= model.seed_max:
+            raise ValueError(f"seed {shown_value(value)} is outside 0..{model.seed_max}")
+        return value
+
+
+def _model(info: ValidationInfo) -> ModelSpec:
+    context = info.context if isinstance(info.context, Mapping) else {}
+    model = context.get("model")
+    return model if isinstance(model, ModelSpec) else DEFAULT_MODEL
 
 
 class ResolvedSettings(BaseModel):
@@ -145,25 +169,19 @@ class ResolvedSettings(BaseModel):
     prompt_text: str | None
     ratio: str
     duration: int
-    seed: int
+    seed: int | None  # None for a model that takes no seed
     ratio_auto: bool = False
     seed_derived: bool = False
     sources: tuple[str, ...] = ("defaults",)
     prompt_source: str = "defaults"  # where the prompt came from: "sidecar <path>", "manifest <path>", ...
 
-    def request_fields(self) -> dict[str, Any]:
-        """The input fields under the API's names (``promptText`` only when set)."""
-        fields: dict[str, Any] = {"ratio": self.ratio, "duration": self.duration, "seed": self.seed}
-        if self.prompt_text is not None:
-            fields["promptText"] = self.prompt_text
-        return fields
-
-    def to_input(self, prompt_image: str) -> ImageToVideoInput:
-        """The validated model input for ``prompt_image`` (a service URL or data URI)."""
-        return ImageToVideoInput.model_validate({"promptImage": prompt_image, **self.request_fields()})
+    def request_fields(self, model: ModelSpec = DEFAULT_MODEL) -> dict[str, Any]:
+        """The input fields under the model's names (the prompt only when set)."""
+        return model.request_fields(prompt=self.prompt_text, ratio=self.ratio, duration=self.duration, seed=self.seed)
 
 
-def resolve_auto_ratio(width: int, height: int) -> str:
+
+def resolve_auto_ratio(width: int, height: int, ratios: tuple[str, ...] = RATIOS) -> str:
     """The supported ratio closest to ``width:height``, compared on a log scale (so 2:1 and 1:2 are
     symmetric). ``resolve_auto_ratio(4000, 3000) == "1104:832"``. Give the size as viewers show the
     picture (``ImageInfo.displayed_size``, which applies EXIF orientation), not as it is stored."""
@@ -175,20 +193,20 @@ def resolve_auto_ratio(width: int, height: int) -> str:
         w, h = ratio_size(ratio)
         return abs(math.log(w / h) - aspect)
 
-    return min(RATIOS, key=distance)
+    return min(ratios, key=distance)
 
 
-def derive_seed(content_sha256: str) -> int:
-    """A seed in ``0..SEED_MAX`` derived from the sha256 (hex) of the image's bytes.
+def derive_seed(content_sha256: str, seed_max: int = SEED_MAX) -> int:
+    """A seed in ``0..seed_max`` derived from the sha256 (hex) of the image's bytes.
 
-    The first four bytes of ``sha256("dagster-runway/seed/v1\\0" + digest)``, big-endian: uniform over
-    the whole seed range, stable across runs, machines and renames, and different for different
-    pictures.
+    The first four bytes of ``sha256("dagster-runway/seed/v1\\0" + digest)``, big-endian, modulo
+    ``seed_max + 1`` (for Gen-4 Turbo's 2**32 - 1, the four bytes as they are): stable across runs,
+    machines and renames, and different for different pictures.
     """
     digest = content_sha256.strip().lower()
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise ValueError("derive_seed expects the 64-character hex sha256 of the image's bytes")
-    return int.from_bytes(hashlib.sha256(_SEED_DOMAIN + digest.encode()).digest()[:4], "big") & SEED_MAX
+    return int.from_bytes(hashlib.sha256(_SEED_DOMAIN + digest.encode()).digest()[:4], "big") % (seed_max + 1)
 
 
 def normalise_fields(raw: Mapping[str, Any], *, source: str) -> dict[str, Any]:
@@ -208,23 +226,21 @@ def normalise_fields(raw: Mapping[str, Any], *, source: str) -> dict[str, Any]:
     return out
 
 
-def merge_settings(base: GenerationSettings, layers: list[tuple[str, dict[str, Any]]]) -> GenerationSettings:
-    """Apply each ``(source, fields)`` layer over ``base`` in order, validating each one so that an
-    error names the file and the field that broke the schema."""
+def merge_settings(
+    base: GenerationSettings, layers: list[tuple[str, dict[str, Any]]], model: ModelSpec = DEFAULT_MODEL
+) -> GenerationSettings:
+    """Apply each ``(source, fields)`` layer over ``base`` in order, validating each one against
+    ``model``'s rules so that an error names the file and the field that broke them."""
     current = base
     for source, fields in layers:
         if not fields:
             continue
         try:
-            layer = GenerationSettings.model_validate(fields)
+            layer = GenerationSettings.model_validate(fields, context={"model": model})
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(part) for part in first.get("loc", ())) or None
             message = first.get("msg", str(exc)).removeprefix("Value error, ")
-            if first.get("type") == "string_too_long":
-                message = f"promptText is {len(str(fields.get('prompt_text', '')))} characters, at most {PROMPT_TEXT_MAX}"
-            elif field == "seed" and first.get("type") in ("greater_than_equal", "less_than_equal"):
-                message = f"seed {shown_value(fields.get('seed'))} is outside 0..{SEED_MAX}"
             raise SettingsError(
                 source, f"{message}; fix the {field or ''} value there", field=field
             ) from None

@@ -42,6 +42,7 @@ from typing import Any
 import fsspec
 from fsspec.utils import glob_translate
 
+from dagster_runway.models import DEFAULT_MODEL, ModelSpec
 from dagster_runway.schema import IMAGE_MAX_BYTES
 
 from ._fs import full_url, is_local, url_to_fs
@@ -167,18 +168,23 @@ class ImageSource:
         storage_options: Mapping[str, Any] | None = None,
         defaults: GenerationSettings | Mapping[str, Any] | None = None,
         manifest: str | None = None,
+        model: ModelSpec = DEFAULT_MODEL,
     ) -> None:
         if isinstance(patterns, str):
             patterns = (patterns,)
         self.url = url
         self.patterns: tuple[str, ...] = tuple(patterns)
         self.storage_options: dict[str, Any] = dict(storage_options or {})
+        self.model = model
         if defaults is None:
-            defaults = GenerationSettings()
-        elif not isinstance(defaults, GenerationSettings):
-            defaults = merge_settings(
-                GenerationSettings(), [("defaults", normalise_fields(defaults, source="defaults"))]
+            defaults = GenerationSettings.for_model(model)
+        else:  # checked against this model's rules, its defaults where none is set
+            given = (
+                defaults.model_dump(exclude_unset=True)
+                if isinstance(defaults, GenerationSettings)
+                else normalise_fields(defaults, source="defaults")
             )
+            defaults = merge_settings(GenerationSettings.for_model(model), [("defaults", given)], model)
         self.defaults: GenerationSettings = defaults
         self.manifest = manifest
         self._matcher = compile_patterns(self.patterns)
@@ -527,7 +533,7 @@ class ImageSource:
         for sidecar in entry.sidecars:
             layers.append((shown_name(full_url(self.fs, sidecar)), read_sidecar(self.fs, sidecar, root=self.root)))
             kinds.append("sidecar")
-        merged = merge_settings(self.defaults, layers)
+        merged = merge_settings(self.defaults, layers, self.model)
         prompt_source = "defaults" if self.defaults.prompt_text is not None else "service default"
         for kind, (where, fields) in zip(kinds, layers, strict=True):
             if fields.get("prompt_text") is not None:
@@ -536,13 +542,13 @@ class ImageSource:
         ratio, ratio_auto = merged.ratio, False
         if ratio == AUTO_RATIO:
             if image_size is None:
-                info = validate_image(self.fs, entry.path, size=entry.size or None)
+                info = validate_image(self.fs, entry.path, size=entry.size or None, rules=self.model.image_rules)
                 image_size = info.displayed_size  # as viewers show it (EXIF orientation)
-            ratio, ratio_auto = resolve_auto_ratio(*image_size), True
+            ratio, ratio_auto = resolve_auto_ratio(*image_size, ratios=self.model.ratios), True
         seed, seed_derived = merged.seed, False
-        if seed is None:
+        if seed is None and self.model.seed_max is not None:
             digest = content_sha256 or self.content_sha256(entry)
-            seed, seed_derived = derive_seed(digest), True
+            seed, seed_derived = derive_seed(digest, self.model.seed_max), True
         return ResolvedSettings(
             prompt_text=merged.prompt_text,
             ratio=ratio,
@@ -638,4 +644,4 @@ class ImageSource:
 
     def validate(self, entry: ImageEntry, *, deep: bool = False) -> ImageInfo:
         """:func:`validate_image` for ``entry``, using the listed size (no metadata request)."""
-        return validate_image(self.fs, entry.path, size=entry.size or None, deep=deep)
+        return validate_image(self.fs, entry.path, size=entry.size or None, deep=deep, rules=self.model.image_rules)

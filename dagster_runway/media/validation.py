@@ -32,7 +32,8 @@ from typing import IO, cast
 import fsspec
 from PIL import Image, UnidentifiedImageError
 
-from dagster_runway.schema import IMAGE_MAX_ASPECT, IMAGE_MAX_BYTES, IMAGE_MAX_SIDE, IMAGE_MIN_ASPECT
+from dagster_runway.models import DEFAULT_MODEL, ImageRules
+from dagster_runway.schema import IMAGE_MAX_SIDE
 
 from ._fs import full_url, read_range
 from .errors import ImageValidationError
@@ -307,7 +308,12 @@ def _truncated(shown: str, fmt: str, head: bytes, size: int) -> ImageValidationE
 
 
 def validate_image(
-    fs: fsspec.AbstractFileSystem, path: str, *, size: int | None = None, deep: bool = False
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    *,
+    size: int | None = None,
+    deep: bool = False,
+    rules: ImageRules = DEFAULT_MODEL.image_rules,
 ) -> ImageInfo:
     """Check an image against the service's rules from its header alone; return what the header said.
 
@@ -315,11 +321,12 @@ def validate_image(
     read) and :data:`TAIL_BYTES` from its end; a PNG or JPEG that does not end with its end marker
     (bytes after the image, or a truncated file) is read whole to find where the image ends.
     ``size`` (from a listing) saves a metadata request. ``deep=True`` also downloads and fully
-    decodes the image to catch corrupt pixel data; it reads the whole file. Raises
-    :class:`ImageValidationError` naming the file, the rule and the fix.
+    decodes the image to catch corrupt pixel data; it reads the whole file. ``rules`` are the model's
+    (Runway Gen-4 Turbo's by default). Raises :class:`ImageValidationError` naming the file, the rule
+    and the fix.
     """
     shown = full_url(fs, path)
-    size = _checked_size(fs, path, shown, size)
+    size = _checked_size(fs, path, shown, size, rules)
     reader = _RangeReader(fs, path, size, HEADER_BUDGET)
     try:
         head = reader.read(32)
@@ -335,7 +342,7 @@ def validate_image(
     except _ReadFailed as exc:
         raise _unreadable(shown, exc.error) from None
 
-    _check_header(shown, fmt, width, height)
+    _check_header(shown, fmt, width, height, rules)
     tail_read, end = _check_tail(fs, path, shown, fmt, size, head)
     bytes_read = reader.bytes_read + tail_read
     if deep:
@@ -346,15 +353,15 @@ def validate_image(
     )
 
 
-def validate_bytes(data: bytes, shown: str) -> ImageInfo:
+def validate_bytes(data: bytes, shown: str, rules: ImageRules = DEFAULT_MODEL.image_rules) -> ImageInfo:
     """:func:`validate_image`'s rules (size, format, sides, aspect, a complete image) on bytes already
     read: the exact bytes that are hashed and sent, so what was checked is what is paid for. The
     image's structure is always walked, so ``image_end`` says where it ends (``trailing_bytes`` follow
     it). ``shown`` names the file in errors. The pixels are :func:`check_pixels`'s job."""
     size = len(data)
-    _check_size(shown, size)
+    _check_size(shown, size, rules)
     fmt, width, height, orientation = _identify(io.BytesIO(data), shown)
-    _check_header(shown, fmt, width, height)
+    _check_header(shown, fmt, width, height, rules)
     end = _end_of(shown, fmt, data, size)
     return ImageInfo(
         path=shown, format=fmt, width=width, height=height, size=size, bytes_read=size,
@@ -373,51 +380,60 @@ def _unreadable(shown: str, exc: Exception) -> ImageValidationError:
     )
 
 
-def _checked_size(fs: fsspec.AbstractFileSystem, path: str, shown: str, size: int | None) -> int:
+def _checked_size(
+    fs: fsspec.AbstractFileSystem, path: str, shown: str, size: int | None, rules: ImageRules
+) -> int:
     """The file's size (asked of the storage when not listed), within the service's limit."""
     if size is None:
         try:
             size = int(fs.size(path))
         except Exception as exc:  # noqa: BLE001 - report any storage failure with the file named
             raise _unreadable(shown, exc) from None
-    _check_size(shown, size)
+    _check_size(shown, size, rules)
     return size
 
 
-def _check_size(shown: str, size: int) -> None:
+def _check_size(shown: str, size: int, rules: ImageRules) -> None:
     if size == 0:
         raise _fail(shown, "file is empty (0 bytes)", _FIX_REEXPORT, "empty")
-    if size >= IMAGE_MAX_BYTES:
+    if size >= rules.max_bytes:
         raise _fail(
             shown,
-            f"file size {size / 2**20:.1f} MB is not under the limit of 16 MB",
+            f"file size {size / 2**20:.1f} MB is not under the limit of {rules.max_bytes / 2**20:g} MB",
             "compress it (JPEG quality ~90) or scale it down",
             "size",
         )
 
 
-def _check_header(shown: str, fmt: str, width: int, height: int) -> None:
-    """The service's rules on what the header says: format, sides, aspect."""
+def _check_header(shown: str, fmt: str, width: int, height: int, rules: ImageRules) -> None:
+    """The model's rules on what the header says: format, sides, aspect."""
     if fmt not in ACCEPTED_FORMATS:
         raise _fail(shown, f"{fmt} is not accepted", _FIX_FORMAT, "format")
     if width <= 0 or height <= 0:
         raise _fail(shown, f"image header gives an empty size {width}x{height}", _FIX_REEXPORT, "corrupt")
-    if width >= IMAGE_MAX_SIDE or height >= IMAGE_MAX_SIDE:
+    if width >= rules.max_side or height >= rules.max_side:
         raise _fail(
             shown,
-            f"{width}x{height} pixels: each side must be under {IMAGE_MAX_SIDE} px",
-            f"scale it down so that both sides are under {IMAGE_MAX_SIDE} px",
+            f"{width}x{height} pixels: each side must be under {rules.max_side} px",
+            f"scale it down so that both sides are under {rules.max_side} px",
             "dimensions",
         )
     aspect = width / height
-    if not IMAGE_MIN_ASPECT < aspect < IMAGE_MAX_ASPECT:
+    if not rules.min_aspect < aspect < rules.max_aspect:
         raise _fail(
             shown,
-            f"aspect ratio {aspect:.2f} ({width}x{height}) is outside {IMAGE_MIN_ASPECT}..{IMAGE_MAX_ASPECT} "
-            "(strictly between 1:2 and 2:1)",
+            f"aspect ratio {aspect:.2f} ({width}x{height}) is outside {rules.min_aspect}..{rules.max_aspect} "
+            f"(strictly between {_as_ratio(rules.min_aspect)} and {_as_ratio(rules.max_aspect)})",
             "crop it or pick another image",
             "aspect",
         )
+
+
+def _as_ratio(aspect: float) -> str:
+    """``0.5`` -> ``"1:2"``, ``2.0`` -> ``"2:1"``, ``1.78`` -> ``"1.78:1"``."""
+    if aspect < 1 and (1 / aspect).is_integer():
+        return f"1:{int(1 / aspect)}"
+    return f"{aspect:g}:1"
 
 
 def _deep_decode(fs: fsspec.AbstractFileSystem, path: str, shown: str) -> int:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from dagster_runway.client import ModelInfo, RunComfyClient
 from dagster_runway.errors import RunComfyError
+from dagster_runway.models import find_model
 from dagster_runway.pipeline.drift import SchemaChange, compare, refusal
 from dagster_runway.resource import RunComfyResource
-from dagster_runway.schema import INPUT_SCHEMA
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,11 @@ def view(model_id: str, info: ModelInfo, estimated_usd_per_second: float, accept
     if info.input_schema is None:
         logger.warning("%s: the catalog gives no input_schema; the input schema is not checked", model_id)
         return CatalogView(model_id, price)
-    changes = compare(INPUT_SCHEMA, info.input_schema)
+    spec = find_model(model_id)
+    if spec is None:
+        logger.warning("%s: no ModelSpec is known for this model; the input schema is not checked", model_id)
+        return CatalogView(model_id, price)
+    changes = compare(spec.input_schema, info.input_schema)
     breaking = [c for c in changes if c.breaking and c.id not in accepted]
     harmless = [c for c in changes if not c.breaking or c.id in accepted]
     for change in harmless:

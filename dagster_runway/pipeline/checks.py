@@ -8,7 +8,7 @@ on the stored objects, without regenerating anything.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,8 @@ class CheckInputs:
 
     probe: VideoProbe | None  # None when the stored video could not be read
     probe_error: str | None
-    fields: Mapping[str, Any]  # the request's input (ratio, duration, ...)
+    ratio: str | None  # what the request asked for ("W:H"), as the model's spec reads its input
+    duration_s: float | None
     recorded_sha256: str | None
     sha256_at_rest: str | None
     at_rest_error: str | None
@@ -67,7 +68,7 @@ def _duration(inputs: CheckInputs) -> Outcome:
     probe = inputs.probe
     if probe is None:
         return _unreadable(inputs)
-    wanted = float(inputs.fields.get("duration", 0))
+    wanted = float(inputs.duration_s or 0)
     tolerance = inputs.pipeline.duration_tolerance_s
     return abs(probe.duration_s - wanted) <= tolerance, {
         "duration_s": round(probe.duration_s, 3),
@@ -80,13 +81,13 @@ def _aspect(inputs: CheckInputs) -> Outcome:
     probe = inputs.probe
     if probe is None:
         return _unreadable(inputs)
-    want_w, want_h = ratio_size(str(inputs.fields.get("ratio")))
+    want_w, want_h = ratio_size(str(inputs.ratio))
     wanted = want_w / want_h
     aspect = probe.width / probe.height if probe.height else 0.0
     error = abs(aspect - wanted) / wanted
     return error <= inputs.pipeline.aspect_tolerance, {
         "size": f"{probe.width}x{probe.height}",
-        "requested_ratio": inputs.fields.get("ratio"),
+        "requested_ratio": inputs.ratio,
         "relative_error": round(error, 4),
     }
 

@@ -397,10 +397,10 @@ class CollectBatch:
         except (MediaError, OSError) as exc:
             error = str(exc)
         meta = video.metadata
-        fields = record.fields if record is not None else {"ratio": meta.get("ratio"), "duration": meta.get("duration_s")}
         return self._check_inputs(
-            key, record, video.video_sha256, probe, error, fields=fields, source_token=meta.get("source_change_token")
-        )
+            key, record, video.video_sha256, probe, error, asked_of=None if record is not None else meta,
+            source_token=meta.get("source_change_token"),
+        )  # fmt: skip
 
     def _check_inputs(
         self,
@@ -410,9 +410,11 @@ class CollectBatch:
         probe: VideoProbe | None,
         probe_error: str | None,
         *,
-        fields: Mapping[str, Any] | None = None,
+        asked_of: Mapping[str, Any] | None = None,
         source_token: str | None = None,
     ) -> ck.CheckInputs:
+        """``asked_of``: the video's metadata, to read the ratio and duration asked from when its request
+        is not known."""
         at_rest, at_rest_error = None, None
         try:
             at_rest = sha256_of(self.pipeline.video_uri(key), dict(self.pipeline.output_storage_options))
@@ -421,7 +423,8 @@ class CollectBatch:
         return ck.CheckInputs(
             probe=probe,
             probe_error=probe_error,
-            fields=fields if fields is not None else (record.fields if record else {}),
+            ratio=record.ratio if record is not None else (asked_of or {}).get("ratio"),
+            duration_s=record.duration_s if record is not None else (asked_of or {}).get("duration_s"),
             recorded_sha256=recorded_sha256,
             sha256_at_rest=at_rest,
             at_rest_error=at_rest_error,
@@ -535,14 +538,14 @@ def verify_stored(pipeline: RunwayPipelineConfig, context: Any, keys: Sequence[s
 def lineage_tags(record: rec.RequestRecord) -> dict[str, str]:
     """What a video carries of its making when it leaves the pipeline: in its MP4 metadata (``runway_*``
     tags) and in the ``<video>.json`` sidecar beside it. Text only; no secret (the image's path as recorded)."""
-    meta, fields = record.metadata, record.fields
+    meta = record.metadata
     values = {
         "model": meta.get("model"),
-        "prompt_text": fields.get("promptText"),
+        "prompt_text": record.prompt,
         "prompt_source": meta.get("prompt_source"),
-        "seed": fields.get("seed"),
-        "ratio": fields.get("ratio"),
-        "duration_s": fields.get("duration"),
+        "seed": record.seed,
+        "ratio": record.ratio,
+        "duration_s": record.duration_s,
         "source_path": meta.get("source_path"),
         "source_sha256": meta.get("source_sha256"),
         "request_id": record.request_id,
@@ -557,7 +560,6 @@ def _request_lineage(record: rec.RequestRecord) -> dict[str, Any]:
     Each input field once (the request's ``input`` JSON repeats them); the estimate and the spend so far
     stay on the request (the video has its ``cost_usd``)."""
     meta = record.metadata
-    input_fields = record.fields
     values = md.RunwayMetadata(
         request_id=record.request_id,
         fingerprint=record.fingerprint,
@@ -566,9 +568,9 @@ def _request_lineage(record: rec.RequestRecord) -> dict[str, Any]:
         prompt_text=meta.get("prompt_text"),
         prompt_source=meta.get("prompt_source"),
         prompt_warning=meta.get("prompt_warning"),
-        ratio=input_fields.get("ratio"),
-        duration_s=input_fields.get("duration"),
-        seed=str(input_fields.get("seed")) if input_fields.get("seed") is not None else None,
+        ratio=record.ratio,
+        duration_s=record.duration_s,
+        seed=str(record.seed) if record.seed is not None else None,
         settings_from=meta.get("settings_from"),
         source_path=MetadataValue.path(str(meta.get("source_path"))) if meta.get("source_path") else None,
         source_sha256=meta.get("source_sha256"),

@@ -12,6 +12,7 @@ from dagster_runway import _compat
 from dagster_runway._redact import redact_url
 from dagster_runway.media import DEFAULT_PATTERNS, GenerationSettings, ImageSource, poster_uri_for
 from dagster_runway.media.overlap import inside
+from dagster_runway.models import DEFAULT_MODEL, ModelSpec
 
 Mode = Literal["deferred", "blocking"]
 OnChange = Literal["regenerate", "mark_stale"]
@@ -273,13 +274,15 @@ class RunwayPipelineConfig(BaseModel):
         options = self.output_storage_options if self.journal_storage_options is None else self.journal_storage_options
         return dict(options)
 
-    def image_source(self) -> ImageSource:
+    def image_source(self, model: ModelSpec = DEFAULT_MODEL) -> ImageSource:
+        """The source, its settings checked against ``model`` (the resource's)."""
         return ImageSource(
             self.source,
             patterns=self.patterns,
             storage_options=dict(self.source_storage_options),
             defaults=self.defaults,
             manifest=self.manifest,
+            model=model,
         )
 
     def video_uri(self, partition_key: str) -> str:

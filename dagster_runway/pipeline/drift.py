@@ -1,5 +1,5 @@
 """Schema drift: the service's live ``input_schema`` (from its catalog) against the one this package was
-built for (``schema.INPUT_SCHEMA``, the vendor page's).
+built for (its ``ModelSpec.input_schema``, the vendor page's).
 
 A change that could make a paid submit fail or behave otherwise is *breaking*: a field this package
 sends is gone or renamed, a new field is required, an enum lost a value, a bound or a validation is

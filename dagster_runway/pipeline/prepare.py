@@ -34,10 +34,10 @@ from dagster_runway.media._fs import full_url
 from dagster_runway.media.lookup import path_for
 from dagster_runway.media.service_url import sends_inline
 from dagster_runway.media.untrusted import shown_name
+from dagster_runway.models import ModelSpec
 from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
-from dagster_runway.schema import DEFAULT_PROMPT_TEXT
 from dagster_runway.version import __version__
 
 
@@ -45,7 +45,7 @@ def generation_fingerprint(model_id: str, image_sha256: str, fields: dict[str, A
     """The identity of one paid generation: the model, the image's bytes and every input field.
 
     This is *the* fingerprint: the journal is keyed by it, reuse matches on it, and every message
-    about a possibly billed submit names it. ``fields`` exclude ``promptImage``, whose URL changes.
+    about a possibly billed submit names it. ``fields`` exclude the image's field, whose URL changes.
     """
     canonical = json.dumps(
         {"model": model_id, "image_sha256": image_sha256, "fields": fields}, sort_keys=True, separators=(",", ":")
@@ -67,7 +67,7 @@ class Prepared:
     fingerprint: str
     settings_sources: tuple[str, ...]
     prompt_source: str
-    model_id: str
+    model: ModelSpec
     pin: SourcePin
     pixels: str  # for lineage: stored and displayed size, and any bytes after the image's end
     prompt_warning: str | None = None
@@ -78,23 +78,29 @@ class Prepared:
         return rec.image_version(self.pin.change_token, self.entry.sidecar_token, self.entry.settings_token)
 
     @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    @property
     def estimate_usd_seconds(self) -> int:
-        return int(self.fields["duration"])
+        return self.model.duration_of(self.fields) or self.model.default_duration
 
     def metadata(self) -> dict[str, Any]:
         """Lineage of the input: what goes to the service, from which file."""
-        prompt = self.fields.get("promptText")
+        model = self.model
+        prompt = model.prompt_of(self.fields)
+        seed = model.seed_of(self.fields)
         return {
             **md.RunwayMetadata(
                 fingerprint=self.fingerprint,
                 model=self.model_id,
                 input=MetadataValue.json(self.fields),
-                prompt_text=prompt if prompt is not None else DEFAULT_PROMPT_TEXT,
+                prompt_text=prompt if prompt is not None else model.default_prompt,
                 prompt_source=self.prompt_source,
                 prompt_warning=self.prompt_warning,
-                ratio=self.fields["ratio"],
-                duration_s=self.fields["duration"],
-                seed=str(self.fields["seed"]),
+                ratio=model.ratio_of(self.fields),
+                duration_s=model.duration_of(self.fields),
+                seed=str(seed) if seed is not None else None,
                 settings_from=", ".join(self.settings_sources),
                 source_path=MetadataValue.path(self.entry.url),
                 source_sha256=self.sha256,
@@ -108,14 +114,16 @@ class Prepared:
         }
 
 
-def prepare(pipeline: RunwayPipelineConfig, source: ImageSource, key: str, entry: ImageEntry, model_id: str) -> Prepared:
-    """Check one image and settle its input. Raises ``MediaError`` naming the file, the rule and the fix."""
+def prepare(pipeline: RunwayPipelineConfig, source: ImageSource, key: str, entry: ImageEntry) -> Prepared:
+    """Check one image against the source's model and settle its input. Raises ``MediaError`` naming
+    the file, the rule and the fix."""
+    model = source.model
     source.check_readable(entry)  # a name that cannot be sent, a link out of the source: refused unread
-    if not source.local:
-        validate_image(source.fs, entry.path, size=entry.size)  # remote: the header first, in bounded reads
+    if not source.local:  # remote: the header first, in bounded reads
+        validate_image(source.fs, entry.path, size=entry.size, rules=model.image_rules)
     read = source.read_image(entry)  # then the whole file, once: these bytes are checked, hashed and sent
     shown = shown_name(entry.url)
-    info = validate_bytes(read.data, shown)
+    info = validate_bytes(read.data, shown, model.image_rules)
     pixels = info.pixels_text
     if info.trailing_bytes:  # a motion photo's video, padding: decoders stop at the image's end marker
         if sends_inline(source.fs, pipeline.public_base_url):
@@ -129,7 +137,7 @@ def prepare(pipeline: RunwayPipelineConfig, source: ImageSource, key: str, entry
     del read  # only the pin (and its data URI, within the data-URI limit) outlives this call
     # ``ratio: auto`` follows the picture as viewers show it (EXIF orientation); the bytes are sent as stored.
     settings = source.settings_for(entry, image_size=info.displayed_size, content_sha256=sha256)
-    fields = settings.request_fields()
+    fields = settings.request_fields(model)
     return Prepared(
         key=key,
         entry=entry,
@@ -138,10 +146,10 @@ def prepare(pipeline: RunwayPipelineConfig, source: ImageSource, key: str, entry
         image_format=info.format,
         sha256=sha256,
         fields=fields,
-        fingerprint=generation_fingerprint(model_id, sha256, fields),
+        fingerprint=generation_fingerprint(model.model_id, sha256, fields),
         settings_sources=tuple(settings.sources),
         prompt_source=settings.prompt_source,
-        model_id=model_id,
+        model=model,
         pin=pin,
         pixels=pixels,
     )

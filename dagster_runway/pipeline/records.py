@@ -23,6 +23,7 @@ from dagster import (
 )
 
 from dagster_runway import _compat
+from dagster_runway.models import DEFAULT_MODEL, ModelSpec, find_model
 from dagster_runway.pipeline import metadata as md
 from dagster_runway.version import __version__
 
@@ -42,7 +43,30 @@ class RequestRecord:
 
     @property
     def fields(self) -> dict[str, Any]:
+        """The input sent (every field but the image), under the model's names."""
         return dict(self.metadata.get("input") or {})
+
+    @property
+    def model(self) -> ModelSpec:
+        """The spec of the model the request was made for (Gen-4 Turbo's for one no spec is known of)."""
+        return find_model(str(self.metadata.get("model") or "")) or DEFAULT_MODEL
+
+    @property
+    def ratio(self) -> str | None:
+        return self.model.ratio_of(self.fields)
+
+    @property
+    def duration_s(self) -> int | None:
+        return self.model.duration_of(self.fields)
+
+    @property
+    def seed(self) -> int | None:
+        return self.model.seed_of(self.fields)
+
+    @property
+    def prompt(self) -> str | None:
+        """The prompt sent; None when the service's default applied."""
+        return self.model.prompt_of(self.fields)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.pipeline.prepare import Prepared, prepare, recorded_relpaths
 from dagster_runway.pipeline.records import run_id_of as _run_id
 from dagster_runway.resource import RunComfyResource
-from dagster_runway.schema import DEFAULT_PROMPT_TEXT, ImageToVideoInput, RequestState, Submission
+from dagster_runway.schema import RequestState, Submission
 
 SCHEMA_RECHECK_S = 3600.0  # after a schema_drift refusal, the status sensor submits (and reads the catalog) again
 
@@ -70,7 +70,7 @@ class Plan:
     """One submit to make."""
 
     prepared: Prepared
-    model_input: ImageToVideoInput
+    model_input: dict[str, Any]  # the body, checked against the model's schema
     image_url: str
     attempt: int
 
@@ -149,7 +149,7 @@ class SubmitBatch:
 
     def run(self) -> Iterator[AssetMaterialization | AssetObservation]:
         pipeline = self.pipeline
-        source = pipeline.image_source()
+        source = pipeline.image_source(self.resource.model)
         # Each image as it is now, from its recorded path: a few metadata requests each, never a listing.
         relpaths = recorded_relpaths(pipeline, source, self.instance, self.keys)
         entries = lookup(source, relpaths.values())
@@ -181,7 +181,7 @@ class SubmitBatch:
                 )
                 continue
             try:
-                prepared = prepare(pipeline, source, key, entry, self.resource.model_id)
+                prepared = prepare(pipeline, source, key, entry)
             except (MediaError, ValueError) as exc:
                 version = rec.image_version(entry.change_token, entry.sidecar_token, entry.settings_token)
                 yield from self._fail(
@@ -209,12 +209,16 @@ class SubmitBatch:
         """What the missing_prompt policy says of a partition with no prompt: its failure ("fail"), a
         warning to log and record on the partition ("warn"), or None (a prompt is given, or the service's
         default is accepted)."""
-        if "promptText" in prepared.fields or self.pipeline.missing_prompt == "service_default":
+        model = prepared.model
+        if model.prompt_field is None or model.prompt_of(prepared.fields) is not None:
+            return None  # a model that takes no prompt, or a prompt given
+        if self.pipeline.missing_prompt == "service_default":
             return None
+        default = model.default_prompt or ""
         if self.pipeline.missing_prompt == "warn":
             warning = (
                 f"no prompt is given for {prepared.entry.url}; the service's default prompt applies: "
-                f'"{DEFAULT_PROMPT_TEXT[:60]}..."'
+                f'"{default[:60]}..."'
             )
             self.log.warning(f"{prepared.key}: {warning}")
             return warning
@@ -223,7 +227,7 @@ class SubmitBatch:
             prepared.key,
             fl.MISSING_PROMPT,
             f"{prepared.entry.url}: no prompt is given, and the service's default prompt is a specific scene "
-            f'("{DEFAULT_PROMPT_TEXT[:70]}..."); nothing was submitted.',
+            f'("{default[:70]}..."); nothing was submitted.',
             f"give a prompt in a sidecar ({stem}.txt), a manifest row (promptText), or the pipeline's "
             'defaults (GenerationSettings(prompt_text=...)); or set missing_prompt="service_default" to accept '
             'the default, or "warn".',
@@ -266,7 +270,7 @@ class SubmitBatch:
                 relpath=prepared.entry.relpath,
                 pin=prepared.pin,  # the bytes that were hashed: their data URI, or the S3 version read
             )
-            model_input = ImageToVideoInput.model_validate({"promptImage": image_url, **prepared.fields})
+            model_input = prepared.model.request(image_url, prepared.fields)
         except (MediaError, ValueError) as exc:
             yield from self._fail(
                 fl.PartitionFailure(key, fl.INVALID_INPUT, str(exc), "fix the image or settings as the message says."),

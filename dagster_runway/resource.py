@@ -30,7 +30,7 @@ class LiteralTokenWarning(UserWarning):
     """A RunComfy token given as a literal string in a definition Dagster will snapshot."""
 
 
-class RunComfyResource(ConfigurableResource):
+class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]  # Dagster's own subclasses leave it bare
     """Holds RunComfy configuration and hands out clients; it makes no call itself.
 
     .. code-block:: python

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import httpx
 
@@ -267,7 +267,7 @@ class AsyncRunComfyClient(_ClientBase):
                 except httpx.HTTPError as exc:  # every kind: the core decides what it means
                     outcome = exc
         except StopIteration as done:
-            return done.value
+            return cast(T, done.value)
 
     async def submit(self, input: InputLike, *, fingerprint: str | None = None) -> Submission:
         """As ``RunComfyClient.submit``."""

@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
 import httpx
@@ -430,7 +430,7 @@ def run_sync(call: Call[T], send: Callable[[httpx.Request], httpx.Response]) -> 
             except httpx.HTTPError as exc:  # every kind: the core decides what it means
                 outcome = exc
     except StopIteration as done:
-        return done.value
+        return cast(T, done.value)
 
 
 def wait_call(

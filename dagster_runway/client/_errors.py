@@ -181,9 +181,9 @@ def _error_text(body: Any, response: httpx.Response) -> str:
     if isinstance(body, dict):
         for key in ("error_message", "message", "error"):
             if isinstance(body.get(key), str) and body[key]:
-                return body[key]
+                return str(body[key])
         if isinstance(body.get("detail"), str):
-            return body["detail"]
+            return str(body["detail"])
         if body.get("detail") is not None:
             return json.dumps(body["detail"])[:400]
     text = " ".join(response.text[:400].split()) if response.content else ""

@@ -109,7 +109,7 @@ def _encode(
             centre_x = source.width / 2 + room_x * pan_x * (2 * progress - 1)
             centre_y = source.height / 2 + room_y * pan_y * (2 * progress - 1)
             box = (centre_x - box_w / 2, centre_y - box_h / 2, centre_x + box_w / 2, centre_y + box_h / 2)
-            frame = av.VideoFrame.from_image(
+            frame = av.VideoFrame.from_image(  # type: ignore[no-untyped-call]  # PyAV leaves it unannotated
                 source.resize((width, height), Image.Resampling.BILINEAR, box=box)
             )
             frame.pts, frame.time_base = index, Fraction(1, fps)

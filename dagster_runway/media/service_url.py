@@ -221,7 +221,7 @@ def service_image_url(
             ) from None
         _check_fetchable(url, shown, "presigned URL")
         logger.debug("presigned %s for %ss: %s", shown, presign_expires_s, redact_url(url))
-        return url
+        return str(url)
 
     # Local files and other filesystems without a public URL: inline the bytes.
     mime = mime_type or _mime_from_name(path) or "image/png"

@@ -82,8 +82,9 @@ class ModelSpec:
         self.image_rules  # noqa: B018 - read now, so that a spec without image rules fails where it is written
 
     @property
-    def _properties(self) -> Mapping[str, Any]:
-        return self.input_schema.get("properties", {})
+    def _properties(self) -> Mapping[str, Mapping[str, Any]]:
+        properties: Mapping[str, Mapping[str, Any]] = self.input_schema.get("properties", {})
+        return properties
 
     def _prop(self, name: str) -> Mapping[str, Any]:
         return self._properties[name]

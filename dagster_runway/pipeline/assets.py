@@ -8,6 +8,7 @@ from typing import Any
 
 from dagster import (
     AssetExecutionContext,
+    AssetsDefinition,
     AssetSpec,
     BackfillPolicy,
     Config,
@@ -83,7 +84,8 @@ def _selected(context: AssetExecutionContext, only: list[str]) -> list[str]:
 
 
 def _resource(context: AssetExecutionContext, pipeline: RunwayPipelineConfig) -> RunComfyResource:
-    return getattr(context.resources, pipeline.resource_key)
+    resource: RunComfyResource = getattr(context.resources, pipeline.resource_key)
+    return resource
 
 
 def _cancel_on_interrupt(batch: SubmitBatch, pipeline: RunwayPipelineConfig, context: AssetExecutionContext) -> None:
@@ -95,7 +97,7 @@ def _cancel_on_interrupt(batch: SubmitBatch, pipeline: RunwayPipelineConfig, con
         )
 
 
-def build_requests_asset(pipeline: RunwayPipelineConfig):
+def build_requests_asset(pipeline: RunwayPipelineConfig) -> AssetsDefinition:
     @multi_asset(
         name=f"{pipeline.name}_requests",
         specs=[
@@ -152,7 +154,7 @@ def _request_record(ready: Ready) -> rec.RequestRecord:
     )
 
 
-def build_videos_asset(pipeline: RunwayPipelineConfig):
+def build_videos_asset(pipeline: RunwayPipelineConfig) -> AssetsDefinition:
     deferred = pipeline.mode == "deferred"
     description = (
         f"The generated video of each image, stored in {redact_url(pipeline.output)} with a poster frame, probed "

@@ -13,6 +13,7 @@ from dagster import (
     DefaultSensorStatus,
     MetadataValue,
     RunRequest,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     sensor,
@@ -164,7 +165,7 @@ def build_discovery_sensor(
     videos_job: _compat.UnresolvedAssetJobDefinition | None,
     op_name: str,
     verify_job: _compat.UnresolvedAssetJobDefinition,
-):
+) -> SensorDefinition:
     """Lists a part of the source each tick; adds a partition per new image and records every new or changed one.
 
     In deferred mode the status sensor decides what to submit; in blocking mode this sensor also

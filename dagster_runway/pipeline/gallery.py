@@ -274,7 +274,8 @@ class GalleryIndex:
     # Reading
 
     def manifest(self) -> dict[str, Any] | None:
-        return self._read(INDEX_NAME, _INDEX_CALL)
+        found = self._read(INDEX_NAME, _INDEX_CALL)
+        return found if isinstance(found, dict) else None
 
     def current(self) -> bool:
         """Whether an index in this format is there to update."""

@@ -330,7 +330,10 @@ def page_after(
             high = max(high, result.records[-1].storage_id)
     # With a full page of one kind, stop at the lowest last id of the full pages, so nothing is skipped.
     high_water = min(highs) if highs else high
-    keep = lambda storage_id: storage_id <= high_water  # noqa: E731
+
+    def keep(storage_id: int) -> bool:
+        return storage_id <= high_water
+
     return Page(
         requests=[r for r in requests if keep(r.storage_id)],
         videos=[v for v in videos if keep(v.storage_id)],

@@ -15,6 +15,7 @@ from dagster import (
     DefaultScheduleStatus,
     RunRequest,
     RunsFilter,
+    ScheduleDefinition,
     ScheduleEvaluationContext,
     SkipReason,
     schedule,
@@ -39,7 +40,7 @@ from dagster_runway.pipeline.status import read_events
 
 def build_submit_schedule(
     pipeline: RunwayPipelineConfig, submit_job: _compat.UnresolvedAssetJobDefinition, collect_job: str, submit_op: str, status_sensor: str
-):
+) -> ScheduleDefinition:
     assert pipeline.submit_schedule is not None
     name = f"{pipeline.name}_submit_schedule"
 
@@ -98,7 +99,9 @@ def build_submit_schedule(
     return _submit
 
 
-def build_verify_schedule(pipeline: RunwayPipelineConfig, verify_job: _compat.UnresolvedAssetJobDefinition, videos_op: str):
+def build_verify_schedule(
+    pipeline: RunwayPipelineConfig, verify_job: _compat.UnresolvedAssetJobDefinition, videos_op: str
+) -> ScheduleDefinition:
     assert pipeline.verify_schedule is not None
 
     @schedule(

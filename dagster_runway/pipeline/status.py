@@ -18,6 +18,7 @@ from dagster import (
     RunRecord,
     RunRequest,
     RunsFilter,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     sensor,
@@ -544,7 +545,7 @@ def build_status_sensor(
     collect_job: _compat.UnresolvedAssetJobDefinition,
     submit_op: str,
     collect_op: str,
-):
+) -> SensorDefinition:
     """Polls requests in flight when each is due and launches the runs every partition is owed, from durable records."""
     name = f"{pipeline.name}_status_sensor"
 

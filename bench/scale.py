@@ -22,7 +22,7 @@ Postgres; the status sensor's cursor and key-value memory sizes; billed submissi
     .venv/bin/python bench/scale.py [--images 1000] [--latencies 0.1,0] [--time-scale 0.02]
         [--submit-batch-size 200] [--collect-batch-size 100] [--status-interval 5]
         [--discovery-interval 5] [--max-concurrent-runs 4] [--pool-limit 2]
-        [--dequeue-interval S] [--keep]
+        [--dequeue-interval S] [--reuse-renders] [--keep]
 
 The resource of ``definitions.py`` keeps ``RunComfyResource``'s default ``max_concurrency``, so the
 baseline's ``--concurrency`` defaults to that same value.
@@ -67,7 +67,8 @@ IMAGES = '["runway", "images"]'
 
 def emulator_args(args: argparse.Namespace, latency: float) -> list[str]:
     """The emulator's settings beyond port, token, time scale and seed (which Deployment sets itself)."""
-    return ["--latency", f"{latency:g}", "--max-concurrency", str(args.emulator_max_concurrency)]
+    reuse = ["--reuse-renders"] if args.reuse_renders else []
+    return ["--latency", f"{latency:g}", "--max-concurrency", str(args.emulator_max_concurrency), *reuse]
 
 
 # -- the baseline: the async client alone ------------------------------------------------------------
@@ -715,6 +716,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", action="store_true", help="Keep the temporary folder (logs, DAGSTER_HOME, videos)."
     )
+    parser.add_argument(
+        "--reuse-renders",
+        action="store_true",
+        help="The emulator renders one clip per size and serves copies (both runs): at 10,000 images its "
+        "rendering, not the pipeline, would hold a core for 20 minutes of each run.",
+    )
     args = parser.parse_args(argv)
     latencies = [float(x) for x in args.latencies.split(",") if x.strip()]
     if args.images < 1 or not latencies:
@@ -727,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.emulator_max_concurrency}; client concurrency {args.concurrency}; options submit_batch_size "
         f"{args.submit_batch_size}, collect_batch_size {args.collect_batch_size}, status_interval_s "
         f"{args.status_interval}, discovery_interval_s {args.discovery_interval}"
+        + (", emulator reuses renders" if args.reuse_renders else "")
         + (f", {args.options}" if args.options else "")
         + f"; max_concurrent_runs {args.max_concurrent_runs}, pool limit {args.pool_limit}, dequeue interval "
         f"{args.dequeue_interval if args.dequeue_interval is not None else 'default (5 s)'}"

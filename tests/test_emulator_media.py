@@ -106,6 +106,30 @@ def test_scale_and_fps_are_configurable(emulator_factory: Factory, http_api: Con
     assert (info["width"], info["height"], info["frames"]) == (552, 416, 60)
 
 
+def test_reuse_renders_serves_one_clip_per_size_and_still_checks_each_image(
+    emulator_factory: Factory, http_api: Connect
+) -> None:
+    emulator = emulator_factory(reuse_renders=True)
+    api = http_api(emulator)
+
+    def video(width: int, ratio: str, duration: int = 5) -> bytes:
+        result = api.finish(
+            api.submit_id({"promptImage": data_uri(make_png(width, 200)), "ratio": ratio, "duration": duration})
+        )
+        assert result["status"] == "succeeded", result
+        return api.http.get(result["output"]["video"]).content
+
+    first = video(300, "1280:720")
+    assert video(320, "1280:720") == first, "a later request of the same size gets the same clip"
+    square, long = video(300, "960:960"), video(300, "1280:720", 10)
+    assert len({first, square, long}) == 3 and probe(long)["frames"] == 10 * 8
+    # The image is still fetched and judged: one the service would refuse fails, and is not a copy.
+    refused = api.finish(api.submit_id({"promptImage": data_uri(make_png(900, 200)), "ratio": "1280:720"}))
+    assert refused["status"] == "failed"
+    emulator.reset()  # the kept clips are removed with the files: the next request renders again
+    assert probe(video(300, "1280:720"))["frames"] == 5 * 8
+
+
 def test_the_motion_depends_on_the_seed(tmp_path: Path) -> None:
     image = Image.radial_gradient("L").convert("RGB").resize((500, 400))
 

@@ -71,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fps", type=int, default=defaults.fps, help="Frames per second (default: %(default)s)."
     )
     parser.add_argument(
+        "--reuse-renders",
+        action="store_true",
+        help="Render one clip per ratio and duration and serve copies of it (for benchmarks at scale).",
+    )
+    parser.add_argument(
         "--latency",
         type=float,
         default=defaults.latency_seconds,
@@ -185,6 +190,7 @@ def _config(args: argparse.Namespace) -> EmulatorConfig:
         max_concurrency=args.max_concurrency,
         video_scale=args.video_scale,
         fps=args.fps,
+        reuse_renders=args.reuse_renders,
         latency_seconds=args.latency,
         balance_usd=args.balance,
         ttl_seconds=args.ttl,

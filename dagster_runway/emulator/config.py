@@ -56,6 +56,12 @@ class EmulatorConfig(BaseModel):
         description="Output size as a fraction of the ratio's pixel size (0.25 renders 1280:720 as 320x180).",
     )
     fps: int = Field(default=8, ge=1, le=60, description="Frames per second of the rendered videos.")
+    reuse_renders: bool = Field(
+        default=False,
+        description="Render one clip per ratio and duration (from the first image that asks) and serve each "
+        "later request a copy of it: for benchmarks at 10,000 images, where rendering is the emulator's cost, "
+        "not the client's. Images are still fetched and checked; every video of a size is then the same clip.",
+    )
     price_usd: float = Field(
         default=0.05,
         ge=0.0,

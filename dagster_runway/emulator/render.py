@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -69,6 +70,18 @@ def render_video(
     if durable:
         _fsync(path.parent)
     return Video(path=path, sha256=digest, size=path.stat().st_size)
+
+
+def copy_video(clip: Video, path: Path, *, durable: bool = False) -> Video:
+    """A copy of an already rendered ``clip`` at ``path``, whole or not at all, like :func:`render_video`."""
+    partial = path.with_suffix(".part")
+    shutil.copyfile(clip.path, partial)
+    if durable:
+        _fsync(partial)
+    os.replace(partial, path)
+    if durable:
+        _fsync(path.parent)
+    return Video(path=path, sha256=clip.sha256, size=clip.size)
 
 
 def _fsync(path: Path) -> None:

@@ -14,7 +14,7 @@ import httpx
 
 from dagster_runway.emulator.config import EmulatorConfig
 from dagster_runway.emulator.images import ImageRejected, check_image, load_image
-from dagster_runway.emulator.render import Video, render_video
+from dagster_runway.emulator.render import Video, copy_video, render_video
 from dagster_runway.emulator.state import Failure, Job, Store
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class Worker:
         self._client: httpx.AsyncClient | None = None
         self._jobs: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._clips: dict[tuple[str, int], Video] = {}  # with reuse_renders: the clip of each size
 
     def wake(self) -> None:
         """Make the worker look at the store now; safe from any thread."""
@@ -84,6 +85,8 @@ class Worker:
             image = await loop.run_in_executor(self._pool, check_image, data)
             if job.injected is not None:
                 outcome = job.injected
+            elif self._config.reuse_renders and self._clip_for(job) is not None:
+                outcome = await loop.run_in_executor(self._pool, self._copy, self._clips[(job.ratio, job.duration)], job.request_id)
             else:
                 outcome = await loop.run_in_executor(
                     self._pool,
@@ -98,6 +101,10 @@ class Worker:
                         durable=self._store.durable,
                     ),
                 )
+            if self._config.reuse_renders and isinstance(outcome, Video) and (job.ratio, job.duration) not in self._clips:
+                # A file of its own: the request's video may expire and be deleted.
+                kept = self._files_dir / f"clip-{job.ratio.replace(':', 'x')}-{job.duration}s.mp4"
+                self._clips[(job.ratio, job.duration)] = await loop.run_in_executor(self._pool, copy_video, outcome, kept)
         except ImageRejected as exc:
             outcome = Failure(exc.code, exc.message)
         except Exception as exc:
@@ -106,6 +113,16 @@ class Worker:
                 "INTERNAL.EMULATOR", f"The emulator failed to render: {type(exc).__name__}: {exc}"
             )
         self._store.finish_work(job, outcome)
+
+    def _clip_for(self, job: Job) -> Video | None:
+        clip = self._clips.get((job.ratio, job.duration))
+        if clip is not None and not clip.path.exists():  # removed by a reset: render again
+            del self._clips[(job.ratio, job.duration)]
+            return None
+        return clip
+
+    def _copy(self, clip: Video, request_id: str) -> Video:
+        return copy_video(clip, self._files_dir / f"{request_id}.mp4", durable=self._store.durable)
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:

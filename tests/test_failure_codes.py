@@ -28,3 +28,21 @@ def test_the_pipeline_classifies_a_failed_generation_as_the_error_does(
     assert (failure.failure_class, failure.retryable) == (failure_class, retryable)
     assert error.is_safety is is_safety_code(code) is (failure_class == fl.GENERATION_SAFETY)
     assert error.is_internal is is_internal_code(code) is (failure_class == fl.GENERATION_INTERNAL)
+
+
+def test_every_partition_failure_is_built_by_a_named_constructor_in_failures_py() -> None:
+    """The words of a failure live in one place: no step builds one inline."""
+    import ast
+    from pathlib import Path
+
+    import dagster_runway
+
+    package = Path(dagster_runway.__file__).parent
+    inline = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "failures.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "PartitionFailure":
+                inline.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert inline == [], f"build these with a function of pipeline/failures.py: {inline}"

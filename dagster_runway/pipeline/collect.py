@@ -138,15 +138,7 @@ class CollectBatch:
             for key in self.keys:
                 record = requests.get(key)
                 if record is None:
-                    yield from self._fail(
-                        fl.PartitionFailure(
-                            key,
-                            fl.NO_REQUEST,
-                            "no request has been submitted for this partition yet.",
-                            "materialize runway/requests for it (or turn on the status sensor, which submits it).",
-                        ),
-                        None,
-                    )
+                    yield from self._fail(fl.no_request(key), None)
                     continue
                 futures.append(pool.submit(self._fetch, key, record, videos.get(key)))
             pending: dict[str, rec.RequestRecord] = {}
@@ -184,18 +176,7 @@ class CollectBatch:
             if waiting:
                 time.sleep(min(self.resource.poll_interval, max(0.0, deadline - time.monotonic())))
         for key, record in waiting.items():
-            yield from self._fail(
-                fl.PartitionFailure(
-                    key,
-                    fl.STILL_RUNNING,
-                    f"request {record.request_id} was still rendering after {self.wait_s:.0f}s.",
-                    "nothing to do: the status sensor collects it when it finishes (or materialize this "
-                    "partition again later).",
-                    retryable=True,
-                    request_id=record.request_id,
-                ),
-                record.source_version,
-            )
+            yield from self._fail(fl.still_running(key, record.request_id, self.wait_s), record.source_version)
 
     # Fetching (in the pool's threads: HTTP, storage and decoding only, no event log)
 
@@ -221,19 +202,7 @@ class CollectBatch:
         try:
             stored = self._store(key, result.video_url, lineage_tags(record))
         except NotAVideoError as exc:
-            return _Fetched(
-                key,
-                record,
-                failure=fl.PartitionFailure(
-                    key,
-                    fl.BAD_OUTPUT,
-                    f"request {record.request_id}: {exc}",
-                    "nothing to do: the status sensor collects it again; if it keeps failing, report the "
-                    "request id to RunComfy.",
-                    retryable=True,
-                    request_id=record.request_id,
-                ),
-            )
+            return _Fetched(key, record, failure=fl.bad_output(key, record.request_id, exc))
         except (MediaError, OSError) as exc:
             step = "nothing to do: the status sensor collects it again in a later run."
             if isinstance(exc, VideoTooLargeError):
@@ -241,18 +210,7 @@ class CollectBatch:
                     f"if videos this large are expected, raise max_video_bytes (now {self.pipeline.max_video_bytes}); "
                     "the status sensor collects it again in a later run."
                 )
-            return _Fetched(
-                key,
-                record,
-                failure=fl.PartitionFailure(
-                    key,
-                    fl.DOWNLOAD,
-                    f"request {record.request_id}: {exc}",
-                    step,
-                    retryable=True,
-                    request_id=record.request_id,
-                ),
-            )
+            return _Fetched(key, record, failure=fl.download_failed(key, record.request_id, exc, step))
         poster, preview = self._poster(key, stored.uri)
         inputs = self._check_inputs(key, record, stored.sha256, stored.probe, None)
         return _Fetched(key, record, result=result, stored=stored, poster=poster, preview=preview, inputs=inputs)

@@ -8,12 +8,14 @@ a new run later (a passing problem), or a paid retry when the user allowed it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from dagster import AssetKey, AssetObservation, Failure, MetadataValue
 
+from dagster_runway._redact import redact_url
 from dagster_runway.errors import (
     AuthenticationError,
     ClientConfigurationError,
@@ -24,7 +26,10 @@ from dagster_runway.errors import (
     RequestCancelledError,
     RequestNotFoundError,
     RunComfyError,
+    is_safety_code,
 )
+from dagster_runway.journal import AMBIGUOUS as CLAIM_AMBIGUOUS
+from dagster_runway.journal import Claim, SpendCapReached
 from dagster_runway.pipeline import metadata as md
 
 # The classes. "Retried by the status sensor" means it launches a new run on its own.
@@ -228,5 +233,298 @@ def from_result_error(key: str, exc: RunComfyError, *, attempt: int, retries_all
         str(exc),
         "nothing to do: the status sensor collects it again in a later run.",
         retryable=True,
+        request_id=request_id,
+    )
+
+
+# -- Named failures: every one a step records, its words in one place -----------------------------------
+# Before paying (the submit step).
+
+
+def never_discovered(key: str, images: AssetKey, source: str) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        IMAGE_MISSING,
+        f"partition {key!r} has no image record in {images.to_user_string()}, so which "
+        f"image of {redact_url(source)} it stands for is not known (it was never discovered).",
+        "turn on the discovery sensor (it records each image), or delete the partition.",
+    )
+
+
+def image_gone(key: str, source: str) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        IMAGE_MISSING,
+        f"no image in {redact_url(source)} maps to partition {key!r}; it was moved or deleted.",
+        "restore the image, or delete the partition.",
+    )
+
+
+def invalid_image(key: str, reason: str) -> PartitionFailure:
+    """The image or its settings break the model's rules (found before anything is sent)."""
+    return PartitionFailure(
+        key,
+        INVALID_INPUT,
+        reason,
+        "fix the image or its settings as the message says; the partition is submitted again when they change.",
+    )
+
+
+def invalid_request(key: str, reason: str) -> PartitionFailure:
+    """The image's URL, or the request built from it, breaks the model's schema."""
+    return PartitionFailure(key, INVALID_INPUT, reason, "fix the image or settings as the message says.")
+
+
+def missing_prompt(key: str, url: str, default_prompt: str) -> PartitionFailure:
+    stem = url.rsplit(".", 1)[0]
+    return PartitionFailure(
+        key,
+        MISSING_PROMPT,
+        f"{url}: no prompt is given, and the service's default prompt is a specific scene "
+        f'("{default_prompt[:70]}..."); nothing was submitted.',
+        f"give a prompt in a sidecar ({stem}.txt), a manifest row (promptText), or the pipeline's "
+        'defaults (GenerationSettings(prompt_text=...)); or set missing_prompt="service_default" to accept '
+        'the default, or "warn".',
+    )
+
+
+def not_adopted(
+    key: str, request_id: str, why: str, failure_class: str = AMBIGUOUS, retryable: bool = False
+) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        failure_class,
+        f"could not adopt request {request_id[:40]!r}: {why}",
+        "correct adopt_request_ids as the message says (see `dagster-runway journal list`); nothing was "
+        "submitted for this partition.",
+        retryable=retryable,
+    )
+
+
+def adopted_failed(key: str, request_id: str | None, verdict: str) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        GENERATION_FAILED,
+        f"adopted request {request_id} {verdict}.",
+        "materialize the partition again to submit a new attempt (billed).",
+        request_id=request_id,
+    )
+
+
+def earlier_unchecked(key: str, request_id: str, exc: Exception) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        SERVICE_UNAVAILABLE,
+        f"could not check earlier request {request_id} of this input: {exc}",
+        "nothing to do: it is checked again in a later run.",
+        retryable=True,
+        request_id=request_id,
+    )
+
+
+def earlier_failed(key: str, request_id: str, code: str | None, message: str | None) -> PartitionFailure:
+    """An earlier request of this exact input failed in a way a resubmit would repeat (and pay for)."""
+    return PartitionFailure(
+        key,
+        GENERATION_SAFETY if is_safety_code(code) else GENERATION_FAILED,
+        f"earlier request {request_id} of this exact input failed ({code or 'no code'}: "
+        f"{message or 'no message'}); submitting it again would most likely fail again and be billed.",
+        "change the image or its prompt, or run with config force_resubmit: true to pay for another try.",
+        failure_code=code,
+        request_id=request_id,
+    )
+
+
+def ambiguous(key: str, claim: Claim, seed: int | None) -> PartitionFailure:
+    """A submit of this input may have been accepted and billed, and its answer is not known."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(claim.claimed_at))
+    lost = "its answer was lost" if claim.state == CLAIM_AMBIGUOUS else "its sender stopped before an answer arrived"
+    made = f"a request made around {when}" + (f" with seed {seed}" if seed is not None else "")
+    return PartitionFailure(
+        key,
+        AMBIGUOUS,
+        f"a submit of this exact input (fingerprint {claim.fingerprint}, attempt {claim.attempt}) was sent by "
+        f"{claim.owner.describe()} at {when}, and {lost}: it may have been accepted and billed. "
+        + (f"({claim.reason}) " if claim.reason else ""),
+        f"look in your RunComfy generations for {made}; if there is none, or you accept paying twice, run "
+        "this partition with config force_after_ambiguous: true.",
+        extra={md.key("fingerprint"): claim.fingerprint, md.key("attempt"): claim.attempt},
+    )
+
+
+def output_mismatch(key: str, reason: str, fix: str) -> PartitionFailure:
+    return PartitionFailure(key, OUTPUT_MISMATCH, f"{reason} Nothing was sent.", fix)
+
+
+def journal_unsafe(key: str, exc: Exception) -> PartitionFailure:
+    return PartitionFailure(key, JOURNAL_UNSAFE, str(exc), "move the journal as the message says, then run again.")
+
+
+def journal_damaged(key: str, exc: Exception, path: str) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        JOURNAL_DAMAGED,
+        f"{exc}; nothing was sent.",
+        f"repair or remove {path} as the message says, then run the partition again.",
+    )
+
+
+def journal_unavailable(key: str, journal_url: str, exc: Exception) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        SERVICE_UNAVAILABLE,
+        f"the submission journal at {redact_url(journal_url)} could not be read or written "
+        f"({type(exc).__name__}: {exc}); nothing was sent.",
+        "check access to the journal's storage; the partition is tried again in a later run.",
+        retryable=True,
+    )
+
+
+def schema_drift(key: str, reason: str, fix: str, changes: list[str], retry_at: float) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        SCHEMA_DRIFT,
+        reason,
+        fix + " The status sensor looks again every hour.",
+        retryable=True,
+        retry_at=retry_at,
+        extra={md.key("schema_changes"): MetadataValue.json(changes)},
+    )
+
+
+def spend_cap(key: str, exc: SpendCapReached) -> PartitionFailure:
+    waits = " or wait; the status sensor submits it again when the window allows." if exc.retry_at else "."
+    return PartitionFailure(
+        key,
+        SPEND_CAP,
+        str(exc).split(" Raise ")[0],
+        "raise max_spend_usd" + waits,
+        retryable=True,
+        retry_at=exc.retry_at,
+        extra={md.key("spend_cap_usd"): exc.cap_usd, md.key("spend_usd"): round(exc.spent_usd, 4)},
+    )
+
+
+_TRIED_AGAIN = "nothing to do: it is tried again in a later run."
+_REPORT = "nothing to do: it is tried again in a later run; if it persists, report this message."
+
+
+def worker_stopped(key: str) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        SERVICE_UNAVAILABLE,
+        "the submit worker stopped before this submit was sent; nothing was billed.",
+        _TRIED_AGAIN,
+        retryable=True,
+    )
+
+
+def other_run_rejected(key: str, reason: str | None) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        SERVICE_UNAVAILABLE,
+        f"another run's submit of this input was not accepted ({reason}).",
+        _TRIED_AGAIN,
+        retryable=True,
+    )
+
+
+def failed_before_claim(key: str, cause: str) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        SERVICE_UNAVAILABLE,
+        f"the submit failed before it was claimed ({cause}); nothing was sent or billed.",
+        _REPORT,
+        retryable=True,
+    )
+
+
+def failed_before_post(key: str, cause: str) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        SERVICE_UNAVAILABLE,
+        f"the submit failed before it was sent ({cause}); nothing was billed.",
+        _REPORT,
+        retryable=True,
+    )
+
+
+def stopped_before_send(key: str) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        CANCELLED,
+        "the run was stopped before this submit was sent; nothing was billed.",
+        "run the partition again.",
+        retryable=True,
+    )
+
+
+# Collecting (the videos step).
+
+
+def no_request(key: str) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        NO_REQUEST,
+        "no request has been submitted for this partition yet.",
+        "materialize runway/requests for it (or turn on the status sensor, which submits it).",
+    )
+
+
+def still_running(key: str, request_id: str, waited_s: float) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        STILL_RUNNING,
+        f"request {request_id} was still rendering after {waited_s:.0f}s.",
+        "nothing to do: the status sensor collects it when it finishes (or materialize this partition again "
+        "later).",
+        retryable=True,
+        request_id=request_id,
+    )
+
+
+def bad_output(key: str, request_id: str, exc: Exception) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        BAD_OUTPUT,
+        f"request {request_id}: {exc}",
+        "nothing to do: the status sensor collects it again; if it keeps failing, report the request id to "
+        "RunComfy.",
+        retryable=True,
+        request_id=request_id,
+    )
+
+
+def download_failed(key: str, request_id: str, exc: Exception, next_step: str) -> PartitionFailure:
+    return PartitionFailure(key, DOWNLOAD, f"request {request_id}: {exc}", next_step, retryable=True, request_id=request_id)
+
+
+# The status sensor.
+
+
+def render_timeout(
+    key: str, request_id: str, reason: str, next_step: str, submitted_at: float, estimate: Any
+) -> PartitionFailure:
+    return PartitionFailure(
+        key,
+        RENDER_TIMEOUT,
+        reason,
+        next_step,
+        request_id=request_id,
+        extra={
+            md.key("submitted_at"): MetadataValue.timestamp(submitted_at),
+            **({md.key("estimated_cost_usd"): float(estimate)} if isinstance(estimate, int | float) else {}),
+        },
+    )
+
+
+def runs_exhausted(key: str, where: str, launched: int, request_id: str | None) -> PartitionFailure:
+    asset = "runway/requests" if where == "submit" else "runway/videos"
+    return PartitionFailure(
+        key,
+        RUNS_EXHAUSTED,
+        f"{launched} {where} runs launched for this partition ended without recording a result.",
+        f"look at the last {where} run of this partition in the Runs tab for the cause; fix it, then "
+        f"materialize {asset} for this partition.",
         request_id=request_id,
     )

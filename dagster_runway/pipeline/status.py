@@ -14,7 +14,6 @@ from dagster import (
     AssetObservation,
     DagsterInstance,
     DefaultSensorStatus,
-    MetadataValue,
     RunRecord,
     RunRequest,
     RunsFilter,
@@ -362,17 +361,7 @@ class StatusTick:
                 "to RunComfy (materializing runway/requests reuses it while the service says it is running)."
             )
             state.late_poll_at = now + rc.late_poll_interval(self.policy)
-        failure = fl.PartitionFailure(
-            key,
-            fl.RENDER_TIMEOUT,
-            reason,
-            next_step,
-            request_id=request_id,
-            extra={
-                md.key("submitted_at"): MetadataValue.timestamp(state.submitted_at),
-                **({md.key("estimated_cost_usd"): float(estimate)} if isinstance(estimate, int | float) else {}),
-            },
-        )
+        failure = fl.render_timeout(key, request_id, reason, next_step, state.submitted_at, estimate)
         self.context.log.warning(f"{key}: {failure.message}")
         source_version = state.request_version or state.image_version
         self.record(failure.observation(pipeline.videos_key, source_version))
@@ -518,14 +507,7 @@ class StatusTick:
 
     def _exhausted(self, key: str, state: rc.PartitionState, where: str, launched: int) -> None:
         """Record that the runs launched for a partition kept ending without a result."""
-        failure = fl.PartitionFailure(
-            key,
-            fl.RUNS_EXHAUSTED,
-            f"{launched} {where} runs launched for this partition ended without recording a result.",
-            f"look at the last {where} run of this partition in the Runs tab for the cause; fix it, then "
-            f"materialize {'runway/requests' if where == 'submit' else 'runway/videos'} for this partition.",
-            request_id=state.request_id,
-        )
+        failure = fl.runs_exhausted(key, where, launched, state.request_id)
         self.record(failure.observation(self.pipeline.videos_key, state.image_version))
         state.failure = rc.Failure(fl.RUNS_EXHAUSTED, state.image_version, 2**62, state.request_id)
 

@@ -44,7 +44,6 @@ from dagster_runway.errors import (
     RequestNotFoundError,
     RunComfyError,
     is_internal_code,
-    is_safety_code,
 )
 from dagster_runway.media import (
     ImageSource,
@@ -157,43 +156,17 @@ class SubmitBatch:
         for key in self.keys:
             relpath = relpaths.get(key)
             if relpath is None:
-                yield from self._fail(
-                    fl.PartitionFailure(
-                        key,
-                        fl.IMAGE_MISSING,
-                        f"partition {key!r} has no image record in {pipeline.images_key.to_user_string()}, so which "
-                        f"image of {redact_url(pipeline.source)} it stands for is not known (it was never discovered).",
-                        "turn on the discovery sensor (it records each image), or delete the partition.",
-                    ),
-                    None,
-                )
+                yield from self._fail(fl.never_discovered(key, pipeline.images_key, pipeline.source), None)
                 continue
             entry = entries.get(relpath)
             if entry is None:
-                yield from self._fail(
-                    fl.PartitionFailure(
-                        key,
-                        fl.IMAGE_MISSING,
-                        f"no image in {redact_url(pipeline.source)} maps to partition {key!r}; it was moved or deleted.",
-                        "restore the image, or delete the partition.",
-                    ),
-                    None,
-                )
+                yield from self._fail(fl.image_gone(key, pipeline.source), None)
                 continue
             try:
                 prepared = prepare(pipeline, source, key, entry)
             except (MediaError, ValueError) as exc:
                 version = rec.image_version(entry.change_token, entry.sidecar_token, entry.settings_token)
-                yield from self._fail(
-                    fl.PartitionFailure(
-                        key,
-                        fl.INVALID_INPUT,
-                        str(exc),
-                        "fix the image or its settings as the message says; the partition is submitted again "
-                        "when they change.",
-                    ),
-                    version,
-                )
+                yield from self._fail(fl.invalid_image(key, str(exc)), version)
                 continue
             missing = self._missing_prompt(prepared)
             if isinstance(missing, fl.PartitionFailure):
@@ -222,16 +195,7 @@ class SubmitBatch:
             )
             self.log.warning(f"{prepared.key}: {warning}")
             return warning
-        stem = prepared.entry.url.rsplit(".", 1)[0]
-        return fl.PartitionFailure(
-            prepared.key,
-            fl.MISSING_PROMPT,
-            f"{prepared.entry.url}: no prompt is given, and the service's default prompt is a specific scene "
-            f'("{default[:70]}..."); nothing was submitted.',
-            f"give a prompt in a sidecar ({stem}.txt), a manifest row (promptText), or the pipeline's "
-            'defaults (GenerationSettings(prompt_text=...)); or set missing_prompt="service_default" to accept '
-            'the default, or "warn".',
-        )
+        return fl.missing_prompt(prepared.key, prepared.entry.url, default)
 
     def _decide(self, prepared: Prepared, source: ImageSource, plans: list[Plan]) -> Iterator[Any]:
         """Reuse, wait, fail or plan a submit for one partition, from its fingerprint's journal entries."""
@@ -272,10 +236,7 @@ class SubmitBatch:
             )
             model_input = prepared.model.request(image_url, prepared.fields)
         except (MediaError, ValueError) as exc:
-            yield from self._fail(
-                fl.PartitionFailure(key, fl.INVALID_INPUT, str(exc), "fix the image or settings as the message says."),
-                prepared.source_version,
-            )
+            yield from self._fail(fl.invalid_request(key, str(exc)), prepared.source_version)
             return
         plans.append(Plan(prepared, model_input, image_url, next_attempt))
 
@@ -286,11 +247,7 @@ class SubmitBatch:
         request_id = self.adopt_request_ids[prepared.key]
 
         def refused(why: str, failure_class: str = fl.AMBIGUOUS, retryable: bool = False) -> fl.PartitionFailure:
-            return fl.PartitionFailure(
-                prepared.key, failure_class, f"could not adopt request {request_id[:40]!r}: {why}",
-                "correct adopt_request_ids as the message says (see `dagster-runway journal list`); nothing was "
-                "submitted for this partition.", retryable=retryable,
-            )  # fmt: skip
+            return fl.not_adopted(prepared.key, request_id, why, failure_class, retryable)
 
         if claim is not None and claim.state == jn.SUBMITTED and claim.request_id == request_id:
             yield from self._reuse_adopted(prepared, claim)  # adopted already (a retried or re-executed run)
@@ -339,13 +296,7 @@ class SubmitBatch:
         elif isinstance(verdict, fl.PartitionFailure):
             yield from self._fail(verdict, prepared.source_version)
         else:
-            yield from self._fail(
-                fl.PartitionFailure(
-                    prepared.key, fl.GENERATION_FAILED, f"adopted request {request_id} {verdict}.",
-                    "materialize the partition again to submit a new attempt (billed).", request_id=request_id,
-                ),
-                prepared.source_version,
-            )  # fmt: skip
+            yield from self._fail(fl.adopted_failed(prepared.key, request_id, verdict), prepared.source_version)
 
     def _known_to_service(self, request_id: str) -> None:
         """Raises ``RequestNotFoundError`` if the service never issued ``request_id`` (or it expired)."""
@@ -406,66 +357,26 @@ class SubmitBatch:
         except RequestNotFoundError:
             return "has expired at the service"
         except RunComfyError as exc:
-            return fl.PartitionFailure(
-                prepared.key,
-                fl.SERVICE_UNAVAILABLE,
-                f"could not check earlier request {request_id} of this input: {exc}",
-                "nothing to do: it is checked again in a later run.",
-                retryable=True,
-                request_id=request_id,
-            )
+            return fl.earlier_unchecked(prepared.key, request_id, exc)
         if result.status in (RequestState.SUCCEEDED, RequestState.COMPLETED):
             return None
         if result.status is RequestState.CANCELLED:
             return "was cancelled (refunded)"
         if is_internal_code(result.failure_code) or self.force_resubmit:
             return f"failed ({result.failure_code or 'no code'})"
-        return fl.PartitionFailure(
-            prepared.key,
-            fl.GENERATION_SAFETY if is_safety_code(result.failure_code) else fl.GENERATION_FAILED,
-            f"earlier request {request_id} of this exact input failed ({result.failure_code or 'no code'}: "
-            f"{result.failure_message or 'no message'}); submitting it again would most likely fail again and "
-            "be billed.",
-            "change the image or its prompt, or run with config force_resubmit: true to pay for another try.",
-            failure_code=result.failure_code,
-            request_id=request_id,
-        )
+        return fl.earlier_failed(prepared.key, request_id, result.failure_code, result.failure_message)
 
     def _ambiguous(self, prepared: Prepared, claim: jn.Claim) -> fl.PartitionFailure:
-        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(claim.claimed_at))
-        lost = "its answer was lost" if claim.state == jn.AMBIGUOUS else "its sender stopped before an answer arrived"
-        return fl.PartitionFailure(
-            prepared.key,
-            fl.AMBIGUOUS,
-            f"a submit of this exact input (fingerprint {claim.fingerprint}, attempt {claim.attempt}) was sent by "
-            f"{claim.owner.describe()} at {when}, and {lost}: it may have been accepted and billed. "
-            + (f"({claim.reason}) " if claim.reason else ""),
-            f"look in your RunComfy generations for a request made around {when} with seed "
-            f"{prepared.fields['seed']}; if there is none, or you accept paying twice, run this partition with "
-            "config force_after_ambiguous: true.",
-            extra={md.key("fingerprint"): claim.fingerprint, md.key("attempt"): claim.attempt},
-        )
+        return fl.ambiguous(prepared.key, claim, prepared.model.seed_of(prepared.fields))
 
     def _journal_error(self, prepared: Prepared, exc: Exception) -> fl.PartitionFailure:
         if isinstance(exc, jn.SourceMismatch):
-            return fl.PartitionFailure(prepared.key, fl.OUTPUT_MISMATCH, f"{exc.reason} Nothing was sent.", exc.fix)
+            return fl.output_mismatch(prepared.key, exc.reason, exc.fix)
         if isinstance(exc, jn.JournalStoreUnsafe):
-            return fl.PartitionFailure(
-                prepared.key, fl.JOURNAL_UNSAFE, str(exc), "move the journal as the message says, then run again."
-            )
+            return fl.journal_unsafe(prepared.key, exc)
         if isinstance(exc, jn.JournalDamaged):
-            return fl.PartitionFailure(
-                prepared.key, fl.JOURNAL_DAMAGED, f"{exc}; nothing was sent.",
-                f"repair or remove {exc.path} as the message says, then run the partition again.",
-            )  # fmt: skip
-        return fl.PartitionFailure(
-            prepared.key,
-            fl.SERVICE_UNAVAILABLE,
-            f"the submission journal at {redact_url(self.pipeline.journal_url)} could not be read or written "
-            f"({type(exc).__name__}: {exc}); nothing was sent.",
-            "check access to the journal's storage; the partition is tried again in a later run.",
-            retryable=True,
-        )
+            return fl.journal_damaged(prepared.key, exc, exc.path)
+        return fl.journal_unavailable(prepared.key, self.pipeline.journal_url, exc)
 
     # Submitting
 
@@ -489,11 +400,7 @@ class SubmitBatch:
             reason, fix = refused
             changes = [change.id for change in view.breaking]
             for plan in plans:
-                failure = fl.PartitionFailure(
-                    plan.prepared.key, fl.SCHEMA_DRIFT, reason, fix + " The status sensor looks again every hour.",
-                    retryable=True, retry_at=time.time() + SCHEMA_RECHECK_S,
-                    extra={md.key("schema_changes"): MetadataValue.json(changes)},
-                )  # fmt: skip
+                failure = fl.schema_drift(plan.prepared.key, reason, fix, changes, time.time() + SCHEMA_RECHECK_S)
                 yield from self._fail(failure, plan.prepared.source_version)
             return
         self.price = view.price
@@ -550,16 +457,7 @@ class SubmitBatch:
             if claim is not None:
                 with contextlib.suppress(Exception):  # left open, a later run reports it ambiguous: still safe
                     self.journal.record_rejected(claim, "not sent: the submit worker stopped")
-            yield from self._fail(
-                fl.PartitionFailure(
-                    prepared.key,
-                    fl.SERVICE_UNAVAILABLE,
-                    "the submit worker stopped before this submit was sent; nothing was billed.",
-                    "nothing to do: it is tried again in a later run.",
-                    retryable=True,
-                ),
-                prepared.source_version,
-            )
+            yield from self._fail(fl.worker_stopped(prepared.key), prepared.source_version)
 
     def _redact(self, text: str) -> str:
         return redact_text(text, [str(self.resource.api_token or "")])
@@ -575,16 +473,7 @@ class SubmitBatch:
             self.log.info(f"{prepared.key}: {claim.owner.describe()} submitted this input first; reusing its request")
             yield self._record(Ready(prepared, claim), md.REUSED)
         elif claim.state == jn.REJECTED:
-            yield from self._fail(
-                fl.PartitionFailure(
-                    prepared.key,
-                    fl.SERVICE_UNAVAILABLE,
-                    f"another run's submit of this input was not accepted ({claim.reason}).",
-                    "nothing to do: it is tried again in a later run.",
-                    retryable=True,
-                ),
-                prepared.source_version,
-            )
+            yield from self._fail(fl.other_run_rejected(prepared.key, claim.reason), prepared.source_version)
         else:
             yield from self._fail(self._ambiguous(prepared, claim), prepared.source_version)
 
@@ -623,13 +512,7 @@ class SubmitBatch:
         cause = f"{type(exc).__name__}: {self._redact(str(exc)) or 'no detail'}"
         self.log.error(f"{prepared.key}: unexpected error while submitting ({cause})")
         if claim is None:
-            return "failed", plan, fl.PartitionFailure(
-                prepared.key,
-                fl.SERVICE_UNAVAILABLE,
-                f"the submit failed before it was claimed ({cause}); nothing was sent or billed.",
-                "nothing to do: it is tried again in a later run; if it persists, report this message.",
-                retryable=True,
-            )
+            return "failed", plan, fl.failed_before_claim(prepared.key, cause)
         if progress.request_id is not None:
             return "submitted", plan, replace(
                 claim, state=jn.SUBMITTED, request_id=progress.request_id, answered_at=time.time()
@@ -637,11 +520,7 @@ class SubmitBatch:
         if not progress.sending:
             reason = f"not sent: the submit failed before its POST ({cause})"
             await self._answer(prepared, self.journal.record_rejected, claim, jn.REJECTED, reason)
-            return "failed", plan, fl.PartitionFailure(
-                prepared.key, fl.SERVICE_UNAVAILABLE, f"the submit failed before it was sent ({cause}); nothing was "
-                "billed.", "nothing to do: it is tried again in a later run; if it persists, report this message.",
-                retryable=True,
-            )  # fmt: skip
+            return "failed", plan, fl.failed_before_post(prepared.key, cause)
         reason = f"the submit failed unexpectedly after it may have been sent ({cause})"
         claim = await self._answer(prepared, self.journal.record_ambiguous, claim, jn.AMBIGUOUS, reason)
         return "failed", plan, self._ambiguous(prepared, claim)
@@ -671,10 +550,7 @@ class SubmitBatch:
                 reason=f"not sent: another submit of this run failed as every one would ({stopped_by.reason}); "
                 "nothing was billed for this one.",
             )
-        return fl.PartitionFailure(
-            prepared.key, fl.CANCELLED, "the run was stopped before this submit was sent; nothing was billed.",
-            "run the partition again.", retryable=True,
-        )
+        return fl.stopped_before_send(prepared.key)
 
     async def _claim_and_send(
         self, client: Any, plan: Plan, stop: threading.Event, progress: Progress
@@ -703,15 +579,7 @@ class SubmitBatch:
                 return "failed", plan, self._journal_error(prepared, vanished)
             return "taken", plan, current
         except jn.SpendCapReached as exc:
-            return "failed", plan, fl.PartitionFailure(
-                prepared.key,
-                fl.SPEND_CAP,
-                str(exc).split(" Raise ")[0],
-                "raise max_spend_usd" + (" or wait; the status sensor submits it again when the window allows." if exc.retry_at else "."),
-                retryable=True,
-                retry_at=exc.retry_at,
-                extra={md.key("spend_cap_usd"): exc.cap_usd, md.key("spend_usd"): round(exc.spent_usd, 4)},
-            )
+            return "failed", plan, fl.spend_cap(prepared.key, exc)
         except Exception as exc:  # noqa: BLE001 - the claim could not be written: send nothing
             return "failed", plan, self._journal_error(prepared, exc)
         progress.claim = claim

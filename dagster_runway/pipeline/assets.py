@@ -23,7 +23,7 @@ from dagster_runway.pipeline import checks as ck
 from dagster_runway.pipeline import failures as fl
 from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import records as rec
-from dagster_runway.pipeline.collect import CollectBatch, verify_stored
+from dagster_runway.pipeline.collect import CollectBatch
 from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.pipeline.gallery import gallery_uri, write_gallery
 from dagster_runway.pipeline.submit import Ready, SubmitBatch
@@ -191,7 +191,7 @@ def build_videos_asset(pipeline: RunwayPipelineConfig) -> AssetsDefinition:
         resource = _resource(context, pipeline)
         keys = _selected(context, config.partitions)
         if pipeline.videos_key not in context.selected_asset_keys:
-            yield from verify_stored(pipeline, context, keys, resource)
+            yield from CollectBatch.verify(pipeline, context, keys, resource)
             _refresh_gallery(pipeline, context, keys)
             return
         failures: list[fl.PartitionFailure] = []

@@ -15,7 +15,6 @@ status is current.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
@@ -27,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 import fsspec
-from dagster import AssetMaterialization, DagsterInstance, MetadataValue
+from dagster import AssetMaterialization, MetadataValue
 
 from dagster_runway import _compat
 from dagster_runway import journal as jn
@@ -58,7 +57,7 @@ from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.pipeline.gallery import gallery_uri
 from dagster_runway.pipeline.prepare import recorded_relpaths
-from dagster_runway.pipeline.records import run_id_of as _run_id
+from dagster_runway.pipeline.step import Step, poll_statuses
 from dagster_runway.resource import RunComfyResource
 from dagster_runway.schema import RequestResult
 from dagster_runway.version import __version__
@@ -93,7 +92,7 @@ class _Fetched:
     inputs: ck.CheckInputs | None = None  # what the checks measured
 
 
-class CollectBatch:
+class CollectBatch(Step):
     """The collect step for a set of partitions; ``run()`` yields its events as they happen."""
 
     def __init__(
@@ -106,15 +105,10 @@ class CollectBatch:
         requests: Mapping[str, rec.RequestRecord] | None = None,
         wait_s: float | None = None,
     ) -> None:
-        self.pipeline = pipeline
-        self.resource = resource
-        self.instance: DagsterInstance = context.instance
-        self.run_id: str | None = _run_id(context)
-        self.log = context.log
-        self.keys = list(keys)
+        super().__init__(pipeline, resource, context, keys)
+        self.failure_key = pipeline.videos_key
         self.requests = dict(requests) if requests is not None else None
         self.wait_s = resource.wait_timeout if wait_s is None else wait_s
-        self.failures: list[fl.PartitionFailure] = []
         self.collected: list[str] = []
         self._tokens: dict[str, str | None] | None = None
         self._image_ids: dict[str, int] = {}
@@ -160,7 +154,9 @@ class CollectBatch:
         deadline = time.monotonic() + self.wait_s
         waiting = dict(pending)
         while waiting and time.monotonic() < deadline:
-            statuses = _poll(self.resource, [r.request_id for r in waiting.values()], deadline - time.monotonic())
+            statuses = poll_statuses(
+                self.resource, [r.request_id for r in waiting.values()], max(1.0, deadline - time.monotonic())
+            )
             futures = []
             for key, record in list(waiting.items()):
                 status = statuses.get(record.request_id)
@@ -452,10 +448,36 @@ class CollectBatch:
         return at_rest == video.video_sha256
 
     def _fail(self, failure: fl.PartitionFailure, source_version: str | None) -> Iterator[Any]:
-        self.log.error(f"{failure.key}: {failure.message}")
-        self.failures.append(failure)
-        yield failure.observation(self.pipeline.videos_key, source_version)
+        yield from super()._fail(failure, source_version)
         yield from self.explain_checks(failure)
+
+    @classmethod
+    def verify(
+        cls, pipeline: RunwayPipelineConfig, context: Any, keys: Sequence[str], resource: RunComfyResource
+    ) -> Iterator[Any]:
+        """The checks alone, on every stored video of ``keys`` (the verify job): nothing is regenerated.
+        The videos are read and measured concurrently, ``max_concurrency`` at a time."""
+        batch = cls(pipeline, resource, context, keys)
+        batch._load_change_tokens()
+        videos = rec.latest_videos(batch.instance, pipeline.videos_key, keys)
+        deferred = pipeline.mode == "deferred"
+        requests = rec.latest_requests(batch.instance, pipeline.requests_key, list(videos)) if deferred else {}
+        with ThreadPoolExecutor(max_workers=max(1, resource.max_concurrency), thread_name_prefix="verify") as pool:
+            futures = {}
+            for key in keys:
+                video = videos.get(key)
+                if video is None:
+                    batch.log.info(f"{key}: no video stored yet; nothing to check")
+                    continue
+                record = requests.get(key)
+                if record is not None and record.request_id != video.request_id:
+                    record = None
+                futures[pool.submit(batch._stored_inputs, key, video, record)] = key
+            for future in as_completed(futures):
+                batch._unjudged.append((futures[future], future.result(), False))
+                if len(batch._unjudged) >= JUDGE_BATCH:
+                    yield from batch._judge()
+            yield from batch._judge()
 
     def explain_checks(self, failure: fl.PartitionFailure) -> Iterator[Any]:
         """The checks of a partition that failed: a video stored before still stands, and its checks run
@@ -465,32 +487,6 @@ class CollectBatch:
             yield from self.evaluate_stored(failure.key, video, None)
         else:
             yield from ck.no_video(self.pipeline, failure.key, failure.message)
-
-
-def verify_stored(pipeline: RunwayPipelineConfig, context: Any, keys: Sequence[str], resource: RunComfyResource) -> Iterator[Any]:
-    """The checks alone, on every stored video of ``keys`` (the verify job): nothing is regenerated.
-    The videos are read and measured concurrently, ``max_concurrency`` at a time."""
-    batch = CollectBatch(pipeline, resource, context, keys)
-    batch._load_change_tokens()
-    videos = rec.latest_videos(batch.instance, pipeline.videos_key, keys)
-    deferred = pipeline.mode == "deferred"
-    requests = rec.latest_requests(batch.instance, pipeline.requests_key, list(videos)) if deferred else {}
-    with ThreadPoolExecutor(max_workers=max(1, resource.max_concurrency), thread_name_prefix="verify") as pool:
-        futures = {}
-        for key in keys:
-            video = videos.get(key)
-            if video is None:
-                context.log.info(f"{key}: no video stored yet; nothing to check")
-                continue
-            record = requests.get(key)
-            if record is not None and record.request_id != video.request_id:
-                record = None
-            futures[pool.submit(batch._stored_inputs, key, video, record)] = key
-        for future in as_completed(futures):
-            batch._unjudged.append((futures[future], future.result(), False))
-            if len(batch._unjudged) >= JUDGE_BATCH:
-                yield from batch._judge()
-        yield from batch._judge()
 
 
 def lineage_tags(record: rec.RequestRecord) -> dict[str, str]:
@@ -563,11 +559,4 @@ def _poster_markdown(poster_uri: str, storage_options: Mapping[str, Any]) -> str
     with fsspec.open(poster_uri, "rb", **storage_options) as handle:
         return poster_markdown(handle.read())
 
-
-def _poll(resource: RunComfyResource, request_ids: list[str], budget: float) -> dict[str, Any]:
-    async def main() -> dict[str, Any]:
-        async with resource.get_async_client() as client:
-            return await client.status_many(request_ids, deadline=max(1.0, budget))
-
-    return asyncio.run(main())
 

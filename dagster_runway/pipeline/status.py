@@ -42,20 +42,13 @@ from dagster_runway.pipeline.sensors import (
     op_config,
     save_memory,
 )
+from dagster_runway.pipeline.step import poll_statuses
 from dagster_runway.resource import RunComfyResource
 from dagster_runway.schema import CancelResult, RequestStatus
 
 # Requests polled at once by the status sensor; their changes are recorded before the next slice, so
 # the tick's time includes its writes (about 1 ms each over held connections).
 POLL_SLICE = 500
-
-
-def _poll(resource: RunComfyResource, ids: list[str], budget: float) -> dict[str, RequestStatus | RunComfyError]:
-    async def main() -> dict[str, RequestStatus | RunComfyError]:
-        async with resource.get_async_client() as client:
-            return await client.status_many(ids, deadline=budget)
-
-    return asyncio.run(main())
 
 
 def _cancel_many(resource: RunComfyResource, ids: list[str], budget: float) -> dict[str, CancelResult | RunComfyError]:
@@ -229,7 +222,7 @@ class StatusTick:
             if left <= 0:
                 break
             by_id = {rid: k for k in keys[first : first + POLL_SLICE] if (rid := states[k].request_id) is not None}
-            for request_id, answer in _poll(self.resource, list(by_id), left).items():
+            for request_id, answer in poll_statuses(self.resource, list(by_id), left).items():
                 polled += self._apply(by_id[request_id], request_id, answer)
         return polled
 

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from dagster import AssetMaterialization, AssetObservation, DagsterInstance, Failure, MetadataValue
+from dagster import AssetMaterialization, AssetObservation, Failure, MetadataValue
 
 from dagster_runway import journal as jn
 from dagster_runway._redact import redact_text, redact_url
@@ -57,7 +57,7 @@ from dagster_runway.pipeline import metadata as md
 from dagster_runway.pipeline import records as rec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.pipeline.prepare import Prepared, prepare, recorded_relpaths
-from dagster_runway.pipeline.records import run_id_of as _run_id
+from dagster_runway.pipeline.step import Step
 from dagster_runway.resource import RunComfyResource
 from dagster_runway.schema import RequestState, Submission
 
@@ -96,7 +96,7 @@ class Ready:
         return self.claim.request_id
 
 
-class SubmitBatch:
+class SubmitBatch(Step):
     """The submit step for a set of partitions; ``run()`` yields its events as they happen."""
 
     def __init__(
@@ -110,18 +110,13 @@ class SubmitBatch:
         force_resubmit: bool = False,
         adopt_request_ids: Mapping[str, str] | None = None,
     ) -> None:
-        self.pipeline = pipeline
-        self.resource = resource
-        self.instance: DagsterInstance = context.instance
-        self.run_id: str | None = _run_id(context)
-        self.log = context.log
-        self.keys = list(keys)
+        super().__init__(pipeline, resource, context, keys)
+        self.failure_key = pipeline.submit_key
         self.force_after_ambiguous = force_after_ambiguous
         self.force_resubmit = force_resubmit
         self.adopt_request_ids = dict(adopt_request_ids or {})
         self.journal = jn.Journal(pipeline.journal_url, pipeline.journal_options)
         self.owner = jn.Owner.current(self.run_id)
-        self.failures: list[fl.PartitionFailure] = []
         self.ready: dict[str, Ready] = {}
         self.answered: dict[str, jn.Claim] = {}  # every request this run received an answer for, by id
         self._lock = threading.Lock()
@@ -666,11 +661,6 @@ class SubmitBatch:
                 prepared.fingerprint[:16],
             ),
         )
-
-    def _fail(self, failure: fl.PartitionFailure, source_version: str | None) -> Iterator[AssetObservation]:
-        self.log.error(f"{failure.key}: {failure.message}")
-        self.failures.append(failure)
-        yield failure.observation(self.pipeline.submit_key, source_version)
 
     def cancel_submitted(self) -> list[str]:
         """Cancel every request this run received an answer for that is still queued (best effort),

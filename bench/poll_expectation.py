@@ -13,7 +13,7 @@ status interval of service time (``status_interval_s`` x ``--time-scale`` real s
 again; the tick runs while the emulator's clock stands still, at the service time the emulator
 reached. Until every render has ended and been noticed. Collect runs are requested, not run.
 
-Per video: status polls over its life (``_poll`` wrapped); notice delay in ticks = ticks from the
+Per video: status polls over its life (``poll_statuses`` wrapped); notice delay in ticks = ticks from the
 first one at or after its render's end (the emulator's ``finished_at``) to the one requesting its
 collect, counting both (1 = the first tick after it ended). Per tick: wall seconds and polls.
 
@@ -66,7 +66,7 @@ def poll_everything(self: Any, order: list[str], budget_s: float) -> int:
         if left <= 0:
             break
         by_id = {rid: k for k in keys[first : first + status.POLL_SLICE] if (rid := states[k].request_id)}
-        for request_id, answer in status._poll(self.resource, list(by_id), left).items():
+        for request_id, answer in status.poll_statuses(self.resource, list(by_id), left).items():
             polled += self._apply(by_id[request_id], request_id, answer)
     poll_everything.offset = start + polled  # type: ignore[attr-defined]
     return polled
@@ -110,7 +110,7 @@ def measure(args: argparse.Namespace, policy: str, root: Path) -> Outcome:
         interval = float(args.status_interval)
         clock = [time.time()]  # service seconds; the requests were all created at this time
         polls: Counter[str] = Counter()
-        original_poll, original_method = status._poll, status.StatusTick.poll
+        original_poll, original_method = status.poll_statuses, status.StatusTick.poll
 
         def counted(resource: Any, batch: list[str], budget: float) -> Any:
             polls.update(batch)
@@ -122,7 +122,7 @@ def measure(args: argparse.Namespace, policy: str, root: Path) -> Outcome:
             outcome.answers[found] += 1
             original_observe(state, learnt, found, *rest, **kwargs)
 
-        status._poll, rc.observe = counted, observed
+        status.poll_statuses, rc.observe = counted, observed
         if policy == "baseline":
             poll_everything.offset = 0  # type: ignore[attr-defined]
             status.StatusTick.poll = poll_everything  # type: ignore[method-assign]
@@ -168,7 +168,7 @@ def measure(args: argparse.Namespace, policy: str, root: Path) -> Outcome:
                 rate, known = memory.learnt.drain_rate(), memory.learnt.render_range()
                 outcome.learnt = f"learnt: render p10-p90 {known}, queue drain {rate} positions/s"
         finally:
-            status._poll, status.StatusTick.poll = original_poll, original_method  # type: ignore[method-assign]
+            status.poll_statuses, status.StatusTick.poll = original_poll, original_method  # type: ignore[method-assign]
             rc.observe = original_observe
         outcome.service_s = clock[0] - tick_times[0] + interval if tick_times else 0.0
         ends = finish_times(emulator, ids, tick_times[0] - interval if tick_times else clock[0], args.time_scale)

@@ -294,7 +294,7 @@ def timed_phases(tick: Tick) -> Iterator[None]:
     wrap(sensors, "save_memory", "memory write")
     wrap(sensors.StatusTick, "ingest", "ingest")
     wrap(sensors.StatusTick, "poll", "poll")
-    wrap(sensors, "_poll", "poll: HTTP")
+    wrap(sensors, "poll_statuses", "poll: HTTP")
     wrap(sensors.StatusTick, "record", "record changes")
     wrap(sensors.StatusTick, "owed", "owed")
     wrap(DagsterInstance, "get_dynamic_partitions", "list partitions")

@@ -45,13 +45,13 @@ class Sensor:
         self.now = max(record.timestamp for record in _records(instance, self.pipeline))  # the last submit
         self.polls: Counter[str] = Counter()
         self.ticks: list[SensorResult] = []
-        poll = status._poll
+        poll = status.poll_statuses
 
         def counted(resource: Any, ids: list[str], budget: float) -> Any:
             self.polls.update(ids)
             return poll(resource, ids, budget)
 
-        monkeypatch.setattr(status, "_poll", counted)
+        monkeypatch.setattr(status, "poll_statuses", counted)
 
     @property
     def key(self) -> str:

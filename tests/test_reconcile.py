@@ -12,7 +12,7 @@ from dagster_runway import _compat
 from dagster_runway.pipeline import failures as fl
 from dagster_runway.pipeline.reconcile import (
     POLL_CAP_S,
-    Failure,
+    KnownFailure,
     Learnt,
     PartitionState,
     Policy,
@@ -40,8 +40,8 @@ def _state(**values: object) -> PartitionState:
     return state
 
 
-def _failure(cls: str, storage_id: int = 10, **values: object) -> Failure:
-    return Failure(**{"failure_class": cls, "source_version": "v1", "storage_id": storage_id, **values})  # type: ignore[arg-type]
+def _failure(cls: str, storage_id: int = 10, **values: object) -> KnownFailure:
+    return KnownFailure(**{"failure_class": cls, "source_version": "v1", "storage_id": storage_id, **values})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -29,15 +29,15 @@ from dagster_runway._redact import redact_url
 from dagster_runway.emulator.catalog import DEFAULT_LIMIT, MAX_LIMIT, Catalog, served_entry
 from dagster_runway.emulator.catalog_models import CatalogModel
 from dagster_runway.emulator.config import EmulatorConfig
-from dagster_runway.emulator.faults import Call, FaultBook, FaultRule, Hit, Stage
+from dagster_runway.emulator.faults import ApiCall, FaultBook, FaultRule, FaultStage, Hit
 from dagster_runway.emulator.holds import Holds
 from dagster_runway.emulator.inputs import InputInvalid, parse_body, validate_input
 from dagster_runway.emulator.ledger import account_id
 from dagster_runway.emulator.render import Video
 from dagster_runway.emulator.responses import error_response
 from dagster_runway.emulator.state import (
-    Failure,
     ForeignRequest,
+    GenerationFailure,
     InsufficientBalance,
     RequestView,
     State,
@@ -148,7 +148,7 @@ class EmulatorApp:
         else:
             model_input = validate_input(body, allow_any_http=self._config.allow_any_http)
         rule = self._faults.pick("submit", "generation", model_input.fields)
-        injected = Failure(rule.failure_code, rule.message) if rule is not None else None
+        injected = GenerationFailure(rule.failure_code, rule.message) if rule is not None else None
         try:
             price = other.price if other is not None else None
             request_id = self._store.submit(account, model_input, model_id, injected, price)
@@ -348,8 +348,8 @@ class EmulatorApp:
 
     async def _fault(
         self,
-        call: Call,
-        stage: Stage,
+        call: ApiCall,
+        stage: FaultStage,
         fields: dict[str, Any] | None,
         request: Request,
         video: Video | None = None,

@@ -32,15 +32,15 @@ from dagster_runway.emulator.responses import (
 )
 from dagster_runway.schema import DEFAULT_PROMPT_TEXT, DEFAULT_SEED
 
-Call = Literal["submit", "status", "result", "cancel", "files", "models"]
+ApiCall = Literal["submit", "status", "result", "cancel", "files", "models"]
 Endpoint = Literal["submit", "status", "result", "cancel", "files", "models", "any"]
 # Where a call is when a rule may fire: on arrival, after a submit was recorded and billed, or
 # (for kinds that fail the generation) when a submitted request's outcome is drawn.
-Stage = Literal["call", "accepted", "generation"]
+FaultStage = Literal["call", "accepted", "generation"]
 
 # "models" is every catalog read: /v1/models, /v1/models/{model_id} and /v1/models/categories.
-CALLS: tuple[Call, ...] = ("submit", "status", "result", "cancel", "files", "models")
-API_CALLS: tuple[Call, ...] = ("submit", "status", "result", "cancel", "models")
+CALLS: tuple[ApiCall, ...] = ("submit", "status", "result", "cancel", "files", "models")
+API_CALLS: tuple[ApiCall, ...] = ("submit", "status", "result", "cancel", "models")
 SERVER_ERROR_STATUSES = (500, 502, 503, 504)
 
 
@@ -48,7 +48,7 @@ SERVER_ERROR_STATUSES = (500, 502, 503, 504)
 class Hit:
     """The call a rule fired on, with what an answer may need."""
 
-    call: Call
+    call: ApiCall
     request: Request
     transport: Callable[[], asyncio.Transport]  # the call's connection, to drop or cut it
     holds: Holds
@@ -66,7 +66,7 @@ class FaultKind:
     description: str
     # The answer given instead of the normal one; an answer of None lets the normal one follow.
     answer: Answer | None
-    calls: tuple[Call, ...] = CALLS
+    calls: tuple[ApiCall, ...] = CALLS
     # On submit, the values after_accept may take; the first is the default.
     after_accept: tuple[bool, ...] = (False,)
     # The kind fails the request's generation (with failure_code) instead of changing an answer.
@@ -330,7 +330,7 @@ class FaultBook:
         with self._lock:
             return [armed.rule.model_dump() | {"remaining": armed.remaining} for armed in self._armed]
 
-    def pick(self, call: Call, stage: Stage, fields: Mapping[str, Any] | None) -> FaultRule | None:
+    def pick(self, call: ApiCall, stage: FaultStage, fields: Mapping[str, Any] | None) -> FaultRule | None:
         """The rule that fires on this call at this stage, if any, counting its firing.
 
         ``fields`` is the request's input (or the submitted body), or None when the call names no
@@ -349,7 +349,7 @@ class FaultBook:
         return None
 
 
-def _applies(rule: FaultRule, call: Call, stage: Stage) -> bool:
+def _applies(rule: FaultRule, call: ApiCall, stage: FaultStage) -> bool:
     kind = KINDS[rule.kind]
     if call not in kind.calls or rule.endpoint not in (call, "any"):
         return False

@@ -19,14 +19,14 @@ from dagster_runway.emulator.responses import until_disconnected
 
 logger = logging.getLogger(__name__)
 
-Outcome = Literal["released", "dropped", "gone"]
+HoldOutcome = Literal["released", "dropped", "gone"]
 
 
 @dataclass(eq=False)
 class _Held:
     request_id: str
     loop: asyncio.AbstractEventLoop
-    outcome: asyncio.Future[Outcome]
+    outcome: asyncio.Future[HoldOutcome]
 
 
 class Holds:
@@ -37,7 +37,7 @@ class Holds:
         self._held: list[_Held] = []
         self._closed = False
 
-    async def hold(self, request_id: str, receive: Receive) -> Outcome:
+    async def hold(self, request_id: str, receive: Receive) -> HoldOutcome:
         """Hold an answer until it is released, dropped (the emulator stops) or the client has gone.
 
         ``receive`` is the request's ASGI receive, its body read already: it reports the disconnect.
@@ -100,7 +100,7 @@ class Holds:
             return [held.request_id for held in self._held]
 
 
-def _settle(held: _Held, outcome: Outcome) -> None:
+def _settle(held: _Held, outcome: HoldOutcome) -> None:
     def settle() -> None:
         if not held.outcome.done():
             held.outcome.set_result(outcome)

@@ -26,7 +26,7 @@ class StateDirError(RuntimeError):
     """The state directory cannot be used: in use by another emulator, or of another version."""
 
 
-class Journal:
+class StateJournal:
     """One emulator's hold on a state directory: ``emulator.sqlite3`` and the videos in ``files/``."""
 
     def __init__(self, state_dir: Path) -> None:

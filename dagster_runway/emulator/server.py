@@ -22,7 +22,7 @@ from dagster_runway.emulator.config import EmulatorConfig
 from dagster_runway.emulator.faults import FaultBook, FaultRule
 from dagster_runway.emulator.holds import Holds
 from dagster_runway.emulator.ledger import Ledger
-from dagster_runway.emulator.persist import Journal
+from dagster_runway.emulator.persist import StateJournal
 from dagster_runway.emulator.state import Store
 from dagster_runway.emulator.worker import Worker
 
@@ -77,7 +77,7 @@ class Emulator:
         """Bind, serve in a background thread, and return once the server accepts connections."""
         if self._thread is not None:
             raise RuntimeError("the emulator was already started; an Emulator runs once")
-        journal = Journal(Path(self.config.state_dir).expanduser()) if self.config.state_dir else None
+        journal = StateJournal(Path(self.config.state_dir).expanduser()) if self.config.state_dir else None
         try:
             if journal is not None:
                 self._store.open(journal)

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from dagster_runway.emulator.config import EmulatorConfig
 from dagster_runway.emulator.inputs import ModelInput
 from dagster_runway.emulator.ledger import Ledger, LedgerEntry
-from dagster_runway.emulator.persist import Journal
+from dagster_runway.emulator.persist import StateJournal
 from dagster_runway.emulator.render import Video
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ TERMINAL: tuple[State, ...] = ("succeeded", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
-class Failure:
+class GenerationFailure:
     """Why a request failed: a code such as ``SAFETY.INPUT.IMAGE`` and a message."""
 
     code: str
@@ -112,14 +112,14 @@ class _Record:
     created: float
     queue_wait: float
     render_time: float
-    injected: Failure | None
+    injected: GenerationFailure | None
     state: State = "in_queue"
     started: float | None = None
     finished: float | None = None
     expired: bool = False
     claimed: bool = False
     work_done: float | None = None
-    outcome: Video | Failure | None = None
+    outcome: Video | GenerationFailure | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class RequestView:
     finished: float | None
     cost: float
     video: Video | None
-    failure: Failure | None
+    failure: GenerationFailure | None
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class Job:
     ratio: str
     duration: int
     seed: int
-    injected: Failure | None
+    injected: GenerationFailure | None
 
 
 class Store:
@@ -159,7 +159,7 @@ class Store:
         self._on_change = on_change
         self._lock = threading.RLock()
         self._generation = 0
-        self._journal: Journal | None = None
+        self._journal: StateJournal | None = None
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -174,7 +174,7 @@ class Store:
 
     # Persistence
 
-    def open(self, journal: Journal) -> None:
+    def open(self, journal: StateJournal) -> None:
         """Take the requests and the clock stored in ``journal``, and write every change to it from now on."""
         rows, clock = journal.load()
         with self._lock:
@@ -244,7 +244,7 @@ class Store:
         account: str,
         model_input: ModelInput,
         model_id: str,
-        injected: Failure | None,
+        injected: GenerationFailure | None,
         price: tuple[float, str] | None = None,
     ) -> str:
         """Record and bill a new request (on disk too, with a journal); its queue and render times
@@ -391,7 +391,7 @@ class Store:
                     )
             return jobs
 
-    def finish_work(self, job: Job, outcome: Video | Failure) -> None:
+    def finish_work(self, job: Job, outcome: Video | GenerationFailure) -> None:
         """Store a job's outcome; the request ends once its render time is over too."""
         with self._session():
             record = self._records.get(job.request_id)
@@ -470,7 +470,7 @@ class Store:
             finished=record.finished,
             cost=self._charged(record),
             video=outcome if isinstance(outcome, Video) else None,
-            failure=outcome if isinstance(outcome, Failure) else None,
+            failure=outcome if isinstance(outcome, GenerationFailure) else None,
         )
 
     def _advance(self) -> None:
@@ -542,7 +542,7 @@ def _dump(record: _Record) -> dict[str, Any]:
     outcome: dict[str, Any] | None = None
     if isinstance(record.outcome, Video):
         outcome = {"video": {"sha256": record.outcome.sha256, "size": record.outcome.size}}
-    elif isinstance(record.outcome, Failure):
+    elif isinstance(record.outcome, GenerationFailure):
         outcome = {"failure": vars(record.outcome)}
     injected = vars(record.injected) if record.injected is not None else None
     return {key: getattr(record, key) for key in _PLAIN_FIELDS} | {"injected": injected, "outcome": outcome}
@@ -550,13 +550,13 @@ def _dump(record: _Record) -> dict[str, Any]:
 
 def _load(row: dict[str, Any], files_dir: Path) -> _Record:
     """A request from the journal; its video, if any, is in ``files_dir``."""
-    outcome: Video | Failure | None = None
+    outcome: Video | GenerationFailure | None = None
     if row["outcome"] is not None and "video" in row["outcome"]:
         video = row["outcome"]["video"]
         outcome = Video(files_dir / f"{row['request_id']}.mp4", video["sha256"], video["size"])
     elif row["outcome"] is not None:
-        outcome = Failure(**row["outcome"]["failure"])
-    injected = Failure(**row["injected"]) if row["injected"] is not None else None
+        outcome = GenerationFailure(**row["outcome"]["failure"])
+    injected = GenerationFailure(**row["injected"]) if row["injected"] is not None else None
     if "render" not in row:  # a journal of an emulator before catalog models: Gen-4 Turbo's names
         row = {**row, "render": {name: row["fields"][name] for name in ("ratio", "duration", "seed")}}
     return _Record(

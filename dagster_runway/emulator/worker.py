@@ -15,7 +15,7 @@ import httpx
 from dagster_runway.emulator.config import EmulatorConfig
 from dagster_runway.emulator.images import ImageRejected, check_image, load_image
 from dagster_runway.emulator.render import Video, copy_video, render_video
-from dagster_runway.emulator.state import Failure, Job, Store
+from dagster_runway.emulator.state import GenerationFailure, Job, Store
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Worker:
 
     async def _work(self, job: Job) -> None:
         loop = asyncio.get_running_loop()
-        outcome: Video | Failure
+        outcome: Video | GenerationFailure
         try:
             data = await load_image(self._http(), job.image, self._config.fetch_timeout_seconds)
             image = await loop.run_in_executor(self._pool, check_image, data)
@@ -106,10 +106,10 @@ class Worker:
                 kept = self._files_dir / f"clip-{job.ratio.replace(':', 'x')}-{job.duration}s.mp4"
                 self._clips[(job.ratio, job.duration)] = await loop.run_in_executor(self._pool, copy_video, outcome, kept)
         except ImageRejected as exc:
-            outcome = Failure(exc.code, exc.message)
+            outcome = GenerationFailure(exc.code, exc.message)
         except Exception as exc:
             logger.exception("emulator: the work of request %s failed", job.request_id)
-            outcome = Failure(
+            outcome = GenerationFailure(
                 "INTERNAL.EMULATOR", f"The emulator failed to render: {type(exc).__name__}: {exc}"
             )
         self._store.finish_work(job, outcome)

@@ -36,7 +36,7 @@ class CheckInputs:
     pipeline: RunwayPipelineConfig
 
 
-Outcome = tuple[bool, dict[str, Any]]
+CheckOutcome = tuple[bool, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,14 @@ class VideoCheck:
     name: str
     blocking: bool  # a failure is an ERROR that fails the run; otherwise a WARN
     description: str
-    evaluate: Callable[[CheckInputs], Outcome]
+    evaluate: Callable[[CheckInputs], CheckOutcome]
 
 
-def _unreadable(inputs: CheckInputs) -> Outcome:
+def _unreadable(inputs: CheckInputs) -> CheckOutcome:
     return False, {"error": inputs.probe_error or "the stored video could not be read"}
 
 
-def _playable(inputs: CheckInputs) -> Outcome:
+def _playable(inputs: CheckInputs) -> CheckOutcome:
     probe = inputs.probe
     if probe is None:
         return _unreadable(inputs)
@@ -64,7 +64,7 @@ def _playable(inputs: CheckInputs) -> Outcome:
     }
 
 
-def _duration(inputs: CheckInputs) -> Outcome:
+def _duration(inputs: CheckInputs) -> CheckOutcome:
     probe = inputs.probe
     if probe is None:
         return _unreadable(inputs)
@@ -77,7 +77,7 @@ def _duration(inputs: CheckInputs) -> Outcome:
     }
 
 
-def _aspect(inputs: CheckInputs) -> Outcome:
+def _aspect(inputs: CheckInputs) -> CheckOutcome:
     probe = inputs.probe
     if probe is None:
         return _unreadable(inputs)
@@ -95,7 +95,7 @@ def _aspect(inputs: CheckInputs) -> Outcome:
 # A passed check whose rule is "two values are equal" records the value once; a failed one records both.
 
 
-def _checksum(inputs: CheckInputs) -> Outcome:
+def _checksum(inputs: CheckInputs) -> CheckOutcome:
     if inputs.sha256_at_rest is not None and inputs.sha256_at_rest == inputs.recorded_sha256:
         return True, {"sha256": inputs.sha256_at_rest}
     return False, {
@@ -104,7 +104,7 @@ def _checksum(inputs: CheckInputs) -> Outcome:
     }
 
 
-def _source_unchanged(inputs: CheckInputs) -> Outcome:
+def _source_unchanged(inputs: CheckInputs) -> CheckOutcome:
     before, now = inputs.source_change_token, inputs.current_change_token
     if before is not None and before == now:
         return True, {"change_token": now}

@@ -36,7 +36,7 @@ LATE_POLL_S = 600.0
 
 
 @dataclass
-class Failure:
+class KnownFailure:
     failure_class: str
     source_version: str | None
     storage_id: int
@@ -56,7 +56,7 @@ class PartitionState:
     request_version: str | None = None  # the image version that request was made from
     request_storage_id: int = 0
     video_request_id: str | None = None  # the request its latest video came from
-    failure: Failure | None = None  # the latest failure recorded after its latest request
+    failure: KnownFailure | None = None  # the latest failure recorded after its latest request
     status: str | None = None  # the last polled status of its request
     queue_position: int | None = None
     submit_runs: int = 0  # runs launched for it since it last made progress
@@ -77,7 +77,7 @@ class PartitionState:
     def from_json(cls, data: Mapping[str, Any]) -> PartitionState:
         values = dict(data)
         if values.get("failure"):
-            values["failure"] = Failure(**values["failure"])
+            values["failure"] = KnownFailure(**values["failure"])
         return cls(**values)
 
     # Updates from the event log
@@ -104,7 +104,7 @@ class PartitionState:
         if self.failure is not None and self.failure.storage_id < storage_id:
             self.failure = None
 
-    def saw_failure(self, failure: Failure) -> None:
+    def saw_failure(self, failure: KnownFailure) -> None:
         if failure.storage_id > self.request_storage_id:
             self.failure, self.launched_at = failure, 0.0
 
@@ -177,7 +177,7 @@ def late_poll(state: PartitionState, policy: Policy, now: float | None = None) -
     )
 
 
-def _after(failure: Failure, state: PartitionState, policy: Policy, now: float) -> Stage:
+def _after(failure: KnownFailure, state: PartitionState, policy: Policy, now: float) -> Stage:
     """What follows a recorded failure: another run, a paid retry the user allowed, or nothing."""
     cls = failure.failure_class
     if cls in fl.RESUBMITTED_BY_SENSOR:

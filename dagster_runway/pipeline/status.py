@@ -108,7 +108,7 @@ def read_events(
                 memory.state(event.partition).saw_video(event.request_id, event.storage_id)
             elif isinstance(event, rec.FailureRecord):
                 memory.state(event.partition).saw_failure(
-                    rc.Failure(
+                    rc.KnownFailure(
                         failure_class=event.failure_class,
                         source_version=event.source_version,
                         storage_id=event.storage_id,
@@ -358,7 +358,7 @@ class StatusTick:
         self.context.log.warning(f"{key}: {failure.message}")
         source_version = state.request_version or state.image_version
         self.record(failure.observation(pipeline.videos_key, source_version))
-        state.failure = rc.Failure(fl.RENDER_TIMEOUT, source_version, 2**62, request_id)
+        state.failure = rc.KnownFailure(fl.RENDER_TIMEOUT, source_version, 2**62, request_id)
 
     def _apply_status(self, key: str, request_id: str, status: str) -> None:
         """Record a status learnt from a cancel's answer, as a poll's would be."""
@@ -502,7 +502,7 @@ class StatusTick:
         """Record that the runs launched for a partition kept ending without a result."""
         failure = fl.runs_exhausted(key, where, launched, state.request_id)
         self.record(failure.observation(self.pipeline.videos_key, state.image_version))
-        state.failure = rc.Failure(fl.RUNS_EXHAUSTED, state.image_version, 2**62, state.request_id)
+        state.failure = rc.KnownFailure(fl.RUNS_EXHAUSTED, state.image_version, 2**62, state.request_id)
 
 
 def _duration(seconds: float) -> str:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dagster import AssetKey, DagsterInstance, Definitions
+from dagster import AssetKey, DagsterEventType, DagsterInstance, Definitions, MetadataValue
 from PIL import Image, ImageDraw
 
 from dagster_runway import RunComfyResource
@@ -95,7 +96,16 @@ def check_statuses(instance: DagsterInstance, key: str) -> dict[str, str]:
 
 
 def failure_reasons(instance: DagsterInstance, run_id: str) -> dict[str, str]:
-    return rec.step_failure_reasons(instance, run_id)
+    """Why each partition of a failed run failed, from its step failures' ``failed_partitions``."""
+    reasons: dict[str, str] = {}
+    for record in instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records:
+        data = record.event_log_entry.dagster_event.step_failure_data  # type: ignore[union-attr]
+        failure_metadata = (data.user_failure_data.metadata if data and data.user_failure_data else None) or {}
+        value = failure_metadata.get("failed_partitions")
+        found = value.value if isinstance(value, MetadataValue) else value
+        if isinstance(found, Mapping):
+            reasons.update({str(k): str(v) for k, v in found.items()})
+    return reasons
 
 
 def latest_failure(instance: DagsterInstance, key: str) -> rec.FailureRecord | None:

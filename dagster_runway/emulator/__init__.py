@@ -1,7 +1,7 @@
 """A local emulator of RunComfy's Model API for Runway Gen-4 Turbo image-to-video.
 
 It is a real HTTP server (Starlette on uvicorn, in a background thread) that speaks the protocol
-of ``reference/runcomfy-api.md``: submit, status, result and cancel with bearer auth, a queue with
+of RunComfy's Model API (the README's "The emulator" lists what it serves): submit, status, result and cancel with bearer auth, a queue with
 a per-account concurrency limit on an emulator clock, image fetching and checks when a request
 starts, real H.264 MP4s (a pan and zoom over the input image) served under ``/files``, a ledger of
 what was billed, and fault injection (among the faults, ``hold``: a submit billed whose answer

@@ -392,19 +392,6 @@ class ImageSource:
             problem=f"{shown_name(url)}: {problem[0]}; {problem[1]}" if problem else "",
         )
 
-    @property
-    def entries(self) -> builtins.list[ImageEntry]:  # `list` is the method here
-        """The entries of the last listing (lists once if never listed)."""
-        if self._entries is None:
-            self.list()
-        return list(self._entries or [])
-
-    def key_map(self) -> dict[str, str]:
-        """Partition key -> relative path, for the last listing."""
-        if self._entries is None:
-            self.list()
-        return {key: entry.relpath for key, entry in self._by_key.items()}
-
     def entry_for_key(self, key: str, *, refresh: bool = False) -> ImageEntry | None:
         """The image behind a partition key, or None if it is gone.
 

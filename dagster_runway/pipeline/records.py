@@ -19,7 +19,6 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     EventLogRecord,
-    MetadataValue,
 )
 
 from dagster_runway import _compat
@@ -396,19 +395,6 @@ def current_check_statuses(
     for name in check_names:
         statuses.setdefault(name, "MISSING")
     return statuses
-
-
-def step_failure_reasons(instance: DagsterInstance, run_id: str) -> dict[str, str]:
-    """Why each partition of a failed run failed, from its step failures' ``failed_partitions``."""
-    reasons: dict[str, str] = {}
-    for record in instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records:
-        data = record.event_log_entry.dagster_event.step_failure_data  # type: ignore[union-attr]
-        failure_metadata = (data.user_failure_data.metadata if data and data.user_failure_data else None) or {}
-        value = failure_metadata.get("failed_partitions")
-        found = value.value if isinstance(value, MetadataValue) else value
-        if isinstance(found, Mapping):
-            reasons.update({str(k): str(v) for k, v in found.items()})
-    return reasons
 
 
 def run_id_of(context: Any) -> str | None:

@@ -121,20 +121,28 @@ def run_size(size: int, batch: int, work: Path, emulator: Emulator, listings: Li
     listed = measure(listings, lambda: len(pipeline.image_source().list()))
     assert listed[3] == size, listed
     resource = RunComfyResource(api_token=emulator.token, base_url=emulator.base_url, poll_interval=0.05)
-    defs = build_runway_pipeline(str(folder), str(output), resource=resource, missing_prompt="service_default")
+    defs = build_runway_pipeline(
+        str(folder), str(output), resource=resource, missing_prompt="service_default"
+    )
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(pipeline.dynamic_partitions_name, keys)
         others = [partition_key_for(f"fill/d{i // 1000:03d}/f{i:06d}.png") for i in range(size - batch)]
         instance.add_dynamic_partitions(pipeline.dynamic_partitions_name, others)
         record(pipeline, instance, keys)
         source = pipeline.image_source()
-        found = measure(listings, lambda: lookup(source, recorded_relpaths(pipeline, source, instance, keys).values()))
+        found = measure(
+            listings, lambda: lookup(source, recorded_relpaths(pipeline, source, instance, keys).values())
+        )
         assert len(found[3]) == batch, found
         billed = emulator.ledger().billed_submissions
         with no_review_page():
-            submit = measure(listings, lambda: run(defs, instance, "runway_submit_job", "runway_requests", keys))
+            submit = measure(
+                listings, lambda: run(defs, instance, "runway_submit_job", "runway_requests", keys)
+            )
             wait_for_renders(emulator)
-            collect = measure(listings, lambda: run(defs, instance, "runway_collect_job", "runway_videos", keys))
+            collect = measure(
+                listings, lambda: run(defs, instance, "runway_collect_job", "runway_videos", keys)
+            )
         assert submit[3].success and collect[3].success, "a run failed: see its log above"
         videos = rec.latest_videos(instance, pipeline.videos_key, keys)
         assert len(videos) == batch and emulator.ledger().billed_submissions - billed == batch
@@ -161,7 +169,10 @@ def run(defs: Any, instance: DagsterInstance, job: str, op: str, keys: list[str]
 def wait_for_renders(emulator: Emulator) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if all(emulator.request_state(e.request_id) not in ("in_queue", "in_progress") for e in emulator.ledger().entries):
+        if all(
+            emulator.request_state(e.request_id) not in ("in_queue", "in_progress")
+            for e in emulator.ledger().entries
+        ):
             return
         time.sleep(0.2)
     raise RuntimeError("the emulator did not finish the renders")
@@ -191,7 +202,9 @@ def table(sizes: list[int], results: dict[int, dict[str, Any]], batch: int) -> s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="1000,100000", help="source sizes, the baseline first")
     parser.add_argument("--batch", type=int, default=200, help="partitions per run")
     parser.add_argument("--out", required=True, help="write the table to this file too")
@@ -204,10 +217,19 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(dir=args.work) as work:
             warmup = min(20, args.batch)
-            run_size(warmup, warmup, Path(work) / "warmup", emulator, listings)  # imports, caches: not counted
+            run_size(
+                warmup, warmup, Path(work) / "warmup", emulator, listings
+            )  # imports, caches: not counted
             for size in sizes:
                 results[size] = run_size(size, args.batch, Path(work), emulator, listings)
-                print(f"{size:,} images:", {k: f"{t:.2f}s {b / 1e6:.1f}MB {n} listings" for k, (t, b, n, _) in results[size].items()}, flush=True)
+                print(
+                    f"{size:,} images:",
+                    {
+                        k: f"{t:.2f}s {b / 1e6:.1f}MB {n} listings"
+                        for k, (t, b, n, _) in results[size].items()
+                    },
+                    flush=True,
+                )
     finally:
         emulator.stop()
     text = f"{command_line()}\n\n{table(sizes, results, args.batch)}\n"

@@ -87,7 +87,9 @@ def incremental(url: str, options: dict[str, Any]) -> dict[str, Any]:
         listing = Listing(source, cursor, max_read=LIST_PER_TICK, deadline=started + BUDGET_S)
         for unit in listing.units():
             for e in unit.entries:
-                current[e.partition_key] = rec.image_version(e.change_token, e.sidecar_token, e.settings_token)
+                current[e.partition_key] = rec.image_version(
+                    e.change_token, e.sidecar_token, e.settings_token
+                )
             cursor = unit.end
         walls.append(time.monotonic() - started)
         reads.append(listing.read)
@@ -95,7 +97,13 @@ def incremental(url: str, options: dict[str, Any]) -> dict[str, Any]:
             break
     memory = {"cursor": None, "passes": 1, "current": {}, "previous": current, "matched": [], "unmatched": []}
     saved = base64.b64encode(zlib.compress(json.dumps(memory, separators=(",", ":")).encode(), 6))
-    return {"ticks": len(walls), "wall_s": walls, "read": reads, "images": len(current), "memory_kb": len(saved) / 1024}
+    return {
+        "ticks": len(walls),
+        "wall_s": walls,
+        "read": reads,
+        "images": len(current),
+        "memory_kb": len(saved) / 1024,
+    }
 
 
 def with_discover(url: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +157,14 @@ def make_s3(images: int, folders: int) -> tuple[Any, str, dict[str, Any]]:
     client.create_bucket(Bucket="bench")
     per = math.ceil(images / folders)
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda i: client.put_object(Bucket="bench", Key=f"in/f{i // per:04d}/img{i:06d}.png", Body=PNG), range(images)))
+        list(
+            pool.map(
+                lambda i: client.put_object(
+                    Bucket="bench", Key=f"in/f{i // per:04d}/img{i:06d}.png", Body=PNG
+                ),
+                range(images),
+            )
+        )
     options = {"endpoint_url": endpoint, "key": "k", "secret": "s", "skip_instance_cache": True}
     return server, "s3://bench/in", options
 
@@ -164,7 +179,9 @@ def row(store: str, what: str, r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--folders", type=int, default=100)
     parser.add_argument("--stores", default="local,s3", help="local, s3 or both (comma-separated)")
@@ -202,7 +219,9 @@ def main() -> None:
                     f"| {inc['peak_rss_mb'] / max(base['peak_rss_mb'], 1):.2f} | |"
                 )
                 if args.discover:
-                    lines.append(row(store, "discover() until all recorded", _in_child(with_discover, url, options)))
+                    lines.append(
+                        row(store, "discover() until all recorded", _in_child(with_discover, url, options))
+                    )
                 print("\n".join(lines[-3:]), flush=True)
         finally:
             if server is not None:

@@ -67,8 +67,12 @@ class Breakdown:
     partition_bytes: int = 0
     by_kind: Counter[tuple[str, str]] = field(default_factory=Counter)  # (event type, asset or step) -> bytes
     rows_by_kind: Counter[tuple[str, str]] = field(default_factory=Counter)
-    entries: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))  # kind -> entry -> bytes
-    parts: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))  # kind -> part -> bytes
+    entries: dict[str, Counter[str]] = field(
+        default_factory=lambda: defaultdict(Counter)
+    )  # kind -> entry -> bytes
+    parts: dict[str, Counter[str]] = field(
+        default_factory=lambda: defaultdict(Counter)
+    )  # kind -> part -> bytes
 
 
 def _metadata(node: Any) -> dict[str, Any] | None:
@@ -140,7 +144,9 @@ def analyse(database: Path, images: int, videos: int) -> Breakdown:
     return result
 
 
-def run_pipeline(root: Path, images: int, submit_batch: int, collect_batch: int, prompt_chars: int) -> Breakdown:
+def run_pipeline(
+    root: Path, images: int, submit_batch: int, collect_batch: int, prompt_chars: int
+) -> Breakdown:
     from dagster import AssetKey, DagsterInstance
 
     from dagster_runway import RunComfyResource
@@ -179,7 +185,9 @@ def run_pipeline(root: Path, images: int, submit_batch: int, collect_batch: int,
                 time.sleep(0.05)
             else:
                 raise RuntimeError(f"the pipeline did not settle: {counts}")
-            videos = len(instance.fetch_materializations(AssetKey(["runway", "videos"]), limit=10_000).records)
+            videos = len(
+                instance.fetch_materializations(AssetKey(["runway", "videos"]), limit=10_000).records
+            )
     return analyse(next((home / "events").glob("*.db")), images, videos)
 
 
@@ -205,7 +213,10 @@ def report(result: Breakdown, command: str, top: int) -> str:
         f"floor of these events (Dagster's envelope alone: no metadata, description or message): "
         f"{envelope / n / 1024:.2f} KB per image"
     )
-    lines += ["", f"{'event type':<34} {'asset/step':<28} {'rows/img':>8} {'B/img':>8} {'B/row':>7} {'share':>6}"]
+    lines += [
+        "",
+        f"{'event type':<34} {'asset/step':<28} {'rows/img':>8} {'B/img':>8} {'B/row':>7} {'share':>6}",
+    ]
     for (event_type, where), size in result.by_kind.most_common():
         count = result.rows_by_kind[(event_type, where)]
         lines.append(
@@ -215,9 +226,11 @@ def report(result: Breakdown, command: str, top: int) -> str:
     biggest = sorted(result.parts, key=lambda label: -sum(result.parts[label].values()))[:top]
     for label in biggest:
         parts = result.parts[label]
-        lines += ["", f"{label}: bytes per image by part: " + ", ".join(
-            f"{part} {size / n:.0f}" for part, size in parts.most_common()
-        )]
+        lines += [
+            "",
+            f"{label}: bytes per image by part: "
+            + ", ".join(f"{part} {size / n:.0f}" for part, size in parts.most_common()),
+        ]
         for name, size in result.entries[label].most_common(12):
             lines.append(f"    {name:<40} {size / n:>8.0f} B/img")
     return "\n".join(lines)
@@ -229,7 +242,10 @@ def main() -> None:
     parser.add_argument("--submit-batch-size", type=int, default=200)
     parser.add_argument("--collect-batch-size", type=int, default=100)
     parser.add_argument(
-        "--prompt-chars", type=int, default=0, help="a prompt of this length for every image (0: the service's default)"
+        "--prompt-chars",
+        type=int,
+        default=0,
+        help="a prompt of this length for every image (0: the service's default)",
     )
     parser.add_argument("--top", type=int, default=6, help="event kinds broken down by metadata entry")
     parser.add_argument("--out", type=Path, help="also write the table to this file")

@@ -78,11 +78,18 @@ def main() -> None:
     server.start()
     try:
         host, port = server.get_host_and_port()
-        options = {"endpoint_url": f"http://{host}:{port}", "key": "k", "secret": "s", "skip_instance_cache": True}
+        options = {
+            "endpoint_url": f"http://{host}:{port}",
+            "key": "k",
+            "secret": "s",
+            "skip_instance_cache": True,
+        }
         import s3fs
 
         s3fs.S3FileSystem(**options).mkdir("bench-journal")
-        rows.append(("journal, moto S3 (loopback)", journal_cost("s3://bench-journal/j", options, args.submits)))
+        rows.append(
+            ("journal, moto S3 (loopback)", journal_cost("s3://bench-journal/j", options, args.submits))
+        )
     finally:
         server.stop()
     for latency in (args.latency, 0.0):
@@ -93,7 +100,9 @@ def main() -> None:
     print(f"{'what':>38}  {'median_ms':>10}  {'p95_ms':>8}")
     for label, times in rows:
         ordered = sorted(times)
-        print(f"{label:>38}  {statistics.median(times) * 1000:>10.2f}  {ordered[int(len(ordered) * 0.95)] * 1000:>8.2f}")
+        print(
+            f"{label:>38}  {statistics.median(times) * 1000:>10.2f}  {ordered[int(len(ordered) * 0.95)] * 1000:>8.2f}"
+        )
     submit = statistics.median(rows[2][1])
     for label, times in rows[:2]:
         print(f"{label}: {statistics.median(times) / submit:.3f}x a submit at {args.latency:g} s latency")

@@ -98,7 +98,9 @@ def pipeline_run(emulator, folder: Path, out: Path, home: Path, batch: int) -> t
             outcome = daemon.tick("runway_status_sensor")
             runs += len(outcome.run_ids) + len(outcome.failed_run_ids)
             counts = summary(outcome.cursor)
-            busy = counts.get("rebuilding") or any(counts.get(k) for k in ("in_flight", "submit", "collect", "running"))
+            busy = counts.get("rebuilding") or any(
+                counts.get(k) for k in ("in_flight", "submit", "collect", "running")
+            )
             if not busy and not outcome.run_ids and not outcome.failed_run_ids:
                 break
             time.sleep(0.05)

@@ -53,7 +53,8 @@ def poll_everything(self: Any, order: list[str], budget_s: float) -> int:
     keys = [
         k
         for k in order
-        if rc.stage(states[k], policy, now) in ("in_flight", "overdue") or rc.late_poll(states[k], policy, now)
+        if rc.stage(states[k], policy, now) in ("in_flight", "overdue")
+        or rc.late_poll(states[k], policy, now)
     ]
     if not keys or budget_s <= 0:
         return 0
@@ -171,7 +172,9 @@ def measure(args: argparse.Namespace, policy: str, root: Path) -> Outcome:
             status.poll_statuses, status.StatusTick.poll = original_poll, original_method  # type: ignore[method-assign]
             rc.observe = original_observe
         outcome.service_s = clock[0] - tick_times[0] + interval if tick_times else 0.0
-        ends = finish_times(emulator, ids, tick_times[0] - interval if tick_times else clock[0], args.time_scale)
+        ends = finish_times(
+            emulator, ids, tick_times[0] - interval if tick_times else clock[0], args.time_scale
+        )
     for key, request_id in by_key.items():
         outcome.polls[key] = polls[request_id]
         if key not in noticed or request_id not in ends:
@@ -194,7 +197,9 @@ def run_for(emulator: EmulatorServer, seconds: float) -> float:
     return (sent + time.perf_counter()) / 2 - resumed
 
 
-def finish_times(emulator: EmulatorServer, ids: list[str], created: float, time_scale: float) -> dict[str, float]:
+def finish_times(
+    emulator: EmulatorServer, ids: list[str], created: float, time_scale: float
+) -> dict[str, float]:
     """Each request's render end on the sensor's service clock (from the result's ``finished_at``)."""
     import httpx
 
@@ -233,7 +238,9 @@ def table(outcomes: list[Outcome], args: argparse.Namespace) -> str:
             f"{o.policy} | {o.ticks} | {o.service_s:.0f} | {p['mean']:.2f} | {p['p95']:.0f} | {p['max']:.0f} | "
             f"{d['p50']:.0f} | {d['p95']:.0f} | {d['max']:.0f} | {o.unnoticed} | {w['mean']:.2f} | {w['p95']:.2f} | "
             f"{sum(o.tick_polls) / max(1, o.ticks):.0f} | "
-            + ", ".join(f"{o.answers[s] / max(1, len(o.polls)):.2f}" for s in ("in_queue", "in_progress", "completed"))
+            + ", ".join(
+                f"{o.answers[s] / max(1, len(o.polls)):.2f}" for s in ("in_queue", "in_progress", "completed")
+            )
         )
     lines += [f"{o.policy}: {o.learnt}" for o in outcomes]
     if len(outcomes) == 2:
@@ -246,9 +253,14 @@ def table(outcomes: list[Outcome], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=1000, help="Requests in flight (default: %(default)s).")
     parser.add_argument(
-        "--max-concurrency", type=int, default=100, help="Renders at once on the emulator (default: %(default)s)."
+        "--requests", type=int, default=1000, help="Requests in flight (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=100,
+        help="Renders at once on the emulator (default: %(default)s).",
     )
     parser.add_argument(
         "--time-scale",
@@ -257,9 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         help="The emulator's factor on its times, above 0 (default: %(default)s).",
     )
     parser.add_argument(
-        "--status-interval", type=int, default=15, help="Service seconds between ticks (default: %(default)s)."
+        "--status-interval",
+        type=int,
+        default=15,
+        help="Service seconds between ticks (default: %(default)s).",
     )
-    parser.add_argument("--max-ticks", type=int, default=400, help="Most ticks per policy (default: %(default)s).")
+    parser.add_argument(
+        "--max-ticks", type=int, default=400, help="Most ticks per policy (default: %(default)s)."
+    )
     parser.add_argument("--out", default="poll_expectation.txt", help="Where to write the table too.")
     args = parser.parse_args(argv)
     os.environ["DAGSTER_DISABLE_TELEMETRY"] = "1"

@@ -37,7 +37,9 @@ from dagster_runway.pipeline.checks import CHECK_NAMES  # noqa: E402
 from dagster_runway.pipeline.gallery import GALLERY_NAME, INDEX_FOLDER, Card, GalleryIndex  # noqa: E402
 from tests.browser import Browser, find_chromium  # noqa: E402
 
-PROMPT = "A slow push-in on the subject as the light shifts from dawn to morning; soft wind, film grain, calm."
+PROMPT = (
+    "A slow push-in on the subject as the light shifts from dawn to morning; soft wind, film grain, calm."
+)
 HEADER = {"title": "runway: s3://photos/2024", "total_usd": 1234.5, "run_usd": 50.0}
 
 
@@ -50,7 +52,15 @@ def synthetic_card(i: int, rng: random.Random) -> Card:
     if roll < 0.02:
         return Card(key, "failed", source=source,
                     reason=f"{source}: aspect ratio 3.00 (600x200) is outside 0.5..2.0; crop it Next step: fix the image")  # fmt: skip
-    state = "stale" if roll < 0.05 else "source missing" if roll < 0.06 else "checks failed" if roll < 0.07 else "ok"
+    state = (
+        "stale"
+        if roll < 0.05
+        else "source missing"
+        if roll < 0.06
+        else "checks failed"
+        if roll < 0.07
+        else "ok"
+    )
     checks = dict.fromkeys(CHECK_NAMES, "SUCCEEDED")
     if state == "checks failed":
         checks["aspect_matches_ratio"] = "FAILED"
@@ -82,7 +92,9 @@ def write_index(folder: Path, count: int) -> tuple[float, int]:
 
 
 def folder_bytes(folder: Path) -> int:
-    return (folder / GALLERY_NAME).stat().st_size + sum(p.stat().st_size for p in (folder / INDEX_FOLDER).iterdir())
+    return (folder / GALLERY_NAME).stat().st_size + sum(
+        p.stat().st_size for p in (folder / INDEX_FOLDER).iterdir()
+    )
 
 
 def update_index(folder: Path, count: int, batch: int) -> tuple[float, int]:
@@ -95,7 +107,9 @@ def update_index(folder: Path, count: int, batch: int) -> tuple[float, int]:
     index.update([card.row() for card in changed], [card.key for card in changed], HEADER)
     elapsed = time.perf_counter() - started
     rewritten = sum(
-        p.stat().st_size for p in (folder / INDEX_FOLDER).iterdir() if p.stat().st_mtime_ns != before.get(p.name)
+        p.stat().st_size
+        for p in (folder / INDEX_FOLDER).iterdir()
+        if p.stat().st_mtime_ns != before.get(p.name)
     )
     return elapsed, rewritten + (folder / GALLERY_NAME).stat().st_size
 
@@ -127,12 +141,16 @@ def real_case(work: Path, images: int) -> Path:
             "--output", str(work / "videos"), "--dagster-home", str(work / "home"), "--time-scale", "0"]  # fmt: skip
     done = subprocess.run(demo, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
-        raise RuntimeError(f"the demo failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"the demo failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return work / "videos" / GALLERY_NAME
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--partitions", type=int, default=100_000)
     parser.add_argument("--baseline", type=int, default=1_000)
     parser.add_argument("--batch", type=int, default=200, help="cards changed by one collect run")
@@ -173,7 +191,14 @@ def main() -> None:
                 }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    columns = ["partitions", "first screen", "page + index", "full write", f"write of {args.batch}", "bytes it rewrites"]
+    columns = [
+        "partitions",
+        "first screen",
+        "page + index",
+        "full write",
+        f"write of {args.batch}",
+        "bytes it rewrites",
+    ]
     lines = [
         "S7: the review page (gallery.html + gallery/) in headless Chromium from file://",
         command_line(),

@@ -38,7 +38,10 @@ def measure(cluster, events: int, held: bool) -> tuple[float, float, int]:
             for key in keys:
                 instance.report_runless_asset_event(
                     dg.AssetMaterialization(
-                        ["runway", "videos"], partition=key, metadata={"runway/key": key}, tags={DATA_VERSION_TAG: key}
+                        ["runway", "videos"],
+                        partition=key,
+                        metadata={"runway/key": key},
+                        tags={DATA_VERSION_TAG: key},
                     )
                 )
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

@@ -110,7 +110,9 @@ def storage_connections_held(instance: DagsterInstance) -> Iterator[None]:
         yield
         return
     storages = [instance.run_storage, instance.event_log_storage, instance.schedule_storage]
-    engines = [(storage, engine) for storage in storages if (engine := getattr(storage, "_engine", None)) is not None]
+    engines = [
+        (storage, engine) for storage in storages if (engine := getattr(storage, "_engine", None)) is not None
+    ]
     hold_storage_connections(instance)
     try:
         yield

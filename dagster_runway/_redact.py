@@ -47,4 +47,6 @@ def redact_text(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
     return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
 
 
-_URL_IN_TEXT = re.compile(r"(?:https?|s3|gs)://[^\s'\"<>]+\?[^\s'\"<>]+|data:[\w.+/-]*;base64,[A-Za-z0-9+/=]+")
+_URL_IN_TEXT = re.compile(
+    r"(?:https?|s3|gs)://[^\s'\"<>]+\?[^\s'\"<>]+|data:[\w.+/-]*;base64,[A-Za-z0-9+/=]+"
+)

@@ -43,7 +43,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if (
+            "default" in text
+            or action.default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -62,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Image folder or s3:// prefix (default: the bundled examples, or four generated samples)",
     )
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="Where videos, posters and the journal go")
-    parser.add_argument("--dagster-home", default=DEFAULT_HOME, help="DAGSTER_HOME to use (created if missing)")
+    parser.add_argument(
+        "--dagster-home", default=DEFAULT_HOME, help="DAGSTER_HOME to use (created if missing)"
+    )
     add_spend_arguments(parser)
     parser.add_argument(
         "--mode",
@@ -90,7 +96,11 @@ def add_spend_arguments(parser: argparse.ArgumentParser) -> None:
     """The options the demo and the UI session share: how much may be spent, and the emulator's pace."""
     parser.add_argument("--yes", action="store_true", help="Allow spending real credits, with no cap")
     parser.add_argument(
-        "--max-spend", type=float, default=None, metavar="USD", help="Allow spending real credits, up to USD in all"
+        "--max-spend",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="Allow spending real credits, up to USD in all",
     )
     parser.add_argument(
         "--time-scale",
@@ -178,7 +188,9 @@ if not EMULATOR_URL:
         resource_args = 'api_token=dg.EnvVar("RUNCOMFY_API_TOKEN"), base_url=EMULATOR_URL'
     else:
         where = ""
-        resource_args = 'api_token=dg.EnvVar("RUNCOMFY_API_TOKEN")' + (f", base_url={base_url!r}" if base_url else "")
+        resource_args = 'api_token=dg.EnvVar("RUNCOMFY_API_TOKEN")' + (
+            f", base_url={base_url!r}" if base_url else ""
+        )
     path.write_text(
         f'''"""The demo's pipeline, for the UI: dagster-runway dev --dagster-home {home}"""
 
@@ -203,7 +215,9 @@ defs = build_runway_pipeline(
 
 def save_settings(home: Path, images: str, output: str, options: dict[str, Any]) -> None:
     """What the demo ran with, for ``dagster-runway dev`` on the same home."""
-    (home / SETTINGS_FILE).write_text(json.dumps({"images": images, "output": output, "options": options}, indent=2))
+    (home / SETTINGS_FILE).write_text(
+        json.dumps({"images": images, "output": output, "options": options}, indent=2)
+    )
 
 
 def load_settings(home: Path) -> dict[str, Any] | None:
@@ -212,7 +226,9 @@ def load_settings(home: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except ValueError as exc:
-        raise UsageError(f"{home / SETTINGS_FILE} is not valid JSON ({exc}); delete it and run the demo again") from None
+        raise UsageError(
+            f"{home / SETTINGS_FILE} is not valid JSON ({exc}); delete it and run the demo again"
+        ) from None
 
 
 def start_emulator(stack: contextlib.ExitStack, home: Path, time_scale: float) -> Any:
@@ -260,7 +276,9 @@ def bind_output(config: Any, *, adopt: bool) -> None:
     except JournalError as exc:
         raise UsageError(str(exc)) from None
     if previous:
-        print(f"The output {config.output} held videos of {previous}; it is now {config.source}'s (--adopt-output).")
+        print(
+            f"The output {config.output} held videos of {previous}; it is now {config.source}'s (--adopt-output)."
+        )
 
 
 def real_service() -> bool:
@@ -281,7 +299,9 @@ def check_spend_allowed(args: argparse.Namespace, found: int, config: Any) -> No
         with RunComfyClient(api_token=token, base_url=base_url, retry=RetryPolicy(deadline=20)) as client:
             price = catalog.read_with(client, MODEL_ID, config.estimated_usd_per_second, warn=False).price
     else:
-        price = catalog.Price(catalog.ESTIMATE, config.estimated_usd_per_second, why_estimate="no token to read it")
+        price = catalog.Price(
+            catalog.ESTIMATE, config.estimated_usd_per_second, why_estimate="no token to read it"
+        )
     estimate = found * price.estimate_usd(int(config.defaults.duration))
     print(
         f"Using RunComfy at {base_url}: {found} image(s), about {estimate:.2f} USD if every one is generated, "
@@ -290,7 +310,9 @@ def check_spend_allowed(args: argparse.Namespace, found: int, config: Any) -> No
     if not (args.yes or args.max_spend is not None):
         raise UsageError("this spends real credits; pass --yes, or --max-spend USD to cap the spend")
     if not token:
-        raise UsageError("RUNCOMFY_BASE_URL is set but RUNCOMFY_API_TOKEN is not: export RUNCOMFY_API_TOKEN=<your token>")
+        raise UsageError(
+            "RUNCOMFY_BASE_URL is set but RUNCOMFY_API_TOKEN is not: export RUNCOMFY_API_TOKEN=<your token>"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -361,7 +383,11 @@ def _run(args: argparse.Namespace) -> int:
         f"\n{len(rows) - len(bad)} of {len(rows)} partitions produced a passing video; "
         f"{defaulted} used the service's default prompt."
         + f"\nThis run paid for {len(paid)} video(s), {paid_usd:.2f} USD; this output has cost {total_usd:.2f} USD in all."
-        + (f"\n{stale} video(s) are stale: their image changed; --on-change regenerate pays for new ones." if stale else "")
+        + (
+            f"\n{stale} video(s) are stale: their image changed; --on-change regenerate pays for new ones."
+            if stale
+            else ""
+        )
         + (
             f"\n{missing} video(s) have no source image any more (deleted or moved); nothing is paid for them."
             if missing
@@ -403,7 +429,9 @@ def _drive(defs: Any, instance: Any, args: argparse.Namespace, config: Any) -> l
     while status is not None and time.monotonic() < deadline:
         outcome = daemon.tick(status)
         counts = summary(outcome.cursor)
-        busy = counts.get("rebuilding") or any(counts.get(k) for k in ("in_flight", "submit", "collect", "running"))
+        busy = counts.get("rebuilding") or any(
+            counts.get(k) for k in ("in_flight", "submit", "collect", "running")
+        )
         launched = len(outcome.run_ids) + len(outcome.failed_run_ids)
         total = journal.spent_usd()
         line = (
@@ -452,11 +480,11 @@ def _rows(defs: Any, instance: Any, config: Any, before: set[str]) -> list[Row]:
             why = f"{failure.reason} Next step: {failure.next_step}" if failure else "no video was produced"
             rows.append(Row(key, "failed: " + why))
             continue
-        meta = {f"runway/{k}": v for k, v in video.metadata.items()}
+        meta = video.metadata  # keyed by RunwayMetadata field
         statuses = rec.current_check_statuses(instance, videos_key, list(CHECK_NAMES), key)
         passed_count = sum(status == "SUCCEEDED" for status in statuses.values())
         entry = current.get(key)
-        stale = entry is not None and meta.get("runway/source_version") != rec.image_version(
+        stale = entry is not None and meta.get("source_version") != rec.image_version(
             entry.change_token, entry.sidecar_token, entry.settings_token
         )
         checks = f"{passed_count}/{len(CHECK_NAMES)} passed"
@@ -470,11 +498,11 @@ def _rows(defs: Any, instance: Any, config: Any, before: set[str]) -> list[Row]:
             Row(
                 key,
                 outcome,
-                video=str(meta.get("runway/video_uri", "")),
-                duration=f"{meta.get('runway/video_duration_s', '')}s",
+                video=str(meta.get("video_uri", "")),
+                duration=f"{meta.get('video_duration_s', '')}s",
                 checks=checks,
-                cost=str(meta.get("runway/cost_usd", "")),
-                prompt_source=str(meta.get("runway/prompt_source", "")),
+                cost=str(meta.get("cost_usd", "")),
+                prompt_source=str(meta.get("prompt_source", "")),
                 paid_now=video.request_id not in before,
             )
         )

@@ -32,12 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = demo.ENVIRONMENT
     parser.formatter_class = demo.HelpFormatter
-    parser.add_argument("--dagster-home", default=demo.DEFAULT_HOME, help="The demo's DAGSTER_HOME (created if missing)")
     parser.add_argument(
-        "--images", default=None, help="Image folder or s3:// prefix (default: what the demo in this home used)"
+        "--dagster-home", default=demo.DEFAULT_HOME, help="The demo's DAGSTER_HOME (created if missing)"
     )
     parser.add_argument(
-        "--output", default=None, help=f"Where videos go (default: what the demo used, else {demo.DEFAULT_OUTPUT})"
+        "--images",
+        default=None,
+        help="Image folder or s3:// prefix (default: what the demo in this home used)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help=f"Where videos go (default: what the demo used, else {demo.DEFAULT_OUTPUT})",
     )
     demo.add_spend_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="Host the Dagster UI listens on")
@@ -79,19 +85,30 @@ def _run(args: argparse.Namespace) -> int:
         if real:
             demo.check_spend_allowed(args, found, config)
             base_url = os.environ.get("RUNCOMFY_BASE_URL")
-            cap = f"spend cap {args.max_spend:.2f} USD" if args.max_spend is not None else "no spend cap (--yes)"
-            print(f"The UI's runs pay the real service, with {cap}; images without a prompt fail before paying.")
+            cap = (
+                f"spend cap {args.max_spend:.2f} USD"
+                if args.max_spend is not None
+                else "no spend cap (--yes)"
+            )
+            print(
+                f"The UI's runs pay the real service, with {cap}; images without a prompt fail before paying."
+            )
         else:
             emulator = demo.start_emulator(stack, home, args.time_scale)
             base_url = None
-            environment |= {"RUNCOMFY_API_TOKEN": emulator.token, demo.EMULATOR_URL_VARIABLE: emulator.base_url}
+            environment |= {
+                "RUNCOMFY_API_TOKEN": emulator.token,
+                demo.EMULATOR_URL_VARIABLE: emulator.base_url,
+            }
             print(f"Started the RunComfy emulator at {emulator.base_url} (offline; no credits are spent).")
         definitions = demo.definitions_file(home, images, output, options, base_url, offline=not real)
         command = [
             sys.executable, "-W", "ignore::FutureWarning",  # dagster dev's notice that `dg dev` supersedes it
             "-m", "dagster", "dev", "-f", str(definitions), "-h", args.host, "-p", str(args.port),
         ]  # fmt: skip
-        print(f"DAGSTER_HOME={home}\nDagster UI: http://{args.host}:{args.port} (Ctrl-C stops the UI and the emulator)")
+        print(
+            f"DAGSTER_HOME={home}\nDagster UI: http://{args.host}:{args.port} (Ctrl-C stops the UI and the emulator)"
+        )
         sys.stdout.flush()
         return _supervise(command, environment)
 

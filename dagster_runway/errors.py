@@ -120,7 +120,9 @@ class AmbiguousSubmitError(RunComfyError):
     request with it (RunComfy's Generations page, or the pipeline's records) before submitting again.
     """
 
-    def __init__(self, message: str, *, fingerprint: str | None = None, cause: str | None = None, **kwargs: Any):
+    def __init__(
+        self, message: str, *, fingerprint: str | None = None, cause: str | None = None, **kwargs: Any
+    ):
         super().__init__(message, **kwargs)
         self.fingerprint = fingerprint
         self.cause = cause
@@ -130,7 +132,9 @@ def is_safety_code(code: str | None) -> bool:
     """Whether a failed generation's code is a content-moderation rejection (never retried): the one
     rule, for the client's message, the pipeline's failure class and the submit's reuse verdict."""
     upper = (code or "").upper()
-    return upper.startswith("SAFETY.") or ".SAFETY." in upper or upper.startswith("INPUT_PREPROCESSING.SAFETY")
+    return (
+        upper.startswith("SAFETY.") or ".SAFETY." in upper or upper.startswith("INPUT_PREPROCESSING.SAFETY")
+    )
 
 
 def is_internal_code(code: str | None) -> bool:
@@ -142,7 +146,12 @@ class GenerationFailedError(RunComfyError):
     """The request finished as ``failed``. ``failure_code`` is Runway's code, e.g. ``SAFETY.INPUT.IMAGE``."""
 
     def __init__(
-        self, message: str, *, failure_code: str | None = None, failure_message: str | None = None, **kwargs: Any
+        self,
+        message: str,
+        *,
+        failure_code: str | None = None,
+        failure_message: str | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(message, **kwargs)
         self.failure_code = failure_code

@@ -264,7 +264,9 @@ class Journal:
             _verified.add(key)
 
     def _probe_bytes(self) -> bytes:
-        return json.dumps({"probe": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}).encode()
+        return json.dumps(
+            {"probe": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        ).encode()
 
     def _unsafe(self, why: str) -> JournalStoreUnsafe:
         return JournalStoreUnsafe(
@@ -291,7 +293,12 @@ class Journal:
                     continue
                 path = os.path.join(folder, name)
                 writer = name[1:-4].rsplit(".", 2)  # .<host>.<pid>.<hex>.tmp
-                dead = len(writer) == 3 and writer[0] == host and writer[1].isdigit() and not pid_alive(int(writer[1]))
+                dead = (
+                    len(writer) == 3
+                    and writer[0] == host
+                    and writer[1].isdigit()
+                    and not pid_alive(int(writer[1]))
+                )
                 with contextlib.suppress(FileNotFoundError):
                     if dead or now - os.stat(path).st_mtime > _TEMP_MAX_AGE_S:
                         os.unlink(path)
@@ -366,7 +373,9 @@ class Journal:
     def fingerprints(self, prefix: str = "") -> list[str]:
         """The fingerprints that have claims (those starting with ``prefix``), sorted. A full listing."""
         groups = (
-            [f"{self.root}/claims/{prefix[:2]}"] if len(prefix) >= 2 else sorted(self._list(f"{self.root}/claims"))
+            [f"{self.root}/claims/{prefix[:2]}"]
+            if len(prefix) >= 2
+            else sorted(self._list(f"{self.root}/claims"))
         )
         found = []
         for group in groups:
@@ -464,7 +473,9 @@ class Journal:
             # Nothing was sent: free the attempt (best effort) rather than leave it open, later "ambiguous".
             reason = f"not sent: the spend log could not be written ({type(exc).__name__}: {str(exc)[:300]})"
             with contextlib.suppress(Exception):
-                self._overwrite(path, replace(claim, state=REJECTED, reason=reason, answered_at=self._clock()).to_json())
+                self._overwrite(
+                    path, replace(claim, state=REJECTED, reason=reason, answered_at=self._clock()).to_json()
+                )
             raise
         return claim
 
@@ -480,8 +491,12 @@ class Journal:
     def record_ambiguous(self, claim: Claim, reason: str) -> Claim:
         return self._answer(claim, AMBIGUOUS, reason=reason)
 
-    def _answer(self, claim: Claim, state: str, *, request_id: str | None = None, reason: str | None = None) -> Claim:
-        answered = replace(claim, state=state, request_id=request_id, reason=reason, answered_at=self._clock())
+    def _answer(
+        self, claim: Claim, state: str, *, request_id: str | None = None, reason: str | None = None
+    ) -> Claim:
+        answered = replace(
+            claim, state=state, request_id=request_id, reason=reason, answered_at=self._clock()
+        )
         self._overwrite(self.claim_path(claim.fingerprint, claim.attempt), answered.to_json())
         return answered
 
@@ -526,7 +541,9 @@ class Journal:
         reason = "adopted by the operator" + (f": {note}" if note else "")
         if claim.reason:
             reason += f" (was {claim.state}: {claim.reason})"
-        adopted = replace(claim, state=SUBMITTED, request_id=request_id, reason=reason, answered_at=self._clock())
+        adopted = replace(
+            claim, state=SUBMITTED, request_id=request_id, reason=reason, answered_at=self._clock()
+        )
         self._overwrite(self.claim_path(fingerprint, attempt), adopted.to_json())
         return adopted
 
@@ -553,9 +570,13 @@ class Journal:
     def spend_summary(self, window_s: float | None = None) -> SpendSummary:
         with self._spend_lock:
             tip = self._find_tip()
-            window = None if window_s is None else round(self._window_total(tip, window_s, self._store_now()), 6)
+            window = (
+                None if window_s is None else round(self._window_total(tip, window_s, self._store_now()), 6)
+            )
             total = round(tip.total_usd, 6) if tip else 0.0
-            return SpendSummary(total_usd=total, entries=tip.seq if tip else 0, window_s=window_s, window_usd=window)
+            return SpendSummary(
+                total_usd=total, entries=tip.seq if tip else 0, window_s=window_s, window_usd=window
+            )
 
     def _store_now(self) -> float:
         """The store's clock now, as last observed (never later than it really is)."""
@@ -569,7 +590,9 @@ class Journal:
             return
         self._store_offset = written - self._clock()
 
-    def _append_spend(self, delta: float, kind: str, fingerprint: str, attempt: int, *, cap: SpendCap | None) -> None:
+    def _append_spend(
+        self, delta: float, kind: str, fingerprint: str, attempt: int, *, cap: SpendCap | None
+    ) -> None:
         with self._spend_lock:
             tip = self._find_tip()
             for _ in range(_APPEND_TRIES):
@@ -581,7 +604,9 @@ class Journal:
                 seq = (tip.seq if tip else 0) + 1
                 entry = SpendEntry(
                     seq=seq,
-                    at=max(now + self._store_resolution, tip.at if tip else 0.0),  # monotone: the search stays valid
+                    at=max(
+                        now + self._store_resolution, tip.at if tip else 0.0
+                    ),  # monotone: the search stays valid
                     delta_usd=delta,
                     total_usd=round((tip.total_usd if tip else 0.0) + delta, 6),
                     kind=kind,
@@ -598,7 +623,9 @@ class Journal:
             "(each create found an entry there); nothing was sent. Check that no tool rewrites the journal's folder."
         )
 
-    def _cap_error(self, tip: SpendEntry | None, cap: SpendCap, spent: float, delta: float, now: float) -> SpendCapReached:
+    def _cap_error(
+        self, tip: SpendEntry | None, cap: SpendCap, spent: float, delta: float, now: float
+    ) -> SpendCapReached:
         retry_at = None
         if cap.window_s is not None:
             fits = self._when_fits(tip, cap, delta, now)

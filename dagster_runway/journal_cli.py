@@ -42,10 +42,14 @@ class UsageError(Exception):
 def _common(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
-        "--journal", metavar="URL", help="The journal's folder or URL (the pipeline option `journal`); this or --output."
+        "--journal",
+        metavar="URL",
+        help="The journal's folder or URL (the pipeline option `journal`); this or --output.",
     )
     where.add_argument(
-        "--output", metavar="URL", help="The pipeline's output folder or URL: the journal is <output>/.runway."
+        "--output",
+        metavar="URL",
+        help="The pipeline's output folder or URL: the journal is <output>/.runway.",
     )
     parser.add_argument(
         "--storage-options",
@@ -60,12 +64,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The journal command's subcommands and options."""
     commands = parser.add_subparsers(dest="journal_command", required=True, metavar="COMMAND")
     listing = commands.add_parser(
-        "list", help="Every image's latest attempt, ambiguous and open ones first.", formatter_class=_Formatter
+        "list",
+        help="Every image's latest attempt, ambiguous and open ones first.",
+        formatter_class=_Formatter,
     )
     _common(listing)
-    show = commands.add_parser("show", help="Every attempt of one fingerprint, in full.", formatter_class=_Formatter)
+    show = commands.add_parser(
+        "show", help="Every attempt of one fingerprint, in full.", formatter_class=_Formatter
+    )
     _common(show)
-    show.add_argument("fingerprint", metavar="FINGERPRINT", help="A fingerprint, or a unique prefix of one (as `list` shows).")
+    show.add_argument(
+        "fingerprint",
+        metavar="FINGERPRINT",
+        help="A fingerprint, or a unique prefix of one (as `list` shows).",
+    )
     adopt = commands.add_parser(
         "adopt",
         help="Attach a request id from your RunComfy history to an ambiguous attempt, so it is collected, not paid again.",
@@ -73,8 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _common(adopt)
     adopt.add_argument("fingerprint", metavar="FINGERPRINT", help="A fingerprint, or a unique prefix of one.")
-    adopt.add_argument("request_id", metavar="REQUEST_ID", help="The request id, as the RunComfy history shows it.")
-    adopt.add_argument("--attempt", type=int, default=None, help="The attempt to adopt; without it, the latest.")
+    adopt.add_argument(
+        "request_id", metavar="REQUEST_ID", help="The request id, as the RunComfy history shows it."
+    )
+    adopt.add_argument(
+        "--attempt", type=int, default=None, help="The attempt to adopt; without it, the latest."
+    )
     adopt.add_argument("--note", default="", help="Why, for the record (kept in the claim's reason).")
     adopt.add_argument(
         "--no-check",
@@ -83,9 +99,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "RUNCOMFY_API_TOKEN and RUNCOMFY_BASE_URL): a mistyped id would then end the ambiguity and let a later "
         "run pay again",
     )
-    spend = commands.add_parser("spend", help="The spend recorded: in all, and over a window.", formatter_class=_Formatter)
+    spend = commands.add_parser(
+        "spend", help="The spend recorded: in all, and over a window.", formatter_class=_Formatter
+    )
     _common(spend)
-    spend.add_argument("--window-h", type=float, default=None, metavar="H", help="Also sum the last H hours (as a rolling max_spend_usd window counts them).")
+    spend.add_argument(
+        "--window-h",
+        type=float,
+        default=None,
+        metavar="H",
+        help="Also sum the last H hours (as a rolling max_spend_usd window counts them).",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,19 +159,33 @@ def _state(claim: Claim) -> str:
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def _list(journal: Journal, args: argparse.Namespace) -> int:
     damaged: list[JournalDamaged] = []
-    claims = sorted(journal.iter_claims(on_damaged=damaged.append), key=lambda c: (_ORDER.get(c.state, 2), c.claimed_at))
-    rows = [["STATE", "PARTITION", "FINGERPRINT", "ATTEMPT", "CLAIMED AT (UTC)", "SEED", "OWNER", "REQUEST ID"]]
+    claims = sorted(
+        journal.iter_claims(on_damaged=damaged.append), key=lambda c: (_ORDER.get(c.state, 2), c.claimed_at)
+    )
+    rows = [
+        ["STATE", "PARTITION", "FINGERPRINT", "ATTEMPT", "CLAIMED AT (UTC)", "SEED", "OWNER", "REQUEST ID"]
+    ]
     for claim in claims:
         seed = claim.input.get("seed") if isinstance(claim.input, Mapping) else None
-        rows.append([
-            _state(claim), claim.partition, claim.fingerprint[:12], str(claim.attempt), _utc(claim.claimed_at),
-            "-" if seed is None else str(seed), claim.owner.describe(), claim.request_id or "-",
-        ])
+        rows.append(
+            [
+                _state(claim),
+                claim.partition,
+                claim.fingerprint[:12],
+                str(claim.attempt),
+                _utc(claim.claimed_at),
+                "-" if seed is None else str(seed),
+                claim.owner.describe(),
+                claim.request_id or "-",
+            ]
+        )
     print(_table(rows) if claims else f"no claims in {redact_url(journal.url)}")
     for exc in damaged:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -161,12 +199,18 @@ def _list(journal: Journal, args: argparse.Namespace) -> int:
 
 def _resolve(journal: Journal, prefix: str) -> str:
     if len(prefix) < 2:
-        raise UsageError(f"fingerprint {prefix!r} is too short; give at least its first 2 characters, as `list` shows")
+        raise UsageError(
+            f"fingerprint {prefix!r} is too short; give at least its first 2 characters, as `list` shows"
+        )
     found = journal.fingerprints(prefix)
     if not found:
-        raise UsageError(f"no claims of a fingerprint starting {prefix!r} in {redact_url(journal.url)}; see `list`")
+        raise UsageError(
+            f"no claims of a fingerprint starting {prefix!r} in {redact_url(journal.url)}; see `list`"
+        )
     if len(found) > 1:
-        raise UsageError(f"{len(found)} fingerprints start {prefix!r}; give more of it (`list` shows 12 characters)")
+        raise UsageError(
+            f"{len(found)} fingerprints start {prefix!r}; give more of it (`list` shows 12 characters)"
+        )
     return found[0]
 
 
@@ -209,7 +253,9 @@ def _check_with_service(request_id: str) -> None:
             "request id is checked with the service before it is adopted, or pass --no-check if you are sure"
         )
     try:
-        with RunComfyClient(api_token=token, base_url=os.environ.get("RUNCOMFY_BASE_URL") or DEFAULT_BASE_URL) as client:
+        with RunComfyClient(
+            api_token=token, base_url=os.environ.get("RUNCOMFY_BASE_URL") or DEFAULT_BASE_URL
+        ) as client:
             client.status(request_id)
     except RequestNotFoundError:
         raise UsageError(
@@ -217,7 +263,9 @@ def _check_with_service(request_id: str) -> None:
             "nothing was adopted and the attempt stays ambiguous: copy the id from your RunComfy history"
         ) from None
     except RunComfyError as exc:
-        raise UsageError(f"could not check request {request_id[:40]!r} with the service ({exc}); try again") from None
+        raise UsageError(
+            f"could not check request {request_id[:40]!r} with the service ({exc}); try again"
+        ) from None
 
 
 def _spend(journal: Journal, args: argparse.Namespace) -> int:
@@ -225,7 +273,9 @@ def _spend(journal: Journal, args: argparse.Namespace) -> int:
     if window_s is not None and window_s <= 0:
         raise UsageError(f"--window-h {args.window_h:g} must be more than 0 hours")
     summary = journal.spend_summary(window_s)
-    print(f"spent in all: ${summary.total_usd:.2f} over {summary.entries} spend-log entries (estimates until settled)")
+    print(
+        f"spent in all: ${summary.total_usd:.2f} over {summary.entries} spend-log entries (estimates until settled)"
+    )
     if summary.window_usd is not None:
         print(f"spent in the last {args.window_h:g} h: ${summary.window_usd:.2f}")
     return 0
@@ -235,7 +285,9 @@ _COMMANDS = {"list": _list, "show": _show, "adopt": _adopt, "spend": _spend}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=_Formatter
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -38,8 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Text to look for in model ids and names (none: every model); or 'show' and a model id.",
     )
     parser.add_argument("--category", default=None, help="Only models of this category, e.g. image-to-video.")
-    parser.add_argument("--limit", type=int, default=20, help="How many models to list (default: %(default)s).")
-    parser.add_argument("--offset", type=int, default=0, help="How many to skip, for the next page (default: 0).")
+    parser.add_argument(
+        "--limit", type=int, default=20, help="How many models to list (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--offset", type=int, default=0, help="How many to skip, for the next page (default: 0)."
+    )
     parser.add_argument("--json", action="store_true", help="Print the catalog's JSON answer as it is.")
     parser.add_argument(
         "--emulator",
@@ -70,7 +74,9 @@ def _parse_words(words: list[str]) -> tuple[bool, str | None]:
     """(whether to show one model, the model id or the search text)."""
     if words[:1] == ["show"]:
         if len(words) != 2:
-            raise UsageError(f"'show' takes one MODEL_ID, e.g. {PROG} show runwayml/runway-gen-4/turbo/image-to-video")
+            raise UsageError(
+                f"'show' takes one MODEL_ID, e.g. {PROG} show runwayml/runway-gen-4/turbo/image-to-video"
+            )
         return True, words[1]
     if len(words) > 1:
         raise UsageError(f"give one SEARCH text (quote it if it has spaces), got {len(words)} words")
@@ -96,9 +102,10 @@ def _client(emulator: bool) -> Iterator[RunComfyClient]:
         from dagster_runway.emulator import Emulator, EmulatorConfig
     except ImportError:
         raise UsageError(_EMULATOR_MISSING) from None
-    with Emulator(EmulatorConfig(time_scale=0.0)) as server, RunComfyClient(
-        api_token=server.token, base_url=server.base_url, retry=retry
-    ) as client:
+    with (
+        Emulator(EmulatorConfig(time_scale=0.0)) as server,
+        RunComfyClient(api_token=server.token, base_url=server.base_url, retry=retry) as client,
+    ):
         yield client
 
 
@@ -114,12 +121,19 @@ def _list(page: ModelPage, search: str | None, args: argparse.Namespace) -> int:
         return 0
     if not page.models:
         wanted = " and ".join(
-            part for part in (f"match {search!r}" if search else "", f"are in {args.category!r}" if args.category else "") if part
+            part
+            for part in (
+                f"match {search!r}" if search else "",
+                f"are in {args.category!r}" if args.category else "",
+            )
+            if part
         )
         print(f"no models {wanted or 'listed'}" + (f" past offset {args.offset}" if args.offset else ""))
         return 0
     rows = [["MODEL ID", "PRICE (USD)", "CATEGORIES", "NAME"]]
-    rows += [[m.model_id, _price(m), ",".join(m.categories) or "-", m.display_name or "-"] for m in page.models]
+    rows += [
+        [m.model_id, _price(m), ",".join(m.categories) or "-", m.display_name or "-"] for m in page.models
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
@@ -127,7 +141,9 @@ def _list(page: ModelPage, search: str | None, args: argparse.Namespace) -> int:
     first = args.offset + 1
     print(f"\n{first}-{args.offset + len(page.models)} of {total} models", end="")
     more = total - args.offset - len(page.models)
-    again = " ".join([PROG, *([repr(search)] if search else []), f"--offset {args.offset + len(page.models)}"])
+    again = " ".join(
+        [PROG, *([repr(search)] if search else []), f"--offset {args.offset + len(page.models)}"]
+    )
     print(f"; {again} for the next {min(more, args.limit)}" if more > 0 else "")
     return 0
 
@@ -165,7 +181,9 @@ def _show(model: ModelInfo, as_json: bool) -> int:
 def _price_sentence(model: ModelInfo) -> str:
     if model.base_price_usd is None:
         return "not given"
-    per = {"second": "second of output video", "output": "output"}.get(model.price_unit or "", model.price_unit or "?")
+    per = {"second": "second of output video", "output": "output"}.get(
+        model.price_unit or "", model.price_unit or "?"
+    )
     text = f"{model.base_price_usd:g} USD per {per}"
     durations = ((model.input_schema or {}).get("properties") or {}).get("duration", {}).get("enum")
     if model.price_unit == "second" and isinstance(durations, list):
@@ -190,7 +208,9 @@ def _rules(field: dict[str, Any]) -> list[str]:
     for rule in field.get("validations") or []:
         if isinstance(rule, dict):
             check = f"{rule.get('validation_rule', '?')} {rule.get('validation_value', '?')}"
-            lines.append(f"rule: {check}" + (f" ({rule['validation_error']})" if rule.get("validation_error") else ""))
+            lines.append(
+                f"rule: {check}" + (f" ({rule['validation_error']})" if rule.get("validation_error") else "")
+            )
     if field.get("description"):
         lines.append(str(field["description"]))
     if "default" in field:

@@ -56,7 +56,9 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]  # Dagst
         description=f"The model to run: one the package has a ModelSpec for ({', '.join(known_models())}); "
         "its schema's rules check every input before it is paid for. Another id is refused.",
     )
-    request_timeout: float = Field(default=REQUEST_TIMEOUT_S, description="Seconds to wait for one HTTP answer.")
+    request_timeout: float = Field(
+        default=REQUEST_TIMEOUT_S, description="Seconds to wait for one HTTP answer."
+    )
     connect_timeout: float = Field(default=CONNECT_TIMEOUT_S, description="Seconds to wait for a connection.")
     max_attempts: int = Field(
         default=_RETRY.max_attempts,
@@ -66,14 +68,19 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]  # Dagst
     backoff_initial: float = Field(
         default=_RETRY.backoff_initial, description="First backoff ceiling in seconds (full jitter)."
     )
-    backoff_max: float = Field(default=_RETRY.backoff_max, description="Largest backoff between two attempts, in seconds.")
-    retry_deadline: float = Field(default=_RETRY.deadline, description="No call retries past this many seconds in all.")
+    backoff_max: float = Field(
+        default=_RETRY.backoff_max, description="Largest backoff between two attempts, in seconds."
+    )
+    retry_deadline: float = Field(
+        default=_RETRY.deadline, description="No call retries past this many seconds in all."
+    )
     retry_after_max: float = Field(
         default=_RETRY.retry_after_max,
         description="Longest Retry-After the client will sleep through; a longer one raises RateLimitedError.",
     )
     poll_interval: float = Field(
-        default=POLL_INTERVAL_S, description="Seconds between status polls in blocking waits (with +/-20% jitter)."
+        default=POLL_INTERVAL_S,
+        description="Seconds between status polls in blocking waits (with +/-20% jitter).",
     )
     wait_timeout: float = Field(
         default=2 * WAIT_TIMEOUT_S,

@@ -158,7 +158,10 @@ class ImageToVideoInput(BaseModel):
     ratio: Ratio = Field(default=DEFAULT_RATIO, description="Output size as width:height in pixels.")
     duration: Literal[5, 10] = Field(default=DEFAULT_DURATION, description="Video length in seconds.")
     seed: int = Field(
-        default=DEFAULT_SEED, ge=0, le=SEED_MAX, description="Random seed, 0..4294967295, for reproducible output."
+        default=DEFAULT_SEED,
+        ge=0,
+        le=SEED_MAX,
+        description="Random seed, 0..4294967295, for reproducible output.",
     )
 
     @field_validator("prompt_image", "prompt_text", "ratio", mode="before")
@@ -206,7 +209,12 @@ class RequestState(enum.StrEnum):
 
     @property
     def is_terminal(self) -> bool:
-        return self in (RequestState.COMPLETED, RequestState.SUCCEEDED, RequestState.FAILED, RequestState.CANCELLED)
+        return self in (
+            RequestState.COMPLETED,
+            RequestState.SUCCEEDED,
+            RequestState.FAILED,
+            RequestState.CANCELLED,
+        )
 
     @property
     def is_pending(self) -> bool:

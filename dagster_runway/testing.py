@@ -39,7 +39,9 @@ SCHEDULE_TAG = "dagster/schedule_name"
 RUN_KEY_TAG = "dagster/run_key"
 DRIVER_TAG = "runway/driver"  # "<host>:<pid>" of the LocalDaemon that ran it
 _CURSOR_KEY = "dagster_runway/local_daemon/cursor/"
-_PENDING_KEY = "dagster_runway/local_daemon/pending/"  # + sensor or schedule name: what its tick has yet to launch
+_PENDING_KEY = (
+    "dagster_runway/local_daemon/pending/"  # + sensor or schedule name: what its tick has yet to launch
+)
 _UNFINISHED = [DagsterRunStatus.STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.NOT_STARTED]
 
 
@@ -89,7 +91,9 @@ class LocalDaemon:
             result = sensor_def.evaluate_tick(context)
         for request in result.dynamic_partitions_requests or []:
             if isinstance(request, AddDynamicPartitionsRequest):
-                self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+                self.instance.add_dynamic_partitions(
+                    request.partitions_def_name, list(request.partition_keys)
+                )
                 outcome.new_partitions += len(request.partition_keys)
             elif isinstance(request, DeleteDynamicPartitionsRequest):
                 for key in request.partition_keys:
@@ -104,7 +108,12 @@ class LocalDaemon:
         return outcome
 
     def _launch(
-        self, origin_tag: str, name: str, default_job: str | None, requests: Sequence[RunRequest], outcome: TickOutcome
+        self,
+        origin_tag: str,
+        name: str,
+        default_job: str | None,
+        requests: Sequence[RunRequest],
+        outcome: TickOutcome,
     ) -> None:
         todo = []
         for request in requests:
@@ -147,7 +156,9 @@ class LocalDaemon:
             }
             for r in requests
         ]
-        _compat.kv_set(self.instance, _PENDING_KEY + name, json.dumps({"driver": self.driver, "requests": pending}))
+        _compat.kv_set(
+            self.instance, _PENDING_KEY + name, json.dumps({"driver": self.driver, "requests": pending})
+        )
 
     def _resume_interrupted(self, origin_tag: str, name: str, outcome: TickOutcome) -> None:
         """Launch what a tick of ``name`` in a process now gone requested but did not launch."""
@@ -175,7 +186,9 @@ class LocalDaemon:
 
     def _launched(self, origin_tag: str, name: str, run_key: str) -> bool:
         """The daemon's rule: a run key is launched once, whatever became of its run."""
-        return bool(self.instance.get_run_ids(RunsFilter(tags={origin_tag: name, RUN_KEY_TAG: run_key}), limit=1))
+        return bool(
+            self.instance.get_run_ids(RunsFilter(tags={origin_tag: name, RUN_KEY_TAG: run_key}), limit=1)
+        )
 
     def fail_runs_of_dead_drivers(self) -> list[str]:
         """Mark as failed the unfinished runs that a LocalDaemon of a process now gone was running."""
@@ -184,7 +197,9 @@ class LocalDaemon:
             driver = run.tags.get(DRIVER_TAG, "")
             if not _driver_gone(driver):
                 continue
-            self.instance.report_run_failed(run, f"The process that ran it ({driver}) is gone (it was killed).")
+            self.instance.report_run_failed(
+                run, f"The process that ran it ({driver}) is gone (it was killed)."
+            )
             failed.append(run.run_id)
         return failed
 

@@ -77,7 +77,9 @@ def run_until_idle(daemon: LocalDaemon, max_ticks: int = 200) -> list[str]:
         outcome = daemon.tick("runway_status_sensor")
         failed += outcome.failed_run_ids
         counts = status_summary(daemon)
-        busy = counts.get("rebuilding") or any(counts.get(k) for k in ("in_flight", "submit", "collect", "running"))
+        busy = counts.get("rebuilding") or any(
+            counts.get(k) for k in ("in_flight", "submit", "collect", "running")
+        )
         if not busy and not outcome.run_ids and not outcome.failed_run_ids:
             return failed
         time.sleep(0.02)
@@ -100,7 +102,9 @@ def failure_reasons(instance: DagsterInstance, run_id: str) -> dict[str, str]:
     reasons: dict[str, str] = {}
     for record in instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records:
         data = record.event_log_entry.dagster_event.step_failure_data  # type: ignore[union-attr]
-        failure_metadata = (data.user_failure_data.metadata if data and data.user_failure_data else None) or {}
+        failure_metadata = (
+            data.user_failure_data.metadata if data and data.user_failure_data else None
+        ) or {}
         value = failure_metadata.get("failed_partitions")
         found = value.value if isinstance(value, MetadataValue) else value
         if isinstance(found, Mapping):

@@ -72,7 +72,11 @@ def counting(monkeypatch: pytest.MonkeyPatch, root: str) -> Iterator[Listings]:
         else:
 
             def counted(*args: Any, **kwargs: Any) -> Any:
-                path = args[1] if owner is not os and len(args) > 1 else (args[0] if args else kwargs.get("path", "."))
+                path = (
+                    args[1]
+                    if owner is not os and len(args) > 1
+                    else (args[0] if args else kwargs.get("path", "."))
+                )
                 listings.seen(name, path)
                 return original(*args, **kwargs)
 
@@ -136,8 +140,13 @@ def _looked_up_like_listed(make_source: Any, also: list[str], images: set[str]) 
     looking = make_source()
     found = lookup(looking, [*entries, *also])
     assert found == entries  # the same entries: change tokens, sidecars, settings tokens, problems
-    assert looking.entries == sorted(entries.values(), key=lambda e: e.partition_key)
-    assert change_tokens(make_source(), [*entries, *also]) == {rel: e.change_token for rel, e in entries.items()}
+    # ...and the source knows them afterwards, as after a listing.
+    assert {e.partition_key: looking.entry_for_key(e.partition_key) for e in entries.values()} == {
+        e.partition_key: e for e in entries.values()
+    }
+    assert change_tokens(make_source(), [*entries, *also]) == {
+        rel: e.change_token for rel, e in entries.items()
+    }
     for rel, entry in entries.items():  # and the same settings, or the same refusal, without a listing
         try:
             settings: Any = listed.settings_for(entry, image_size=(64, 48), content_sha256="0" * 64)
@@ -162,9 +171,14 @@ def test_a_looked_up_image_is_the_listed_one_on_local_disk(tmp_path: Path, monke
 
     with counting(monkeypatch, str(folder)) as listings:
         looking = source()
-        found = lookup(looking, ["escape.png", "linked.png", "folder-link/target.png", "clip.poster.jpg", ".hidden.png"])
+        found = lookup(
+            looking, ["escape.png", "linked.png", "folder-link/target.png", "clip.poster.jpg", ".hidden.png"]
+        )
     assert listings.calls == []
-    assert set(found) == {"escape.png", "linked.png"}  # not an image: a linked folder's, a poster, a hidden file
+    assert set(found) == {
+        "escape.png",
+        "linked.png",
+    }  # not an image: a linked folder's, a poster, a hidden file
     assert "outside the source root" in found["escape.png"].problem and not found["linked.png"].problem
     _looked_up_like_listed(
         source,
@@ -185,7 +199,9 @@ def test_a_looked_up_image_is_the_listed_one_on_s3(s3, monkeypatch: pytest.Monke
         found = lookup(source(), ["cat.png", HASHED, "img01.png", "gone.png"])
     assert listings.calls == [] and set(found) == {"cat.png", HASHED, "img01.png"}
     _looked_up_like_listed(
-        source, ["gone.png", "clip.poster.jpg", ".hidden.png"], {"cat.png", HASHED, "img01.png", "img02.png", "real/target.png"}
+        source,
+        ["gone.png", "clip.poster.jpg", ".hidden.png"],
+        {"cat.png", HASHED, "img01.png", "img02.png", "real/target.png"},
     )
     assert listings.calls  # the listings compared with were counted
 
@@ -198,7 +214,10 @@ def _run(defs: Any, instance: DagsterInstance, job: str, op: str, keys: list[str
     tags = (
         {_compat.PARTITION_NAME_TAG: keys[0]}
         if len(keys) == 1
-        else {_compat.ASSET_PARTITION_RANGE_START_TAG: keys[0], _compat.ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
+        else {
+            _compat.ASSET_PARTITION_RANGE_START_TAG: keys[0],
+            _compat.ASSET_PARTITION_RANGE_END_TAG: keys[-1],
+        }
     )
     return defs.resolve_job_def(job).execute_in_process(
         instance=instance, run_config=op_config(op, keys), tags=tags, raise_on_error=False
@@ -263,7 +282,9 @@ def test_submit_and_collect_runs_never_list_a_local_source(
         (folder / rel).write_bytes(data)
     defs = make_defs(emulator, str(folder), str(tmp_path / "videos"))
     with counting(monkeypatch, str(folder)) as listings:
-        _submit_and_collect_without_listing(defs, instance, emulator, listings, lambda rel: (folder / rel).unlink())
+        _submit_and_collect_without_listing(
+            defs, instance, emulator, listings, lambda rel: (folder / rel).unlink()
+        )
 
 
 def test_submit_and_collect_runs_never_list_an_s3_source(
@@ -280,4 +301,6 @@ def test_submit_and_collect_runs_never_list_an_s3_source(
     )
     fs = fsspec.filesystem("s3", **s3.storage_options)
     with counting(monkeypatch, s3.path("stills")) as listings:
-        _submit_and_collect_without_listing(defs, instance, emulator, listings, lambda rel: fs.rm(s3.path(f"stills/{rel}")))
+        _submit_and_collect_without_listing(
+            defs, instance, emulator, listings, lambda rel: fs.rm(s3.path(f"stills/{rel}"))
+        )

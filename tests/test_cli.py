@@ -38,7 +38,12 @@ def test_every_command_has_a_description_and_the_top_level_help_lists_it(command
 
 def test_the_demo_and_dev_show_their_defaults() -> None:
     demo = _cli("demo", "--help").stdout
-    for shown in ("(default: out/demo/videos)", "(default: deferred)", "(default: mark_stale)", "(default: 0.02)"):
+    for shown in (
+        "(default: out/demo/videos)",
+        "(default: deferred)",
+        "(default: mark_stale)",
+        "(default: 0.02)",
+    ):
         assert shown in " ".join(demo.split()), shown
     dev = " ".join(_cli("dev", "--help").stdout.split())
     assert "(default: 3000)" in dev and "(default: 127.0.0.1)" in dev

@@ -99,6 +99,7 @@ class Api:
         timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
         self.client: RunComfyClient | AsyncRunComfyClient
         if kind == "sync":
+
             def on_sync_response(response: httpx.Response) -> None:
                 if read_first:
                     response.read()

@@ -139,7 +139,9 @@ def test_a_bad_field_is_an_unexpected_response_naming_it(
     connect: Connector, body: dict[str, Any], problem: str
 ) -> None:
     # A mock transport: the emulator never serves a bad entry (its entries are validated).
-    api = connect("http://runcomfy.test", transport=httpx.MockTransport(lambda request: httpx.Response(200, json=body)))
+    api = connect(
+        "http://runcomfy.test", transport=httpx.MockTransport(lambda request: httpx.Response(200, json=body))
+    )
     with pytest.raises(UnexpectedResponseError) as info:
         api.model()
     assert problem in str(info.value) and len(api.sent) == FAST_RETRY.max_attempts
@@ -161,7 +163,9 @@ def test_unknown_fields_and_units_are_kept_not_refused(connect: Connector) -> No
 
 
 @pytest.mark.parametrize("model_id", ["", "/", "a//b", "a/../b", "a b", "a/\nb"])
-def test_a_malformed_model_id_is_refused_before_sending(emulator: Emulator, connect: Connector, model_id: str) -> None:
+def test_a_malformed_model_id_is_refused_before_sending(
+    emulator: Emulator, connect: Connector, model_id: str
+) -> None:
     api = connect(emulator)
     with pytest.raises(InputValidationError) as info:
         api.model(model_id)

@@ -206,7 +206,9 @@ def test_an_error_code_in_a_200_submit_answer_is_ambiguous(emulator: Emulator, c
     api = connect(emulator)
     with pytest.raises(AmbiguousSubmitError) as info:
         api.submit(image_input())
-    assert info.value.status_code == 200 and info.value.error_code == 503001  # transient, yet a submit is never retried
+    assert (
+        info.value.status_code == 200 and info.value.error_code == 503001
+    )  # transient, yet a submit is never retried
     assert api.count("submit") == 1
     assert emulator.ledger().billed_submissions == 1
 
@@ -586,7 +588,9 @@ def test_a_redirect_loop_is_a_configuration_error(connect: Connector, image_serv
     assert "TooManyRedirects" in str(info.value) and "check base_url" in str(info.value)
 
 
-def test_an_http_status_error_from_a_hook_is_typed_like_its_answer(emulator: Emulator, connect: Connector) -> None:
+def test_an_http_status_error_from_a_hook_is_typed_like_its_answer(
+    emulator: Emulator, connect: Connector
+) -> None:
     def raise_for_status(response: httpx.Response) -> None:
         response.raise_for_status()
 
@@ -598,7 +602,9 @@ def test_an_http_status_error_from_a_hook_is_typed_like_its_answer(emulator: Emu
     assert emulator.ledger().billed_submissions == 1
 
 
-def test_a_404_whose_body_a_hook_threw_away_is_not_taken_for_expired(emulator: Emulator, connect: Connector) -> None:
+def test_a_404_whose_body_a_hook_threw_away_is_not_taken_for_expired(
+    emulator: Emulator, connect: Connector
+) -> None:
     def raise_for_status(response: httpx.Response) -> None:  # httpx closes the unread body when this raises
         response.raise_for_status()
 

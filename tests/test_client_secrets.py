@@ -270,7 +270,10 @@ def error_paths(
             ServerError,
             with_fault(lambda: strict.status(mine), kind="server_error", endpoint="status", status=503),
         ),
-        (ServerError, with_fault(lambda: api.result(mine), kind="error_code_200", endpoint="result", status=500)),
+        (
+            ServerError,
+            with_fault(lambda: api.result(mine), kind="error_code_200", endpoint="result", status=500),
+        ),
         (TransportError, with_fault(lambda: strict.status(mine), kind="reset", endpoint="status")),
         (AmbiguousSubmitError, with_fault(submit, kind="server_error", endpoint="submit", after_accept=True)),
         (AmbiguousSubmitError, with_fault(submit, kind="reset", endpoint="submit", after_accept=True)),

@@ -31,7 +31,9 @@ def test_each_private_dagster_name_still_exists(module: str, name: str) -> None:
     try:
         found = importlib.import_module(module)
     except ImportError as exc:
-        pytest.fail(f"Dagster no longer has the module {module} (for {name}); update dagster_runway/_compat.py: {exc}")
+        pytest.fail(
+            f"Dagster no longer has the module {module} (for {name}); update dagster_runway/_compat.py: {exc}"
+        )
     assert hasattr(found, name), f"Dagster's {module} no longer has {name}; update dagster_runway/_compat.py"
 
 

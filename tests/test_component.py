@@ -128,8 +128,13 @@ def test_dg_check_and_list_defs_pass(where: Path) -> None:
 def test_dg_scaffolds_the_component_into_a_project(tmp_path: Path) -> None:
     project = tmp_path / "project"
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("out", "__pycache__"))
-    missing = _dg("check", "defs", cwd=project)  # the copy's ../images is not there: said at load, not at a tick
-    assert missing.returncode != 0 and f"source {tmp_path / 'images'} does not exist" in missing.stdout + missing.stderr
+    missing = _dg(
+        "check", "defs", cwd=project
+    )  # the copy's ../images is not there: said at load, not at a tick
+    assert (
+        missing.returncode != 0
+        and f"source {tmp_path / 'images'} does not exist" in missing.stdout + missing.stderr
+    )
     shutil.copytree(REPO / "examples" / "images", tmp_path / "images")
     listed = _dg("list", "components", cwd=project)
     assert "dagster_runway.component.RunwayPipelineComponent" in listed.stdout, listed.stdout + listed.stderr
@@ -137,9 +142,9 @@ def test_dg_scaffolds_the_component_into_a_project(tmp_path: Path) -> None:
     (line,) = [line for line in readme.splitlines() if line.startswith("dg scaffold defs ")]
     as_written = _dg(*line.split()[1:], cwd=project)  # the README's own line works inside the example project
     assert as_written.returncode == 0, as_written.stderr[-3000:]
-    assert yaml.safe_load((project / "runway_videos" / "defs" / "campaign" / "defs.yaml").read_text())["attributes"][
-        "key_prefix"
-    ] == ["campaign"]
+    assert yaml.safe_load((project / "runway_videos" / "defs" / "campaign" / "defs.yaml").read_text())[
+        "attributes"
+    ]["key_prefix"] == ["campaign"]
     shutil.rmtree(project / "runway_videos" / "defs" / "campaign")
     scaffolded = _dg(
         "scaffold", "defs", "dagster_runway.component.RunwayPipelineComponent", "more_videos",

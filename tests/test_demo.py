@@ -28,7 +28,9 @@ from .pipeline_helpers import write_images
 SECRET = "rc-live-7f3a9c2e5b1d4f6a8c0e2b4d6f8a1c3e"  # what a real token looks like, nowhere but the env
 
 
-def _demo(tmp_path: Path, *args: str, env: dict[str, str] | None = None, home: str = "home") -> subprocess.CompletedProcess:
+def _demo(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, home: str = "home"
+) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("RUNCOMFY_", "DAGSTER_HOME"))}
     environment |= {"DAGSTER_DISABLE_TELEMETRY": "1", **(env or {})}
     command = [
@@ -44,7 +46,10 @@ def _real(emulator) -> dict[str, str]:
 
 def test_help_names_the_environment_variables(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "dagster_runway.cli", "demo", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "dagster_runway.cli", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0
     for name in ("RUNCOMFY_API_TOKEN", "RUNCOMFY_BASE_URL", "--yes", "--max-spend", "--on-change"):
@@ -98,7 +103,9 @@ def test_the_estimate_before_spending_uses_the_catalog_price_and_says_when_it_ca
 
     down = emulator_factory(tokens=[SECRET], faults=[FaultRule(kind="server_error", endpoint="models")])
     refused = _demo(tmp_path, "--images", str(tmp_path / "images"), env=_real(down))
-    assert "3 image(s), about 0.75 USD" in refused.stdout and "the catalog could not be read" in refused.stdout
+    assert (
+        "3 image(s), about 0.75 USD" in refused.stdout and "the catalog could not be read" in refused.stdout
+    )
     assert dearer.ledger().billed_submissions == down.ledger().billed_submissions == 0
 
 
@@ -111,7 +118,10 @@ def test_the_token_is_nowhere_at_rest_after_a_run(tmp_path: Path, emulator_facto
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert emulator.ledger().billed_submissions == 2
     assert SECRET not in done.stdout + done.stderr
-    hits = [where for where in _scan(tmp_path / "home", SECRET.encode()) + _scan(tmp_path / "videos", SECRET.encode())]
+    hits = [
+        where
+        for where in _scan(tmp_path / "home", SECRET.encode()) + _scan(tmp_path / "videos", SECRET.encode())
+    ]
     assert hits == []
 
 
@@ -136,7 +146,13 @@ def _sqlite_cells_with(path: Path, needle: bytes) -> list[str]:
         for table in tables:
             for row in db.execute(f'select * from "{table}"'):  # noqa: S608 - table names from sqlite_master
                 for value in row:
-                    raw = value.encode() if isinstance(value, str) else value if isinstance(value, bytes) else b""
+                    raw = (
+                        value.encode()
+                        if isinstance(value, str)
+                        else value
+                        if isinstance(value, bytes)
+                        else b""
+                    )
                     candidates = [raw]
                     with contextlib.suppress(zlib.error):
                         candidates.append(zlib.decompress(raw))
@@ -145,7 +161,9 @@ def _sqlite_cells_with(path: Path, needle: bytes) -> list[str]:
     return found
 
 
-def test_a_changed_image_shows_stale_and_regenerates_only_when_asked(tmp_path: Path, emulator_factory) -> None:
+def test_a_changed_image_shows_stale_and_regenerates_only_when_asked(
+    tmp_path: Path, emulator_factory
+) -> None:
     emulator = emulator_factory(tokens=[SECRET])
     images = write_images(tmp_path / "images", valid=2, invalid=False)
     for image in images.values():
@@ -171,7 +189,9 @@ def test_a_changed_image_shows_stale_and_regenerates_only_when_asked(tmp_path: P
     row = next(line for line in regenerated.stdout.splitlines() if line.startswith(changed))
     assert row.split()[1] == "ok" and emulator.ledger().billed_submissions == 3
     assert row.endswith("this run") and _row(regenerated.stdout, sorted(images)[1])[-1] != "run"
-    assert "This run paid for 1 video(s), 0.25 USD; this output has cost 0.75 USD in all." in regenerated.stdout
+    assert (
+        "This run paid for 1 video(s), 0.25 USD; this output has cost 0.75 USD in all." in regenerated.stdout
+    )
 
 
 def _row(stdout: str, partition: str) -> list[str]:
@@ -201,7 +221,9 @@ def test_an_output_of_another_folder_is_refused_and_a_deleted_image_shows_source
     assert "1 video(s) have no source image any more" in gone.stdout
     assert emulator.ledger().billed_submissions == 2  # a missing image is never paid for
 
-    adopted = _demo(tmp_path, "--images", str(tmp_path / "other"), "--yes", "--adopt-output", env=_real(emulator))
+    adopted = _demo(
+        tmp_path, "--images", str(tmp_path / "other"), "--yes", "--adopt-output", env=_real(emulator)
+    )
     assert adopted.returncode == 0, adopted.stdout[-2000:] + adopted.stderr[-2000:]
     assert f"held videos of {tmp_path / 'images'}" in adopted.stdout
 

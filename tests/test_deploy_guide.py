@@ -39,12 +39,16 @@ def _validated(tmp_path: Path, *fragments: str) -> dict:
     return dict(config)
 
 
-def test_the_guide_dagster_yaml_is_a_valid_instance_config_with_its_limits(tmp_path: Path, database_env) -> None:
+def test_the_guide_dagster_yaml_is_a_valid_instance_config_with_its_limits(
+    tmp_path: Path, database_env
+) -> None:
     shutil.copy(GUIDE / "dagster.yaml", tmp_path / "dagster.yaml")
     config, _ = dagster_instance_config(str(tmp_path))
     database = config["storage"]["postgres"]["postgres_db"]
     assert database.pop("scheme") == "postgresql+psycopg2"  # the driver the postgres extra installs
-    assert all(isinstance(value, dict) and set(value) == {"env"} for value in database.values())  # no literal in the file
+    assert all(
+        isinstance(value, dict) and set(value) == {"env"} for value in database.values()
+    )  # no literal in the file
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["concurrency"] == {"runs": {"max_concurrent_runs": 4}, "pools": {"default_limit": 2}}
     assert config["run_monitoring"]["max_resume_run_attempts"] == 0

@@ -38,7 +38,9 @@ def test_graphql_documents_match_dagster_graphql_schema() -> None:
 
 
 @pytest.mark.deployment
-def test_images_become_videos_on_a_real_deployment_within_its_run_and_pool_limits(deploy, tmp_path: Path) -> None:
+def test_images_become_videos_on_a_real_deployment_within_its_run_and_pool_limits(
+    deploy, tmp_path: Path
+) -> None:
     images = write_images(tmp_path / "images", valid=8, invalid=False)
     options = '{"status_interval_s": 3, "discovery_interval_s": 3, "submit_batch_size": 2}'
     deployment = deploy(
@@ -84,9 +86,13 @@ def test_images_become_videos_on_a_real_deployment_within_its_run_and_pool_limit
     assert len(steps) >= 4  # 8 images in submit runs of 2
     assert _max_overlap(steps) <= 1, steps
 
+
 REQUESTS = "runway/requests"
 QUIET_S = 10.0
-FAST = {"RUNWAY_MISSING_PROMPT": "service_default", "RUNWAY_OPTIONS": '{"status_interval_s": 3, "discovery_interval_s": 3}'}
+FAST = {
+    "RUNWAY_MISSING_PROMPT": "service_default",
+    "RUNWAY_OPTIONS": '{"status_interval_s": 3, "discovery_interval_s": 3}',
+}
 
 
 def _outcomes(deployment) -> dict[str, tuple[str, str | None]]:
@@ -110,7 +116,9 @@ def _settle(deployment, count: int, timeout: float = 240) -> dict[str, tuple[str
     """Wait until every one of ``count`` partitions has a video or a failure and no run is left to finish."""
 
     def probe() -> tuple[dict[str, Any], list[Any]]:
-        return _outcomes(deployment), deployment.graphql.runs(statuses=["QUEUED", "NOT_STARTED", "STARTING", "STARTED"])
+        return _outcomes(deployment), deployment.graphql.runs(
+            statuses=["QUEUED", "NOT_STARTED", "STARTING", "STARTED"]
+        )
 
     # Settled means it stays so for a quiet period longer than two status ticks (3 s each here): between
     # two runs nothing is in progress, yet the sensor may still owe a collect or a resubmit.
@@ -129,7 +137,9 @@ def _settle(deployment, count: int, timeout: float = 240) -> dict[str, tuple[str
 
 def _assert_each_input_billed_once(deployment) -> None:
     ledger = deployment.ledger()
-    assert all(total.billed_submissions <= 1 for total in ledger.by_fingerprint.values()), ledger.by_fingerprint
+    assert all(total.billed_submissions <= 1 for total in ledger.by_fingerprint.values()), (
+        ledger.by_fingerprint
+    )
 
 
 def _assert_checks_passed(gql, keys: list[str]) -> None:
@@ -143,7 +153,9 @@ def test_backfills_over_all_partitions_beside_active_sensors_end_green_and_pay_o
     images = tmp_path / "images"
     write_images(images, valid=6, invalid=False)
     # On the deployment guide's dagster.yaml, as it is (Postgres through DAGSTER_PG_*).
-    deployment = deploy(source=images, output=tmp_path / "videos", time_scale=0.01, env=FAST, dagster_yaml=GUIDE_YAML)
+    deployment = deploy(
+        source=images, output=tmp_path / "videos", time_scale=0.01, env=FAST, dagster_yaml=GUIDE_YAML
+    )
     gql = deployment.graphql
     gql.start_sensor("runway_discovery_sensor")
     gql.start_sensor("runway_status_sensor")
@@ -166,7 +178,9 @@ def test_backfills_over_all_partitions_beside_active_sensors_end_green_and_pay_o
     keys = sorted(outcomes)
     _assert_checks_passed(gql, keys)
 
-    again = gql.wait_for_backfill(gql.launch_backfill([REQUESTS, VIDEOS]), timeout=300, on_poll=deployment.assert_alive)
+    again = gql.wait_for_backfill(
+        gql.launch_backfill([REQUESTS, VIDEOS]), timeout=300, on_poll=deployment.assert_alive
+    )
     assert again["status"] == "COMPLETED_SUCCESS", again
     assert deployment.ledger().billed_submissions == 10  # the second, identical backfill bills nothing
     _settle(deployment, 10)

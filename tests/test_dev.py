@@ -45,7 +45,9 @@ def _dev(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[
 
 def _session_processes(session_leader: int) -> list[str]:
     """Every live process in the session of ``session_leader`` or in a process group it started."""
-    found = subprocess.run(["ps", "-eo", "pid=,sid=,pgid=,stat=,args="], capture_output=True, text=True).stdout
+    found = subprocess.run(
+        ["ps", "-eo", "pid=,sid=,pgid=,stat=,args="], capture_output=True, text=True
+    ).stdout
     alive = []
     for line in found.splitlines():
         pid, sid, pgid, stat, command = line.split(None, 4)
@@ -87,7 +89,13 @@ def test_dev_opens_a_ui_that_makes_videos_against_the_emulator_and_stops_cleanly
         with Browser.from_env(log_dir=tmp_path / "browser") as browser:
             browser.open(
                 f"http://127.0.0.1:{port}/assets/runway/videos",
-                ["Latest materialization", "runway/state", "collected", "runway/request_id", "runway/cost_usd"],
+                [
+                    "Latest materialization",
+                    "runway/state",
+                    "collected",
+                    "runway/request_id",
+                    "runway/cost_usd",
+                ],
             )
         metadata = ui.latest_materialization_metadata(VIDEOS, statuses["materialized"][0])
         assert metadata["runway/result_url"].startswith("http://127.0.0.1:"), metadata
@@ -115,8 +123,18 @@ def test_offline_definitions_refuse_to_load_without_their_emulator(tmp_path: Pat
     write_images(tmp_path / "images", valid=1, invalid=False)
     demo = subprocess.run(
         [
-            sys.executable, "-m", "dagster_runway.cli", "demo", "--images", str(tmp_path / "images"),
-            "--output", str(tmp_path / "videos"), "--dagster-home", str(tmp_path / "home"), "--time-scale", "0",
+            sys.executable,
+            "-m",
+            "dagster_runway.cli",
+            "demo",
+            "--images",
+            str(tmp_path / "images"),
+            "--output",
+            str(tmp_path / "videos"),
+            "--dagster-home",
+            str(tmp_path / "home"),
+            "--time-scale",
+            "0",
         ],  # fmt: skip
         env=_environment(),
         capture_output=True,
@@ -131,7 +149,9 @@ def test_offline_definitions_refuse_to_load_without_their_emulator(tmp_path: Pat
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert load.returncode != 0
-    assert "runs only against its emulator" in load.stderr and "dagster-runway dev --dagster-home" in load.stderr
+    assert (
+        "runs only against its emulator" in load.stderr and "dagster-runway dev --dagster-home" in load.stderr
+    )
     assert "model-api.runcomfy.net" not in definitions.read_text()
 
 
@@ -139,7 +159,11 @@ def test_offline_definitions_refuse_to_load_without_their_emulator(tmp_path: Pat
     "env, args, expected",
     [
         ({"RUNCOMFY_API_TOKEN": "rc-live-secret"}, (), "pass --yes, or --max-spend USD"),
-        ({"RUNCOMFY_BASE_URL": "https://example.invalid"}, ("--max-spend", "1"), "export RUNCOMFY_API_TOKEN="),
+        (
+            {"RUNCOMFY_BASE_URL": "https://example.invalid"},
+            ("--max-spend", "1"),
+            "export RUNCOMFY_API_TOKEN=",
+        ),
     ],
     ids=["no-cap", "no-token"],
 )

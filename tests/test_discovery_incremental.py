@@ -46,10 +46,14 @@ def _write(root: Path, names: list[str]) -> None:
     for name in names:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b'{"promptText": "p"}' if name.endswith(".json") else b"prompt" if name.endswith(".txt") else PNG)
+        path.write_bytes(
+            b'{"promptText": "p"}' if name.endswith(".json") else b"prompt" if name.endswith(".txt") else PNG
+        )
 
 
-def _ticks(pipeline: RunwayPipelineConfig, instance: DagsterInstance, max_read: int, limit: int = 100) -> list[Discovery]:
+def _ticks(
+    pipeline: RunwayPipelineConfig, instance: DagsterInstance, max_read: int, limit: int = 100
+) -> list[Discovery]:
     """Discovery ticks until a pass ends, with the partitions each adds (as the sensor does)."""
     ticks: list[Discovery] = []
     with storage_connections_held(instance):
@@ -76,7 +80,9 @@ def _units(source: ImageSource, max_read: int) -> list[list[ImageEntry]]:
 
 
 @pytest.mark.parametrize("max_read", [1, 2, 3, 5, 8, 1000])
-def test_parts_of_a_listing_give_what_one_listing_gives_and_never_split_a_stem_group(tmp_path: Path, max_read: int):
+def test_parts_of_a_listing_give_what_one_listing_gives_and_never_split_a_stem_group(
+    tmp_path: Path, max_read: int
+):
     _write(tmp_path, LAYOUT)
     source = ImageSource(str(tmp_path))
     whole = {e.relpath: e for e in source.list()}
@@ -158,11 +164,17 @@ def test_a_change_to_an_image_a_sidecar_or_a_manifest_row_is_found_in_the_next_p
 def test_a_tick_records_at_most_its_batch_and_never_splits_a_stem_group(tmp_path: Path, instance):
     source = tmp_path / "in"
     _write(source, ["cat.png", "cat.jpg", "cat.webp", "cat.txt", "dog.png", "dog.jpg", "eel.png"])
-    pipeline = RunwayPipelineConfig(source=str(source), output=str(tmp_path / "videos"), discovery_batch_size=2)
+    pipeline = RunwayPipelineConfig(
+        source=str(source), output=str(tmp_path / "videos"), discovery_batch_size=2
+    )
     ticks = _ticks(pipeline, instance, max_read=1000)
     groups = {e.partition_key: group_of(e.relpath) for e in pipeline.image_source().list()}
     by_tick = [{groups[p] for p in t.versions} for t in ticks]
-    assert [sorted(g) for g in by_tick] == [["cat"], ["dog"], ["eel"]]  # cat's 3 images go together, as the first
+    assert [sorted(g) for g in by_tick] == [
+        ["cat"],
+        ["dog"],
+        ["eel"],
+    ]  # cat's 3 images go together, as the first
     # The first group of a tick goes whole even past the batch; the next waits for a tick with room.
     assert [t.recorded for t in ticks] == [3, 2, 1] and [t.deferred for t in ticks] == [3, 1, 0]
 

@@ -134,14 +134,18 @@ def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, 
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     folder = tmp_path_factory.mktemp("tls")
     cert_file, key_file = folder / "cert.pem", folder / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_side.load_cert_chain(cert_file, key_file)
@@ -173,7 +177,12 @@ def test_a_dripping_body_ends_at_the_deadline_and_leaves_nothing(tmp_path: Path,
     with pytest.raises(DownloadTimeoutError) as info:
         store_video(f"{server.url}/v.mp4?{SECRET}", str(tmp_path / "v.mp4"), retry=NO_WAIT, deadline_s=0.5)
     text = str(info.value)
-    assert "download_timeout_s" in text and "0.5 s" in text and "retries included" in text and "bytes received" in text
+    assert (
+        "download_timeout_s" in text
+        and "0.5 s" in text
+        and "retries included" in text
+        and "bytes received" in text
+    )
     assert "deadbeefcafe" not in text
     assert _parts(tmp_path) == []
 
@@ -217,13 +226,17 @@ def test_a_huge_content_length_is_refused_before_reading(tmp_path: Path, server:
     with pytest.raises(VideoTooLargeError) as info:
         store_video(f"{server.url}/v.mp4", str(tmp_path / "v.mp4"), retry=NO_WAIT, max_bytes=10 * 2**20)
     text = str(info.value)
-    assert "50000000000 bytes (Content-Length)" in text and str(10 * 2**20) in text and "max_video_bytes" in text
+    assert (
+        "50000000000 bytes (Content-Length)" in text and str(10 * 2**20) in text and "max_video_bytes" in text
+    )
     assert server.requests == ["/v.mp4"]  # refused, not retried
     assert _parts(tmp_path) == []
 
 
 @pytest.mark.parametrize("framing", ["close", "chunked"])
-def test_a_body_with_no_announced_size_is_cut_at_the_limit(tmp_path: Path, server: Hostile, framing: str) -> None:
+def test_a_body_with_no_announced_size_is_cut_at_the_limit(
+    tmp_path: Path, server: Hostile, framing: str
+) -> None:
     limit = 256 * 1024
     served: list[int] = []
 
@@ -275,7 +288,9 @@ def test_a_redirect_within_the_trusted_origin_is_followed(tmp_path: Path, server
 def test_a_redirect_loop_is_cut_at_the_hop_limit(tmp_path: Path, server: Hostile) -> None:
     server.routes["/loop"] = _redirect("/loop")
     with pytest.raises(DownloadError, match="more than 5 redirects"):
-        store_video(f"{server.url}/loop", str(tmp_path / "v.mp4"), retry=NO_WAIT, trusted_origins=[server.origin])
+        store_video(
+            f"{server.url}/loop", str(tmp_path / "v.mp4"), retry=NO_WAIT, trusted_origins=[server.origin]
+        )
     assert len(server.requests) == 6
     assert _parts(tmp_path) == []
 
@@ -303,7 +318,9 @@ def test_a_redirect_to_a_private_host_is_refused_before_connecting(
         location = target.format(other=other.port) + "?" + SECRET
         server.routes["/v.mp4"] = _redirect(location)
         with pytest.raises(DownloadError) as info:
-            store_video(f"{server.url}/v.mp4", str(tmp_path / "v.mp4"), retry=NO_WAIT, trusted_origins=[server.origin])
+            store_video(
+                f"{server.url}/v.mp4", str(tmp_path / "v.mp4"), retry=NO_WAIT, trusted_origins=[server.origin]
+            )
         text = str(info.value)
         assert rule in text and "redirect 1 of the video URL" in text
         assert "deadbeefcafe" not in text
@@ -323,7 +340,12 @@ def test_a_redirect_from_https_to_plain_http_is_refused(
     try:
         with httpx.Client(verify=client_side, timeout=10) as client:
             # https itself works; the downgrade does not, even to an address that is allowed
-            stored = store_video(f"{secure.url}/v.mp4", str(tmp_path / "ok.mp4"), client=client, trusted_origins=[secure.origin])
+            stored = store_video(
+                f"{secure.url}/v.mp4",
+                str(tmp_path / "ok.mp4"),
+                client=client,
+                trusted_origins=[secure.origin],
+            )
             assert stored.size == len(BODY)
             for target in (plain.url, f"http://127.0.0.1:{secure.port}"):
                 secure.routes["/down"] = _redirect(f"{target}/v.mp4")
@@ -354,7 +376,10 @@ def test_only_a_non_public_api_origin_is_trusted() -> None:
     assert trusted_origins_for("https://10.1.2.3") == {"https://10.1.2.3:443"}
     assert trusted_origins_for("https://93.184.216.34") == frozenset()  # a public address: nothing is exempt
     assert trusted_origins_for("not a url") == frozenset()
-    assert origin("https://Example.com/x") == "https://example.com:443" and origin("http://a:81/") == "http://a:81"
+    assert (
+        origin("https://Example.com/x") == "https://example.com:443"
+        and origin("http://a:81/") == "http://a:81"
+    )
 
 
 # Wired from the pipeline's options
@@ -376,11 +401,19 @@ def test_the_pipeline_applies_max_video_bytes_and_names_it(tmp_path: Path, emula
             for r in instance.fetch_observations(VIDEOS, limit=50).records
             if r.asset_observation and "max_video_bytes" in (r.asset_observation.description or "")
         ]
-        assert messages and "over the limit of 1024 bytes" in messages[0] and "raise max_video_bytes" in messages[0]
-        assert not list((tmp_path / "videos").glob("*.part")) and not list((tmp_path / "videos").glob("*.mp4"))
+        assert (
+            messages
+            and "over the limit of 1024 bytes" in messages[0]
+            and "raise max_video_bytes" in messages[0]
+        )
+        assert not list((tmp_path / "videos").glob("*.part")) and not list(
+            (tmp_path / "videos").glob("*.mp4")
+        )
 
 
-def test_a_download_past_download_timeout_s_fails_retryable_and_the_next_collect_gets_it(tmp_path: Path, emulator) -> None:
+def test_a_download_past_download_timeout_s_fails_retryable_and_the_next_collect_gets_it(
+    tmp_path: Path, emulator
+) -> None:
     write_images(tmp_path / "images", valid=1, invalid=False)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), download_timeout_s=0.5)
     emulator.add_fault(FaultRule(kind="slow", endpoint="files", delay_seconds=5.0, times=1))

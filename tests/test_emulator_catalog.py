@@ -83,7 +83,11 @@ def test_the_listing_answers_without_a_redirect_in_the_references_shape(
     assert all(set(model) == MODEL_FIELDS for model in body["models"])
     # An entry given without its optional fields is served with them, empty.
     assert body["models"][1] | {"model_id": "x"} == {
-        **entry(0), "model_id": "x", "pricing_note": "", "input_schema": {}, "model_url": ""
+        **entry(0),
+        "model_id": "x",
+        "pricing_note": "",
+        "input_schema": {},
+        "model_url": "",
     }
 
 
@@ -113,7 +117,8 @@ def test_pages_cover_every_model_once_in_order(emulator_factory: Factory, http_a
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("limit", "0"), ("limit", "101"), ("limit", "ten"), ("offset", "-1"), ("offset", "1.5")]
+    ("name", "value"),
+    [("limit", "0"), ("limit", "101"), ("limit", "ten"), ("offset", "-1"), ("offset", "1.5")],
 )
 def test_a_bad_page_parameter_is_a_422_naming_it(
     emulator: Emulator, http_api: Connect, name: str, value: str
@@ -211,7 +216,11 @@ def test_failed_generations_cost_what_the_ledger_says_either_way(
     assert api.cancel(cancelled).json()["outcome"] == "cancelled"
     emulator.resume()
     results = {rid: api.finish(rid) for rid in (failed, succeeded, cancelled)}
-    assert [results[rid]["status"] for rid in (failed, succeeded, cancelled)] == ["failed", "succeeded", "cancelled"]
+    assert [results[rid]["status"] for rid in (failed, succeeded, cancelled)] == [
+        "failed",
+        "succeeded",
+        "cancelled",
+    ]
     ledger = emulator.ledger()
     by_id = {e.request_id: e for e in ledger.entries}
     assert results[failed]["cost"] == by_id[failed].cost_usd == (0.25 if bill_failed else 0.0)
@@ -248,13 +257,24 @@ def test_a_catalog_file_is_a_list_or_a_saved_listing(tmp_path: Path) -> None:
     [
         ("{not json", "not JSON"),
         ('"a string"', "must be a JSON list"),
-        (json.dumps([entry(1, base_price_usd=-1)]), "entry 0 (vendor-1/model-01/text-to-image): base_price_usd"),
-        (json.dumps([entry(1), entry(2, price_unit="minute")]), "entry 1 (vendor-2/model-02/text-to-image): price_unit"),
-        (json.dumps([{"model_id": "a/b", "display_name": "A"}]), "entry 0 (a/b): base_price_usd: Field required"),
+        (
+            json.dumps([entry(1, base_price_usd=-1)]),
+            "entry 0 (vendor-1/model-01/text-to-image): base_price_usd",
+        ),
+        (
+            json.dumps([entry(1), entry(2, price_unit="minute")]),
+            "entry 1 (vendor-2/model-02/text-to-image): price_unit",
+        ),
+        (
+            json.dumps([{"model_id": "a/b", "display_name": "A"}]),
+            "entry 0 (a/b): base_price_usd: Field required",
+        ),
         (json.dumps([entry(1, kind="model")]), "kind: Extra inputs are not permitted"),
     ],
 )
-def test_a_bad_catalog_file_is_named_with_its_entry_and_field(tmp_path: Path, content: str, said: str) -> None:
+def test_a_bad_catalog_file_is_named_with_its_entry_and_field(
+    tmp_path: Path, content: str, said: str
+) -> None:
     path = tmp_path / "catalog.json"
     path.write_text(content)
     with pytest.raises(CatalogFileError) as info:
@@ -275,12 +295,17 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_the_price_and_billing_flags_make_the_config(tmp_path: Path) -> None:
     assert (_config(parse()).price_usd, _config(parse()).price_unit, _config(parse()).bill_failed) == (
-        0.05, "second", True
+        0.05,
+        "second",
+        True,
     )
     config = _config(parse("--price-usd-per-output", "0.4", "--no-bill-failed"))
     assert (config.price_usd, config.price_unit, config.bill_failed) == (0.4, "output", False)
     for flag in ("--price-usd-per-second", "--price-per-second"):
-        assert _config(parse(flag, "0.08")).price_usd == 0.08 and _config(parse(flag, "0.08")).price_unit == "second"
+        assert (
+            _config(parse(flag, "0.08")).price_usd == 0.08
+            and _config(parse(flag, "0.08")).price_unit == "second"
+        )
     with pytest.raises(SystemExit):
         parse("--price-usd-per-second", "0.1", "--price-usd-per-output", "0.2")
 
@@ -290,11 +315,14 @@ def test_the_command_serves_a_catalog_file_at_its_price(
 ) -> None:
     path = tmp_path / "catalog.json"
     path.write_text(json.dumps([entry(4)]))
-    process = emulator_process("--port", "0", "--time-scale", "0", "--catalog", str(path), "--price-usd-per-second", "0.09")
+    process = emulator_process(
+        "--port", "0", "--time-scale", "0", "--catalog", str(path), "--price-usd-per-second", "0.09"
+    )
     api = http_api(process)
     listing = get(api, "/v1/models")
     assert [(m["model_id"], m["base_price_usd"]) for m in listing["models"]] == [
-        (MODEL_ID, 0.09), (entry(4)["model_id"], 0.04)
+        (MODEL_ID, 0.09),
+        (entry(4)["model_id"], 0.04),
     ]
     assert process.stop() == 0
 
@@ -310,4 +338,8 @@ def test_the_command_refuses_a_bad_catalog_file_in_one_line(tmp_path: Path) -> N
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.count("\n") == 1 and str(path) in done.stderr and "model_id: Field required" in done.stderr
+    assert (
+        done.stderr.count("\n") == 1
+        and str(path) in done.stderr
+        and "model_id: Field required" in done.stderr
+    )

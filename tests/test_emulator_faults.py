@@ -221,12 +221,16 @@ def test_a_200_that_is_not_the_apis_answer(
     api = http_api(emulator)
     request_id = api.submit_id({"promptImage": IMAGE})
     emulator.add_fault(FaultRule(kind=kind, endpoint=endpoint, times=1))
-    response = api.submit({"promptImage": IMAGE}) if endpoint == "submit" else getattr(api, endpoint)(request_id)
+    response = (
+        api.submit({"promptImage": IMAGE}) if endpoint == "submit" else getattr(api, endpoint)(request_id)
+    )
     assert response.status_code == 200 and response.headers["content-type"].startswith(content_type)
     assert "request_id" not in response.text and "error_code" not in response.text
     billed = 2 if endpoint == "submit" else 1  # a submit is accepted first by default
     assert emulator.ledger().billed_submissions == billed
-    assert emulator.request_state(request_id) == "in_queue"  # answered in the API's place: a cancel did nothing
+    assert (
+        emulator.request_state(request_id) == "in_queue"
+    )  # answered in the API's place: a cancel did nothing
 
 
 @pytest.mark.parametrize("endpoint", ["status", "result", "cancel"])
@@ -270,7 +274,9 @@ def test_generation_failed_ends_the_request_failed_with_the_code(
         and failed["error"]["code"] == code
         and code in failed["error"]["message"]
     )
-    assert "output" not in failed and failed["cost"] == pytest.approx(0.25)  # stays billed, as the ledger says
+    assert "output" not in failed and failed["cost"] == pytest.approx(
+        0.25
+    )  # stays billed, as the ledger says
     assert api.finish(api.submit_id({"promptImage": IMAGE}))["status"] == "succeeded"
     assert emulator.ledger().billed_submissions == 2  # a failed generation stays billed
 

@@ -114,7 +114,9 @@ def test_reuse_renders_serves_one_clip_per_size_and_still_checks_each_image(
 
     def video(width: int, ratio: str, duration: int = 5) -> bytes:
         result = api.finish(
-            api.submit_id({"promptImage": data_uri(make_png(width, 200)), "ratio": ratio, "duration": duration})
+            api.submit_id(
+                {"promptImage": data_uri(make_png(width, 200)), "ratio": ratio, "duration": duration}
+            )
         )
         assert result["status"] == "succeeded", result
         return api.http.get(result["output"]["video"]).content

@@ -55,7 +55,9 @@ def test_an_image_costs_a_bounded_number_of_event_bytes_with_the_ui_metadata_and
     }
     with instance_for_test(overrides={"event_log_storage": storage}) as instance:
         write_images(tmp_path / "images", valid=IMAGES, invalid=False)
-        daemon = LocalDaemon(make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos")), instance)
+        daemon = LocalDaemon(
+            make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos")), instance
+        )
         daemon.tick("runway_discovery_sensor")
         assert run_until_idle(daemon) == []
         keys = instance.get_dynamic_partitions("runway_images")
@@ -73,12 +75,18 @@ def test_an_image_costs_a_bounded_number_of_event_bytes_with_the_ui_metadata_and
     events = _partition_events(next(events_dir.glob("*.db")))
     per_image = Counter(partition for _, partition, _, _ in events)
     assert set(per_image) == set(keys)
-    checks = [(partition, size, event) for kind, partition, size, event in events if kind.startswith("ASSET_CHECK_EVALUATION ")]
+    checks = [
+        (partition, size, event)
+        for kind, partition, size, event in events
+        if kind.startswith("ASSET_CHECK_EVALUATION ")
+    ]
     assert Counter(partition for partition, _, _ in checks) == {key: len(CHECK_NAMES) for key in keys}
     for _, size, event in checks:
         data = event["dagster_event"]["event_specific_data"]
         assert size <= MAX_CHECK_RESULT_BYTES, (data["check_name"], size)
-        assert "partition" not in data["metadata"] and data["description"] is None  # both are the result's own
+        assert (
+            "partition" not in data["metadata"] and data["description"] is None
+        )  # both are the result's own
     # The status sensor records each state it sees (in_queue, in_progress, completed): how many depends on
     # when it polled, so those are bounded one by one and the rest per image.
     by_kind: Counter[str] = Counter()

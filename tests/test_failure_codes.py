@@ -43,6 +43,9 @@ def test_every_partition_failure_is_built_by_a_named_constructor_in_failures_py(
         if path.name == "failures.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "PartitionFailure":
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", None)) == "PartitionFailure"
+            ):
                 inline.append(f"{path.relative_to(package)}:{node.lineno}")
     assert inline == [], f"build these with a function of pipeline/failures.py: {inline}"

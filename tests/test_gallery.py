@@ -81,7 +81,9 @@ def test_each_row_says_the_partitions_state_lineage_and_reason(
     manifest = GalleryIndex(pipeline.output).manifest()
     assert manifest is not None and manifest["run_usd"] == 0.25 and manifest["total_usd"] == 1.0
     assert set(manifest["shards"]) == {shard_of(key) for key in rows}
-    assert XSS not in reviewed.read_text() and "window.pwned" not in reviewed.read_text()  # the page is static
+    assert (
+        XSS not in reviewed.read_text() and "window.pwned" not in reviewed.read_text()
+    )  # the page is static
     assert meta["runway/gallery"] == str(reviewed)  # linked from each video's materialization
 
 
@@ -112,7 +114,9 @@ def test_a_write_of_some_partitions_gives_the_bytes_of_a_rebuild(
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == incremental
 
 
-def test_an_index_that_is_gone_or_damaged_is_rebuilt(reviewed: Path, tmp_path: Path, instance: DagsterInstance) -> None:
+def test_an_index_that_is_gone_or_damaged_is_rebuilt(
+    reviewed: Path, tmp_path: Path, instance: DagsterInstance
+) -> None:
     pipeline = _pipeline(tmp_path)
     write_gallery(pipeline, instance)
     folder = reviewed.parent / INDEX_FOLDER
@@ -161,21 +165,28 @@ def test_chromium_draws_failures_first_and_plays_a_video_with_no_console_error(
     with Browser.from_env(log_dir=tmp_path / "browser") as browser:
         browser.open(
             reviewed.as_uri(),
-            ["6 partitions: 2 failed, 1 source missing, 1 stale, 2 ok", "Spent 1.00 USD in all; 0.25 USD in this run."],
+            [
+                "6 partitions: 2 failed, 1 source missing, 1 stale, 2 ok",
+                "Spent 1.00 USD in all; 0.25 USD in this run.",
+            ],
         )
         order = "return Array.from(document.querySelectorAll('.card')).map(c => c.dataset.partition)"
         assert browser.execute(order) == [
             "not-an-image.png", "too-wide.png", "img03.png", "img02.png", "img00.png", "img01.png",
         ]  # fmt: skip
         card = "return document.querySelector(`.card[data-partition='${arguments[0]}']`).innerText"
-        browser.wait_for_text([], until=lambda _: "not viewable as an image" in browser.execute(card, "not-an-image.png"))
+        browser.wait_for_text(
+            [], until=lambda _: "not viewable as an image" in browser.execute(card, "not-an-image.png")
+        )
         assert "source missing" in browser.execute(card, "img03.png")
         assert "checks: from before the change" in browser.execute(card, "img02.png")
         assert "checks: from before the change" not in browser.execute(card, "img00.png")
         assert XSS in browser.execute(card, "img01.png") and browser.execute("return window.pwned") is None
         sources = "return Array.from(document.querySelectorAll('img.source')).map(i => [i.complete, i.naturalWidth])"
         browser.wait_for_text([], until=lambda _: all(done for done, _ in browser.execute(sources)))
-        assert [width > 0 for _, width in browser.execute(sources)] == [True] * 4  # img00, 01, 02 and too-wide
+        assert [width > 0 for _, width in browser.execute(sources)] == [
+            True
+        ] * 4  # img00, 01, 02 and too-wide
 
         assert browser.execute("return document.querySelectorAll('video').length") == 0  # nothing fetched yet
         browser.click("//section[@data-partition='img00.png']//button[contains(@class, 'poster-button')]")

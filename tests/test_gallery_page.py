@@ -20,7 +20,15 @@ ORDER = "return Array.from(document.querySelectorAll('.card')).map(c => c.datase
 def _ok(key: str) -> Card:
     checks = dict.fromkeys(("video_playable", "duration_matches_request", "aspect_matches_ratio",
                             "checksum_at_rest", "source_unchanged"), "SUCCEEDED")  # fmt: skip
-    return Card(key, "ok", video=True, source=f"/data/{key}", details={"prompt": "a calm sea"}, cost_usd=0.25, checks=checks)
+    return Card(
+        key,
+        "ok",
+        video=True,
+        source=f"/data/{key}",
+        details={"prompt": "a calm sea"},
+        cost_usd=0.25,
+        checks=checks,
+    )
 
 
 @pytest.fixture
@@ -36,10 +44,19 @@ def test_the_first_screen_shows_the_failed_and_stale_cards_first_and_pages_throu
     tmp_path: Path, browser
 ) -> None:
     found = [_ok(f"a{i:03d}.png") for i in range(130)]
-    found.append(Card("zz-failed.png", "failed", source=LONG_PATH, reason=f"{LONG_PATH}: not an image. Next step: fix it"))
+    found.append(
+        Card(
+            "zz-failed.png",
+            "failed",
+            source=LONG_PATH,
+            reason=f"{LONG_PATH}: not an image. Next step: fix it",
+        )
+    )
     found.append(Card("m-stale.png", "stale", video=True, checks={"source_unchanged": "FAILED"}))
     GalleryIndex(str(tmp_path)).write_all((card.row() for card in found), HEADER)
-    browser.open((tmp_path / GALLERY_NAME).as_uri(), ["132 partitions: 1 failed, 1 stale, 130 ok", "Page 1 of 3"])
+    browser.open(
+        (tmp_path / GALLERY_NAME).as_uri(), ["132 partitions: 1 failed, 1 stale, 130 ok", "Page 1 of 3"]
+    )
     assert "Spent 12.50 USD in all." in browser.text()  # no run spend given: none shown
     shown = browser.execute(ORDER)
     assert shown[:3] == ["zz-failed.png", "m-stale.png", "a000.png"] and len(shown) == 48
@@ -57,12 +74,16 @@ def test_the_first_screen_shows_the_failed_and_stale_cards_first_and_pages_throu
     browser.wait_for_text(["Page 1 of 1 (1–1 of 1 card)"])
     assert browser.execute(ORDER) == ["m-stale.png"] and "checks: from before the change" in browser.text()
     browser.click("//button[@data-show='all']")
-    browser.execute("const s = document.getElementById('search'); s.value = 'A12'; s.dispatchEvent(new Event('input'))")
+    browser.execute(
+        "const s = document.getElementById('search'); s.value = 'A12'; s.dispatchEvent(new Event('input'))"
+    )
     browser.wait_for_text(["Page 1 of 1 (1–10 of 10 cards)"])
     assert browser.execute(ORDER) == [f"a12{i}.png" for i in range(10)]
 
     # A long path wraps at its separators: no text between two of them is split over two lines.
-    browser.execute("const s = document.getElementById('search'); s.value = 'zz'; s.dispatchEvent(new Event('input'))")
+    browser.execute(
+        "const s = document.getElementById('search'); s.value = 'zz'; s.dispatchEvent(new Event('input'))"
+    )
     browser.wait_for_text(["1 card)"])
     pieces = """
       const card = document.querySelector('.card');
@@ -73,7 +94,9 @@ def test_the_first_screen_shows_the_failed_and_stale_cards_first_and_pages_throu
     found_pieces = browser.execute(pieces)
     assert "".join(text for text, _ in found_pieces).count(LONG_PATH) == 2  # the source and the reason
     assert [text for text, lines in found_pieces if lines > 1 and len(text) < 30] == []
-    assert browser.execute("return document.querySelector('.card').scrollWidth <= document.querySelector('.card').clientWidth")
+    assert browser.execute(
+        "return document.querySelector('.card').scrollWidth <= document.querySelector('.card').clientWidth"
+    )
     # A failed card whose image is not shown has a placeholder, never a broken image.
     assert browser.execute("return document.querySelectorAll('.card img').length") == 0
     assert "no preview" in browser.text()
@@ -89,7 +112,9 @@ def test_one_partition_is_one_partition_and_markup_in_the_data_is_text(tmp_path:
         reason=f"{MARKUP} Next step: rename it",
     )
     GalleryIndex(str(tmp_path)).write_all([card.row()], {**HEADER, "run_usd": 0.0})
-    text = browser.open((tmp_path / GALLERY_NAME).as_uri(), ["1 partition: 1 failed", "Page 1 of 1 (1–1 of 1 card)"])
+    text = browser.open(
+        (tmp_path / GALLERY_NAME).as_uri(), ["1 partition: 1 failed", "Page 1 of 1 (1–1 of 1 card)"]
+    )
     assert "Spent 12.50 USD in all; 0.00 USD in this run." in text
     assert text.count(MARKUP) >= 3 and browser.execute("return window.pwned") is None
     assert browser.execute("return document.title") == HEADER["title"]

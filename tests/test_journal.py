@@ -88,7 +88,9 @@ def test_the_cap_refuses_before_anything_is_sent_and_frees_the_attempt(where) ->
     _claim(journal, fingerprint="aa" + "2" * 62, cap=cap)
     with pytest.raises(SpendCapReached) as refused:
         _claim(journal, fingerprint="aa" + "3" * 62, cap=cap)
-    assert "spend cap reached: $0.50 of $0.50" in str(refused.value) and "Raise max_spend_usd" in str(refused.value)
+    assert "spend cap reached: $0.50 of $0.50" in str(refused.value) and "Raise max_spend_usd" in str(
+        refused.value
+    )
     assert journal.latest("aa" + "3" * 62).state == REJECTED  # the attempt is free for a later try
     assert journal.spent_usd() == 0.5
 
@@ -124,7 +126,12 @@ def _race_spend(url: str, options: dict[str, Any], index: int, barrier: Any, res
         fingerprint = f"{index:02d}{i:02d}" + "f" * 60
         try:
             journal.claim(
-                fingerprint, 1, partition="p", owner=Owner.current(), estimate_usd=0.25, input={},
+                fingerprint,
+                1,
+                partition="p",
+                owner=Owner.current(),
+                estimate_usd=0.25,
+                input={},
                 cap=SpendCap(max_usd=2.0),
             )
             outcomes.append("ok")

@@ -24,7 +24,11 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCOMFY_")} | (env or {})
     return subprocess.run(
         [sys.executable, "-m", "dagster_runway.journal_cli", *args],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, env=environment,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        env=environment,
     )
 
 
@@ -44,7 +48,12 @@ def output(tmp_path: Path) -> Path:
 
     def claim(fingerprint: str, seed: int, owner: Owner = me, attempt: int = 1):
         return journal.claim(
-            fingerprint, attempt, partition=f"{seed}.png", owner=owner, estimate_usd=0.25, input={"seed": seed}
+            fingerprint,
+            attempt,
+            partition=f"{seed}.png",
+            owner=owner,
+            estimate_usd=0.25,
+            input={"seed": seed},
         )
 
     journal.record_submitted(claim(FP_DONE, 1), "req-done")
@@ -59,9 +68,25 @@ def test_list_puts_what_needs_the_operator_first_with_the_seed_and_time(output: 
     listed = _cli("list", "--output", str(output))
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
-    assert lines[0].split() == ["STATE", "PARTITION", "FINGERPRINT", "ATTEMPT", "CLAIMED", "AT", "(UTC)", "SEED", "OWNER", "REQUEST", "ID"]
+    assert lines[0].split() == [
+        "STATE",
+        "PARTITION",
+        "FINGERPRINT",
+        "ATTEMPT",
+        "CLAIMED",
+        "AT",
+        "(UTC)",
+        "SEED",
+        "OWNER",
+        "REQUEST",
+        "ID",
+    ]
     assert lines[1].startswith(AMBIGUOUS) and FP_LOST[:12] in lines[1] and " 2 " in lines[1]
-    assert lines[2].startswith("claimed (owner gone)") and FP_GONE[:12] in lines[2] and "run run-dead" in lines[2]
+    assert (
+        lines[2].startswith("claimed (owner gone)")
+        and FP_GONE[:12] in lines[2]
+        and "run run-dead" in lines[2]
+    )
     assert any(FP_DONE[:12] in line and "req-done" in line for line in lines[3:5])
     assert time.strftime("%Y-%m-%d", time.gmtime()) in lines[1]
     assert "adopt FINGERPRINT REQUEST_ID" in listed.stdout
@@ -78,7 +103,14 @@ def test_show_prints_every_attempt_of_a_fingerprint_from_a_prefix(output: Path) 
 
 def test_adopting_an_ambiguous_attempt_records_the_request_so_it_is_collected(output: Path) -> None:
     adopted = _cli(
-        "adopt", FP_LOST[:12], "req-found-1", "--output", str(output), "--note", "seed 2 at 10:02", "--no-check"
+        "adopt",
+        FP_LOST[:12],
+        "req-found-1",
+        "--output",
+        str(output),
+        "--note",
+        "seed 2 at 10:02",
+        "--no-check",
     )
     assert adopted.returncode == 0, adopted.stderr
     assert "request req-found-1" in adopted.stdout and "collects it instead of paying again" in adopted.stdout
@@ -156,11 +188,17 @@ def test_adopt_asks_the_service_first_and_a_request_it_never_issued_leaves_the_a
     journal = Journal(str(output / ".runway"))
 
     unchecked = _cli("adopt", FP_LOST, "req-typo", "--output", str(output), env={})
-    assert unchecked.returncode == 2 and "set RUNCOMFY_API_TOKEN" in unchecked.stderr and "--no-check" in unchecked.stderr
+    assert (
+        unchecked.returncode == 2
+        and "set RUNCOMFY_API_TOKEN" in unchecked.stderr
+        and "--no-check" in unchecked.stderr
+    )
     typo = _cli("adopt", FP_LOST, "req-typo", "--output", str(output), env=service)
     assert typo.returncode == 2 and "does not know request 'req-typo'" in typo.stderr, typo.stderr
     assert emulator.token not in typo.stderr + typo.stdout
-    assert journal.read(FP_LOST, 2).state == AMBIGUOUS  # nothing was adopted: a later run still refuses to pay
+    assert (
+        journal.read(FP_LOST, 2).state == AMBIGUOUS
+    )  # nothing was adopted: a later run still refuses to pay
 
     adopted = _cli("adopt", FP_LOST, real, "--output", str(output), env=service)
     assert adopted.returncode == 0, adopted.stderr

@@ -34,7 +34,9 @@ def _temps(root: Path) -> list[Path]:
 def test_a_writer_killed_mid_create_leaves_a_temp_that_the_next_run_removes(tmp_path: Path) -> None:
     root = tmp_path / "journal"
     writer = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_WRITER, str(root), FP], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+        [sys.executable, "-c", _KILLED_WRITER, str(root), FP],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
     )
     assert writer.stdout is not None and writer.stdout.readline() == b"writing\n"
     os.kill(writer.pid, signal.SIGKILL)
@@ -45,7 +47,10 @@ def test_a_writer_killed_mid_create_leaves_a_temp_that_the_next_run_removes(tmp_
     journal = Journal(str(root))
     journal.verify_store()
     assert _temps(root) == []
-    assert journal.claim(FP, 1, partition="a.png", owner=Owner.current(), estimate_usd=0.25, input={}).state == CLAIMED
+    assert (
+        journal.claim(FP, 1, partition="a.png", owner=Owner.current(), estimate_usd=0.25, input={}).state
+        == CLAIMED
+    )
 
 
 def _next_run(root: Path) -> None:

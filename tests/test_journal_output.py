@@ -52,4 +52,6 @@ def test_a_damaged_output_record_names_the_file_and_the_fix(tmp_path: Path) -> N
     record.write_text('{"output": ')
     with pytest.raises(JournalDamaged) as damaged:
         journal.bind_output(str(tmp_path / "out"), str(tmp_path / "images"))
-    assert str(record) in str(damaged.value) and "bind the output to its own image source" in str(damaged.value)
+    assert str(record) in str(damaged.value) and "bind the output to its own image source" in str(
+        damaged.value
+    )

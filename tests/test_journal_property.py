@@ -115,8 +115,13 @@ class JournalProtocol(RuleBasedStateMachine):
         (fingerprint, attempt), process.plan = process.plan, None
         try:
             process.claim = process.journal.claim(
-                fingerprint, attempt, partition=f"{fingerprint[:2]}.png", owner=process.owner,
-                estimate_usd=ESTIMATE, input={"seed": attempt}, cap=CAP,
+                fingerprint,
+                attempt,
+                partition=f"{fingerprint[:2]}.png",
+                owner=process.owner,
+                estimate_usd=ESTIMATE,
+                input={"seed": attempt},
+                cap=CAP,
             )
         except ClaimTaken as taken:
             assert taken.claim is not None and taken.claim.owner != process.owner
@@ -127,7 +132,10 @@ class JournalProtocol(RuleBasedStateMachine):
             assert refused is not None and refused.state == REJECTED
 
     @precondition(lambda self: any(p.claim is not None for p in self.processes))
-    @rule(choice=st.integers(0, PROCESSES - 1), outcome=st.sampled_from(["accepted", "rejected", "lost", "failed"]))
+    @rule(
+        choice=st.integers(0, PROCESSES - 1),
+        outcome=st.sampled_from(["accepted", "rejected", "lost", "failed"]),
+    )
     def send(self, choice: int, outcome: str) -> None:
         """POST a taken claim: accepted (the answer arrives), rejected (a 4xx: nothing billed), lost
         (accepted, but the connection dropped before the answer), or failed before sending."""
@@ -210,7 +218,11 @@ class JournalProtocol(RuleBasedStateMachine):
 def _stable(examples: int, steps: int) -> settings:
     """Bounded, and the same examples on every machine (derandomised, no example database)."""
     return settings(
-        max_examples=examples, stateful_step_count=steps, deadline=None, derandomize=True, database=None,
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        derandomize=True,
+        database=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
 

@@ -30,7 +30,9 @@ def _fp(i: int) -> str:
 
 def _try(journal: Journal, i: int, cap: SpendCap) -> bool:
     try:
-        journal.claim(_fp(i), 1, partition=f"{i}.png", owner=Owner.current(), estimate_usd=0.25, input={}, cap=cap)
+        journal.claim(
+            _fp(i), 1, partition=f"{i}.png", owner=Owner.current(), estimate_usd=0.25, input={}, cap=cap
+        )
     except SpendCapReached:
         return False
     return True
@@ -54,7 +56,9 @@ def test_hosts_whose_clocks_are_hours_apart_never_pass_a_rolling_cap(
     assert taken.count(True) == 4
     assert here.spent_usd(HOUR) == there.spent_usd(HOUR) == 1.0
     with pytest.raises(SpendCapReached) as refused:
-        there.claim(_fp(99), 1, partition="99.png", owner=Owner.current(), estimate_usd=0.25, input={}, cap=cap)
+        there.claim(
+            _fp(99), 1, partition="99.png", owner=Owner.current(), estimate_usd=0.25, input={}, cap=cap
+        )
     # when it fits again is said on the caller's own clock: about an hour from its now
     assert refused.value.retry_at is not None
     assert 0.9 * HOUR < refused.value.retry_at - (time.time() + skew_h * HOUR) <= HOUR + 2
@@ -62,7 +66,10 @@ def test_hosts_whose_clocks_are_hours_apart_never_pass_a_rolling_cap(
 
 def test_the_log_is_stamped_by_the_store_and_never_goes_back(tmp_path: Path) -> None:
     root = tmp_path / "journal"
-    ahead, behind = Journal(str(root), clock=lambda: time.time() + 2 * HOUR), Journal(str(root), clock=lambda: time.time() - 2 * HOUR)
+    ahead, behind = (
+        Journal(str(root), clock=lambda: time.time() + 2 * HOUR),
+        Journal(str(root), clock=lambda: time.time() - 2 * HOUR),
+    )
     for i, journal in enumerate([ahead, behind, ahead, behind]):
         _try(journal, i, SpendCap(max_usd=10.0))
     stamps = [json.loads(p.read_text())["at"] for p in sorted((root / "spend").rglob("*.json"))]
@@ -99,10 +106,16 @@ def test_a_truncated_newest_spend_entry_fails_the_claim_naming_the_file(tmp_path
 
 def test_a_truncated_claim_is_damage_naming_the_file_not_a_claim_being_written(tmp_path: Path) -> None:
     journal = Journal(str(tmp_path / "journal"))
-    claim = journal.claim(_fp(1), 1, partition="1.png", owner=Owner.current(), estimate_usd=0.25, input={"seed": 3})
+    claim = journal.claim(
+        _fp(1), 1, partition="1.png", owner=Owner.current(), estimate_usd=0.25, input={"seed": 3}
+    )
     path = Path(journal.claim_path(claim.fingerprint, 1))
     path.write_bytes(path.read_bytes()[:40])
-    for read in (lambda: journal.latest(_fp(1)), lambda: journal.read(_fp(1), 1), lambda: journal.claims(_fp(1))):
+    for read in (
+        lambda: journal.latest(_fp(1)),
+        lambda: journal.read(_fp(1), 1),
+        lambda: journal.claims(_fp(1)),
+    ):
         with pytest.raises(JournalDamaged) as damaged:
             read()
         assert damaged.value.path == str(path) and str(path) in str(damaged.value)
@@ -119,9 +132,17 @@ def test_a_claim_written_before_writer_nonces_still_reads(tmp_path: Path) -> Non
     path = Path(journal.claim_path(_fp(1), 1))
     path.parent.mkdir(parents=True)
     old = {
-        "fingerprint": _fp(1), "attempt": 1, "state": CLAIMED, "partition": "1.png",
-        "owner": {"run_id": None, "host": "h", "pid": 1}, "claimed_at": 1.0, "estimate_usd": 0.25,
-        "input": {}, "request_id": None, "answered_at": None, "reason": None,
+        "fingerprint": _fp(1),
+        "attempt": 1,
+        "state": CLAIMED,
+        "partition": "1.png",
+        "owner": {"run_id": None, "host": "h", "pid": 1},
+        "claimed_at": 1.0,
+        "estimate_usd": 0.25,
+        "input": {},
+        "request_id": None,
+        "answered_at": None,
+        "reason": None,
     }
     path.write_text(json.dumps(old))
     claim = journal.latest(_fp(1))

@@ -15,7 +15,6 @@ from dagster_runway.journal import ClaimTaken, Journal, JournalStoreUnsafe, Owne
 FP = "cd" + "1" * 62
 
 
-
 @pytest.fixture(params=["local", "s3"])
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
     if request.param == "local":
@@ -39,7 +38,9 @@ def test_a_store_that_ignores_conditional_writes_is_refused_with_the_fix(old_s3)
         assert f"s3://{old_s3.bucket}/.runway" in message
         assert "ignores conditional writes (If-None-Match: *)" in message and "pay for it twice" in message
         assert "AWS S3" in message and "local disk" in message
-        assert "`journal`" in message and "`journal_storage_options`" in message and "another bucket" in message
+        assert (
+            "`journal`" in message and "`journal_storage_options`" in message and "another bucket" in message
+        )
         assert "testing" not in message  # no credential
     assert not old_s3.fs.find(old_s3.path(".runway/probe"))  # the probe object is removed
 
@@ -79,7 +80,9 @@ def test_without_the_check_two_processes_both_win_one_claim_on_such_a_store(old_
     url, options = old_s3.url(".runway"), old_s3.storage_options
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(2), context.Queue()
-    processes = [context.Process(target=_claim_in_process, args=(url, options, barrier, results)) for _ in range(2)]
+    processes = [
+        context.Process(target=_claim_in_process, args=(url, options, barrier, results)) for _ in range(2)
+    ]
     for process in processes:
         process.start()
     outcomes = sorted(results.get(timeout=120) for _ in processes)
@@ -99,7 +102,9 @@ def test_an_object_that_holds_our_exact_bytes_is_our_create(tmp_path: Path) -> N
     assert journal._create_exclusive(path, b'{"ours":"nonce-2"}') is False  # another writer's
 
 
-def test_a_claim_put_that_landed_but_whose_answer_was_lost_is_ours(s3, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_claim_put_that_landed_but_whose_answer_was_lost_is_ours(
+    s3, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every PUT reaches the server and then its connection closes before the answer: s3fs retries,
     the retry gets 412. The claim and its spend entry are still ours, counted once."""
     journal = Journal(s3.url(".runway"), s3.storage_options)

@@ -91,7 +91,10 @@ def test_warn_submits_with_the_default_and_says_so_on_the_partition_and_in_the_r
         assert sent["promptText"] == DEFAULT_PROMPT_TEXT  # ...so the service applied its default...
         assert record.metadata["prompt_text"] == DEFAULT_PROMPT_TEXT  # ...and the lineage records that text
         assert record.metadata["prompt_source"] == "service default"
-        assert key in record.metadata["prompt_warning"] and "default prompt applies" in record.metadata["prompt_warning"]
+        assert (
+            key in record.metadata["prompt_warning"]
+            and "default prompt applies" in record.metadata["prompt_warning"]
+        )
         video = video_metadata(instance, key)
         assert video["runway/prompt_warning"] == record.metadata["prompt_warning"]
         assert video["runway/prompt_text"] == DEFAULT_PROMPT_TEXT
@@ -100,7 +103,9 @@ def test_warn_submits_with_the_default_and_says_so_on_the_partition_and_in_the_r
 
 def test_service_default_is_accepted_quietly_and_recorded_as_such(tmp_path: Path, emulator, instance) -> None:
     write_images(tmp_path / "images", valid=2, invalid=False)
-    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), missing_prompt="service_default")
+    defs = make_defs(
+        emulator, str(tmp_path / "images"), str(tmp_path / "videos"), missing_prompt="service_default"
+    )
 
     assert _settle(defs, instance) == []
     assert emulator.ledger().billed_submissions == 2
@@ -112,7 +117,9 @@ def test_service_default_is_accepted_quietly_and_recorded_as_such(tmp_path: Path
         assert "prompt_warning" not in record.metadata
 
 
-def test_a_default_prompt_in_the_pipeline_settings_is_sent_and_satisfies_fail(tmp_path: Path, emulator, instance) -> None:
+def test_a_default_prompt_in_the_pipeline_settings_is_sent_and_satisfies_fail(
+    tmp_path: Path, emulator, instance
+) -> None:
     write_images(tmp_path / "images", valid=2, invalid=False)
     defaults = GenerationSettings(ratio="auto", prompt_text="gentle camera push-in, soft light")
     defs = make_defs(
@@ -126,11 +133,13 @@ def test_a_default_prompt_in_the_pipeline_settings_is_sent_and_satisfies_fail(tm
         assert sent["promptText"] == record.metadata["prompt_text"] == "gentle camera push-in, soft light"
         assert record.metadata["prompt_source"] == "defaults"
         assert int(sent["seed"]) == int(record.metadata["seed"])  # the seed derived from the image, recorded
-    seeds = {rec.latest_request(instance, REQUESTS, k).metadata["seed"] for k in instance.get_dynamic_partitions("runway_images")}
+    seeds = {
+        rec.latest_request(instance, REQUESTS, k).metadata["seed"]
+        for k in instance.get_dynamic_partitions("runway_images")
+    }
     assert len(seeds) == 2  # one per image, not the service's single default seed
 
 
 def test_the_missing_prompt_policy_rejects_an_unknown_value(tmp_path: Path, emulator) -> None:
     with pytest.raises(ValueError, match="missing_prompt"):
         make_defs(emulator, str(tmp_path), str(tmp_path / "videos"), missing_prompt="maybe")
-

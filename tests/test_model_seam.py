@@ -66,17 +66,30 @@ def test_gen4_turbos_spec_is_read_from_its_published_schema() -> None:
     spec = model_spec(MODEL_ID)
     assert spec is RUNWAY_GEN4_TURBO and spec.input_schema is INPUT_SCHEMA
     assert (spec.ratios, spec.durations, spec.default_ratio, spec.default_duration) == (
-        RATIOS, DURATIONS, DEFAULT_RATIO, DEFAULT_DURATION
+        RATIOS,
+        DURATIONS,
+        DEFAULT_RATIO,
+        DEFAULT_DURATION,
     )
-    assert (spec.seed_max, spec.prompt_max, spec.default_prompt) == (SEED_MAX, PROMPT_TEXT_MAX, DEFAULT_PROMPT_TEXT)
+    assert (spec.seed_max, spec.prompt_max, spec.default_prompt) == (
+        SEED_MAX,
+        PROMPT_TEXT_MAX,
+        DEFAULT_PROMPT_TEXT,
+    )
     rules = spec.image_rules
     assert (rules.max_bytes, rules.max_side, rules.min_aspect, rules.max_aspect) == (
-        IMAGE_MAX_BYTES, IMAGE_MAX_SIDE, IMAGE_MIN_ASPECT, IMAGE_MAX_ASPECT
+        IMAGE_MAX_BYTES,
+        IMAGE_MAX_SIDE,
+        IMAGE_MIN_ASPECT,
+        IMAGE_MAX_ASPECT,
     )
     # The request it builds is the one the pydantic model of the page builds.
     fields = spec.request_fields(prompt=None, ratio="960:960", duration=10, seed=7)
     assert fields == {"ratio": "960:960", "duration": 10, "seed": 7}
-    assert spec.request("https://example.com/a.png", fields) == {"promptImage": "https://example.com/a.png", **fields}
+    assert spec.request("https://example.com/a.png", fields) == {
+        "promptImage": "https://example.com/a.png",
+        **fields,
+    }
 
 
 def test_an_unknown_model_is_refused_with_the_known_ones() -> None:
@@ -90,7 +103,16 @@ def test_an_unknown_model_is_refused_with_the_known_ones() -> None:
 
 def test_a_spec_whose_schema_lacks_what_it_names_is_refused_where_it_is_written() -> None:
     with pytest.raises(ModelSpecError, match="no field 'prompt_text'"):
-        ModelSpec("x/y", "X", "", acme.INPUT_SCHEMA, "image_url", "aspect_ratio", "duration", prompt_field="prompt_text")
+        ModelSpec(
+            "x/y",
+            "X",
+            "",
+            acme.INPUT_SCHEMA,
+            "image_url",
+            "aspect_ratio",
+            "duration",
+            prompt_field="prompt_text",
+        )
     broken = json.loads(json.dumps(acme.INPUT_SCHEMA))
     broken["properties"]["image_url"]["validations"] = []
     with pytest.raises(ModelSpecError, match="validations lack"):
@@ -99,16 +121,23 @@ def test_a_spec_whose_schema_lacks_what_it_names_is_refused_where_it_is_written(
 
 def test_the_test_models_rules_come_from_its_schema(acme_model: ModelSpec) -> None:
     spec = acme_model
-    assert spec.ratios == ("16:9", "9:16", "1:1") and spec.durations == (5, 10) and spec.seed_max == acme.SEED_MAX
+    assert (
+        spec.ratios == ("16:9", "9:16", "1:1")
+        and spec.durations == (5, 10)
+        and spec.seed_max == acme.SEED_MAX
+    )
     # Its duration is a string enum: the request carries "10", and reading it back gives 10 s.
     fields = spec.request_fields(prompt="slow zoom", ratio="1:1", duration=10, seed=3)
     assert fields == {"aspect_ratio": "1:1", "duration": "10", "seed": 3, "prompt": "slow zoom"}
-    assert (spec.ratio_of(fields), spec.duration_of(fields), spec.seed_of(fields), spec.prompt_of(fields)) == (
-        "1:1", 10, 3, "slow zoom"
-    )
-    assert [name for name, _, _ in spec.problems({"aspect_ratio": "1280:720", "duration": 10, "seed": -1})] == [
-        "image_url", "aspect_ratio", "duration", "seed"
-    ]
+    assert (
+        spec.ratio_of(fields),
+        spec.duration_of(fields),
+        spec.seed_of(fields),
+        spec.prompt_of(fields),
+    ) == ("1:1", 10, 3, "slow zoom")
+    assert [
+        name for name, _, _ in spec.problems({"aspect_ratio": "1280:720", "duration": 10, "seed": -1})
+    ] == ["image_url", "aspect_ratio", "duration", "seed"]
     # Settings are judged by the model they are for; Gen-4 Turbo's stay as they were.
     with pytest.raises(ValueError, match=r"ratio '1280:720' is not one of 16:9, 9:16, 1:1 or 'auto'"):
         GenerationSettings.for_model(spec, ratio="1280:720")
@@ -141,15 +170,24 @@ def test_prepare_asks_the_model_for_the_image_rules_the_ratio_and_the_seed(
     assert wide.fields["aspect_ratio"] == "16:9" and wide.fields["duration"] == "5"
     assert 0 <= wide.fields["seed"] <= acme.SEED_MAX and "prompt" not in wide.fields
     meta = wide.metadata()
-    assert (meta["runway/ratio"], meta["runway/duration_s"], meta["runway/model"]) == ("16:9", 5, acme.MODEL_ID)
-    assert meta["runway/prompt_text"] == "a gentle camera move"  # the model's default, as the service applies it
+    assert (meta["runway/ratio"], meta["runway/duration_s"], meta["runway/model"]) == (
+        "16:9",
+        5,
+        acme.MODEL_ID,
+    )
+    assert (
+        meta["runway/prompt_text"] == "a gentle camera move"
+    )  # the model's default, as the service applies it
     with pytest.raises(MediaError, match="outside 0.5..2.0"):
         _prepared(tmp_path, RUNWAY_GEN4_TURBO, "wide.png", (440, 200))  # Gen-4 Turbo's rules refuse it
     with pytest.raises(MediaError, match="each side must be under 4096 px"):
         _prepared(tmp_path, acme_model, "big.png", (4200, 2100))
     square = _prepared(tmp_path, acme_model, "sq.png", (240, 240), {"duration": "10", "prompt": "orbit"})
     assert square.fields == {
-        "aspect_ratio": "1:1", "duration": "10", "seed": square.fields["seed"], "prompt": "orbit"
+        "aspect_ratio": "1:1",
+        "duration": "10",
+        "seed": square.fields["seed"],
+        "prompt": "orbit",
     }
 
 
@@ -163,13 +201,19 @@ def test_a_second_model_goes_through_the_whole_pipeline(
     (folder / "tall.png").write_bytes(png_bytes(180, 320))
     (folder / "tall.json").write_text(json.dumps({"prompt": "a slow tilt", "duration": 10, "seed": 11}))
     (folder / "sq.png").write_bytes(png_bytes(240, 240))
-    (folder / "sq.json").write_text(json.dumps({"ratio": "1280:720"}))  # Gen-4 Turbo's ratio: not this model's
-    (folder / "big.png").write_bytes(png_bytes(4200, 2100))  # under Gen-4 Turbo's 8000 px, over this one's 4096
+    (folder / "sq.json").write_text(
+        json.dumps({"ratio": "1280:720"})
+    )  # Gen-4 Turbo's ratio: not this model's
+    (folder / "big.png").write_bytes(
+        png_bytes(4200, 2100)
+    )  # under Gen-4 Turbo's 8000 px, over this one's 4096
     resource = RunComfyResource(
         api_token=emulator.token, base_url=emulator.base_url, model_id=acme.MODEL_ID,
         poll_interval=0.05, backoff_initial=0.01, max_attempts=3,
     )  # fmt: skip
-    defs = build_runway_pipeline(str(folder), str(tmp_path / "videos"), resource=resource, missing_prompt="service_default")
+    defs = build_runway_pipeline(
+        str(folder), str(tmp_path / "videos"), resource=resource, missing_prompt="service_default"
+    )
     with dg.instance_for_test() as instance:
         daemon = LocalDaemon(defs, instance)
         assert daemon.tick("runway_discovery_sensor").new_partitions == 4
@@ -181,9 +225,17 @@ def test_a_second_model_goes_through_the_whole_pipeline(
         for key, ratio, duration in (("land.png", "16:9", 5), ("tall.png", "9:16", 10)):
             video = video_metadata(instance, key)
             assert video is not None, key
-            assert (video["runway/model"], video["runway/ratio"], video["runway/duration_s"]) == (acme.MODEL_ID, ratio, duration)
+            assert (video["runway/model"], video["runway/ratio"], video["runway/duration_s"]) == (
+                acme.MODEL_ID,
+                ratio,
+                duration,
+            )
             sent = emulator.request_input(video["runway/request_id"])
-            assert sent["aspect_ratio"] == ratio and sent["duration"] == str(duration) and "promptText" not in sent
+            assert (
+                sent["aspect_ratio"] == ratio
+                and sent["duration"] == str(duration)
+                and "promptText" not in sent
+            )
             assert set(check_statuses(instance, key).values()) == {"SUCCEEDED"}, key
             assert video["runway/cost_usd"] == 0.5 and video["runway/price_source"] == "result"
         sent = emulator.request_input(video_metadata(instance, "tall.png")["runway/request_id"])
@@ -191,7 +243,9 @@ def test_a_second_model_goes_through_the_whole_pipeline(
 
         square = latest_failure(instance, "sq.png")
         assert square is not None and square.failure_class == "invalid_input"
-        assert "ratio '1280:720' is not one of 16:9, 9:16, 1:1" in square.reason and "sq.json" in square.reason
+        assert (
+            "ratio '1280:720' is not one of 16:9, 9:16, 1:1" in square.reason and "sq.json" in square.reason
+        )
         big = latest_failure(instance, "big.png")
         assert big is not None and big.failure_class == "invalid_input" and "under 4096 px" in big.reason
         assert len(instance.fetch_materializations(VIDEOS, limit=10).records) == 2

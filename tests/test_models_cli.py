@@ -19,7 +19,9 @@ Factory = Callable[..., Emulator]
 SECRET = "tok-s3cret-catalog-0123456789"
 
 
-def models(*args: str, base_url: str | None = None, token: str | None = SECRET) -> subprocess.CompletedProcess[str]:
+def models(
+    *args: str, base_url: str | None = None, token: str | None = SECRET
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RUNCOMFY_API_TOKEN", "RUNCOMFY_BASE_URL")}
     if base_url is not None:
         env["RUNCOMFY_BASE_URL"] = base_url
@@ -57,7 +59,8 @@ def test_search_category_and_the_next_page(served: Emulator) -> None:
     done = models("clip", "--limit", "2", base_url=served.base_url)
     assert done.returncode == 0, done.stderr
     assert [line.split()[0] for line in done.stdout.splitlines()[1:3]] == [
-        "acme/clip-0/text-to-video", "acme/clip-1/text-to-video"
+        "acme/clip-0/text-to-video",
+        "acme/clip-1/text-to-video",
     ]
     assert "1-2 of 3 models; dagster-runway models 'clip' --offset 2 for the next 1" in done.stdout
     assert "acme/clip-2" in models("clip", "--offset", "2", base_url=served.base_url).stdout
@@ -119,7 +122,11 @@ def test_emulator_flag_needs_no_token_or_url() -> None:
 
 @pytest.mark.parametrize(
     ("args", "said"),
-    [(["show"], "'show' takes one MODEL_ID"), (["two", "words"], "give one SEARCH text"), (["--limit", "0"], "--limit 0")],
+    [
+        (["show"], "'show' takes one MODEL_ID"),
+        (["two", "words"], "give one SEARCH text"),
+        (["--limit", "0"], "--limit 0"),
+    ],
 )
 def test_wrong_arguments_exit_2(args: list[str], said: str) -> None:
     done = models(*args, "--emulator")

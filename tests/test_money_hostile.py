@@ -375,7 +375,9 @@ def test_op_config_adopt_request_ids_collects_the_ambiguous_request_billed_once(
     assert ambiguous.billed() == 1
     # The same config again (a retried or re-executed run) reuses what it adopted; it fails nothing.
     assert _submit(ambiguous.defs, ambiguous.instance, ambiguous.lost, config=config).success
-    assert "nothing to adopt" not in latest_failure(ambiguous.instance, ambiguous.lost).reason  # the first one's
+    assert (
+        "nothing to adopt" not in latest_failure(ambiguous.instance, ambiguous.lost).reason
+    )  # the first one's
     ambiguous.collect()
     video = video_metadata(ambiguous.instance, ambiguous.lost)
     assert video is not None and video["runway/request_id"] == ambiguous.request_id

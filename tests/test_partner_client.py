@@ -45,7 +45,9 @@ pytestmark = pytest.mark.skipif(
 def pn() -> Iterator[dict[str, ModuleType]]:
     assert PARTNER_DIR is not None
     if not (Path(PARTNER_DIR) / "runcomfy" / "client.py").is_file():
-        pytest.fail(f"RUNCOMFY_PARTNER_NODES_DIR={PARTNER_DIR} has no runcomfy/client.py: point it at the checkout")
+        pytest.fail(
+            f"RUNCOMFY_PARTNER_NODES_DIR={PARTNER_DIR} has no runcomfy/client.py: point it at the checkout"
+        )
     for needed in ("requests", "aiohttp", "numpy"):
         pytest.importorskip(needed, reason=f"the partner nodes need {needed}")
     sys.path.insert(0, PARTNER_DIR)

@@ -84,7 +84,9 @@ class World:
     def rerun(self) -> list[str]:
         """One plain re-run, as a user (or the daemon's next ticks) would do it."""
         with self.instance() as instance:
-            daemon = LocalDaemon(make_defs(self.emulator, str(self.source), str(self.output), **self.options), instance)
+            daemon = LocalDaemon(
+                make_defs(self.emulator, str(self.source), str(self.output), **self.options), instance
+            )
             daemon.tick("runway_discovery_sensor")
             return run_until_idle(daemon)
 
@@ -145,14 +147,18 @@ def world(tmp_path: Path, emulator) -> Iterator[Any]:
 def _overlapped(w: World, outputs: list[str]) -> bool:
     """Whether the runs printed in ``outputs`` were all in progress at one moment."""
     with w.instance() as instance:
-        records = [instance.get_run_record_by_id(json.loads(out.splitlines()[-1])["run_id"]) for out in outputs]
+        records = [
+            instance.get_run_record_by_id(json.loads(out.splitlines()[-1])["run_id"]) for out in outputs
+        ]
     return max(r.start_time for r in records) < min(r.end_time for r in records)
 
 
 def test_two_runs_over_the_same_partitions_at_once_pay_once(world, emulator) -> None:
     w = world(20)
     w.add_partitions()
-    emulator.add_fault(FaultRule(kind="slow", endpoint="submit", delay_seconds=1.0))  # accepted, answered late
+    emulator.add_fault(
+        FaultRule(kind="slow", endpoint="submit", delay_seconds=1.0)
+    )  # accepted, answered late
     runs = [w.submit_job(w.keys[0], w.keys[-1]) for _ in range(2)]
     assert _overlapped(w, [_finish(run) for run in runs])
     emulator.clear_faults()

@@ -61,9 +61,13 @@ def test_valid_images_become_checked_videos_and_invalid_ones_fail_before_paying(
     daemon = LocalDaemon(defs, instance)
 
     discovery = daemon.tick("runway_discovery_sensor")
-    assert discovery.new_partitions == 6 and discovery.run_ids == []  # the status sensor decides what to submit
+    assert (
+        discovery.new_partitions == 6 and discovery.run_ids == []
+    )  # the status sensor decides what to submit
     failed_runs = run_until_idle(daemon)
-    assert len(failed_runs) == 1  # the submit run fails for the two bad images, after submitting the four good ones
+    assert (
+        len(failed_runs) == 1
+    )  # the submit run fails for the two bad images, after submitting the four good ones
     assert emulator.ledger().billed_submissions == 4
 
     keys = instance.get_dynamic_partitions(PARTITIONS)
@@ -78,10 +82,16 @@ def test_valid_images_become_checked_videos_and_invalid_ones_fail_before_paying(
         # The UI renders the poster inline (under ~1,000 characters) and lists the headline first.
         preview = meta["runway/poster_preview"]
         assert preview.startswith("![poster](data:image/webp;base64,") and len(preview) <= 1000
-    headline = list(instance.fetch_materializations(VIDEOS, limit=1).records[0].asset_materialization.metadata)
-    assert headline[:5] == [f"runway/{f}" for f in ("state", "request_id", "cost_usd", "poster_preview", "video_uri")]
+    headline = list(
+        instance.fetch_materializations(VIDEOS, limit=1).records[0].asset_materialization.metadata
+    )
+    assert headline[:5] == [
+        f"runway/{f}" for f in ("state", "request_id", "cost_usd", "poster_preview", "video_uri")
+    ]
     wide = latest_failure(instance, "too-wide.png")
-    assert wide.failure_class == "invalid_input" and "aspect ratio 3.00" in wide.reason and "crop" in wide.reason
+    assert (
+        wide.failure_class == "invalid_input" and "aspect ratio 3.00" in wide.reason and "crop" in wide.reason
+    )
     junk = latest_failure(instance, "not-an-image.png")
     assert str(files["not-an-image.png"]) in junk.reason
     assert set(failure_reasons(instance, failed_runs[0])) == {"too-wide.png", "not-an-image.png"}
@@ -122,7 +132,9 @@ def test_a_changed_image_is_regenerated_once_when_asked(tmp_path: Path, emulator
     assert _settle(daemon) == [] and emulator.ledger().billed_submissions == 4
 
 
-def test_a_changed_image_marks_its_video_stale_without_paying(tmp_path: Path, emulator, instance: DagsterInstance):
+def test_a_changed_image_marks_its_video_stale_without_paying(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
     from dagster._core.definitions.data_version import StaleStatus
     from dagster._utils.test.data_versions import get_stale_status_resolver
 
@@ -162,7 +174,9 @@ def test_an_edited_sidecar_prompt_counts_as_a_change(tmp_path: Path, emulator, i
     assert video_metadata(instance, "img00.png")["runway/prompt_text"] == "a fast whip pan"
 
 
-def test_a_fixed_bad_input_is_submitted_whatever_on_change_says(tmp_path: Path, emulator, instance: DagsterInstance):
+def test_a_fixed_bad_input_is_submitted_whatever_on_change_says(
+    tmp_path: Path, emulator, instance: DagsterInstance
+):
     write_images(tmp_path / "images", valid=1, invalid=True)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))  # on_change="mark_stale"
     daemon = LocalDaemon(defs, instance)
@@ -170,7 +184,9 @@ def test_a_fixed_bad_input_is_submitted_whatever_on_change_says(tmp_path: Path, 
     assert latest_failure(instance, "too-wide.png").failure_class == "invalid_input"
     assert _settle(daemon) == [] and emulator.ledger().billed_submissions == 1  # nothing retried as is
 
-    (tmp_path / "images" / "too-wide.png").write_bytes(png_bytes(400, 200))  # cropped to exactly 2:1 ... still out
+    (tmp_path / "images" / "too-wide.png").write_bytes(
+        png_bytes(400, 200)
+    )  # cropped to exactly 2:1 ... still out
     _settle(daemon)
     assert emulator.ledger().billed_submissions == 1
     (tmp_path / "images" / "too-wide.png").write_bytes(png_bytes(390, 200))  # inside 1:2..2:1 now
@@ -210,7 +226,11 @@ def _forget(instance: DagsterInstance) -> None:
 def test_many_partitions_are_batched_into_few_runs(tmp_path: Path, emulator, instance: DagsterInstance):
     write_images(tmp_path / "images", valid=12, invalid=False)
     defs = make_defs(
-        emulator, str(tmp_path / "images"), str(tmp_path / "videos"), submit_batch_size=5, collect_batch_size=5
+        emulator,
+        str(tmp_path / "images"),
+        str(tmp_path / "videos"),
+        submit_batch_size=5,
+        collect_batch_size=5,
     )
     daemon = LocalDaemon(defs, instance)
     daemon.tick("runway_discovery_sensor")
@@ -227,7 +247,9 @@ def test_a_safety_rejection_fails_its_partition_with_the_fix_and_is_not_paid_aga
     tmp_path: Path, emulator, instance: DagsterInstance
 ) -> None:
     write_images(tmp_path / "images", valid=3, invalid=False)
-    emulator.add_fault(FaultRule(kind="generation_failed", endpoint="any", times=1, failure_code="SAFETY.INPUT.IMAGE"))
+    emulator.add_fault(
+        FaultRule(kind="generation_failed", endpoint="any", times=1, failure_code="SAFETY.INPUT.IMAGE")
+    )
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
     daemon = LocalDaemon(defs, instance)
     failed_runs = _settle(daemon)
@@ -237,10 +259,16 @@ def test_a_safety_rejection_fails_its_partition_with_the_fix_and_is_not_paid_aga
     failure = latest_failure(instance, bad)
     assert failure.failure_class == "generation_safety" and failure.request_id
     # Where the UI shows it: the partition's failure observation opens with what happened and the fix...
-    observed = instance.fetch_observations(AssetRecordsFilter(VIDEOS, asset_partitions=[bad]), limit=1).records[0]
+    observed = instance.fetch_observations(
+        AssetRecordsFilter(VIDEOS, asset_partitions=[bad]), limit=1
+    ).records[0]
     description = observed.asset_observation.description
     assert description.startswith("Failed: ") and "Next step: change the image or its prompt" in description
-    assert list(observed.asset_observation.metadata)[:3] == ["runway/state", "runway/request_id", "runway/failure_class"]
+    assert list(observed.asset_observation.metadata)[:3] == [
+        "runway/state",
+        "runway/request_id",
+        "runway/failure_class",
+    ]
     # ...and each of its checks failed, saying why, instead of "execution failed" with no reason.
     infos = instance.event_log_storage.get_asset_check_partition_info(
         [AssetCheckKey(VIDEOS, name) for name in CHECK_NAMES], partition_keys=[bad]
@@ -252,7 +280,10 @@ def test_a_safety_rejection_fails_its_partition_with_the_fix_and_is_not_paid_aga
         [AssetCheckKey(VIDEOS, "video_playable")], partition_filter=PartitionKeyFilter(key=bad)
     ).values()
     evaluation = latest.event.dagster_event.asset_check_evaluation_data
-    assert evaluation.description.startswith("No video to check: ") and "SAFETY.INPUT.IMAGE" in evaluation.description
+    assert (
+        evaluation.description.startswith("No video to check: ")
+        and "SAFETY.INPUT.IMAGE" in evaluation.description
+    )
     keys = instance.get_dynamic_partitions(PARTITIONS)
     assert {k for k in keys if video_metadata(instance, k)} == set(keys) - {bad}
     # The UI's failed partitions: attempted in a failed run and not materialized since.
@@ -273,7 +304,11 @@ def test_a_safety_rejection_fails_its_partition_with_the_fix_and_is_not_paid_aga
     assert emulator.ledger().billed_submissions == 4
     assert run_until_idle(daemon) == [] and video_metadata(instance, bad) is not None
     observed = instance.fetch_observations(REQUESTS, limit=100).records
-    assert {r.asset_observation.metadata["runway/status"].value for r in observed if "runway/status" in r.asset_observation.metadata} >= {"completed"}
+    assert {
+        r.asset_observation.metadata["runway/status"].value
+        for r in observed
+        if "runway/status" in r.asset_observation.metadata
+    } >= {"completed"}
 
 
 def test_an_internal_failure_is_retried_by_the_status_sensor_when_allowed(
@@ -281,7 +316,9 @@ def test_an_internal_failure_is_retried_by_the_status_sensor_when_allowed(
 ):
     write_images(tmp_path / "images", valid=2, invalid=False)
     emulator.add_fault(
-        FaultRule(kind="generation_failed", endpoint="any", times=1, failure_code="INTERNAL.BAD_OUTPUT.CODE01")
+        FaultRule(
+            kind="generation_failed", endpoint="any", times=1, failure_code="INTERNAL.BAD_OUTPUT.CODE01"
+        )
     )
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), retry_failed_generations=1)
     daemon = LocalDaemon(defs, instance)
@@ -309,13 +346,17 @@ def test_an_ambiguous_submit_is_flagged_and_never_silently_paid_again(
     # One fingerprint: every one the failure and the journal name is the one recorded on the partition.
     recorded = failure.metadata["fingerprint"]
     claims = list((tmp_path / "videos" / ".runway" / "claims").rglob("*.json"))
-    named = re.findall(r"\b[0-9a-f]{64}\b", failure.reason + failure.next_step + "".join(c.read_text() for c in claims))
+    named = re.findall(
+        r"\b[0-9a-f]{64}\b", failure.reason + failure.next_step + "".join(c.read_text() for c in claims)
+    )
     assert named and set(named) == {recorded}, (named, recorded)
 
     assert _settle(daemon) == []  # the sensor does not retry it
     submit = defs.resolve_job_def("runway_submit_job")
     again = submit.execute_in_process(instance=instance, partition_key="img00.png", raise_on_error=False)
-    assert not again.success and "force_after_ambiguous" in failure_reasons(instance, again.run_id)["img00.png"]
+    assert (
+        not again.success and "force_after_ambiguous" in failure_reasons(instance, again.run_id)["img00.png"]
+    )
     assert emulator.ledger().billed_submissions == 1
 
     config = {"ops": {"runway_requests": {"config": {"force_after_ambiguous": True}}}}
@@ -374,7 +415,11 @@ def _one_call_at_a_time(tmp_path: Path, emulator, instance, **options) -> LocalD
 
     resource = RunComfyResource(api_token=emulator.token, base_url=emulator.base_url, max_concurrency=1)
     defs = build_runway_pipeline(
-        str(tmp_path / "images"), str(tmp_path / "videos"), resource=resource, missing_prompt="service_default", **options
+        str(tmp_path / "images"),
+        str(tmp_path / "videos"),
+        resource=resource,
+        missing_prompt="service_default",
+        **options,
     )
     return LocalDaemon(defs, instance)
 
@@ -434,7 +479,10 @@ def test_a_copied_or_renamed_image_reuses_the_request_of_the_same_input(
     # The same video, each copy tagged with the image it stands for (runway_source_path).
     copied, first = read_tags(str(copy["runway/video_uri"])), read_tags(str(original["runway/video_uri"]))
     assert copied == {**first, "source_path": str(tmp_path / "images" / "copy-of-img00.png")}
-    assert probe_video(str(copy["runway/video_uri"])).frames == probe_video(str(original["runway/video_uri"])).frames
+    assert (
+        probe_video(str(copy["runway/video_uri"])).frames
+        == probe_video(str(original["runway/video_uri"])).frames
+    )
 
 
 def corrupt_pixel_png(width: int = 320, height: int = 180) -> bytes:
@@ -494,7 +542,9 @@ def test_a_large_drop_is_recorded_a_batch_per_tick_and_finished_without_loss(
         ticks.append(daemon.tick("runway_discovery_sensor"))
         recorded.append(image_records(instance))
     assert [t.new_partitions for t in ticks] == [2, 2, 1, 0]
-    assert recorded == [(2, 2), (4, 4), (5, 5), (5, 5)], "a materialization and an observation per recorded image"
+    assert recorded == [(2, 2), (4, 4), (5, 5), (5, 5)], (
+        "a materialization and an observation per recorded image"
+    )
     assert [json.loads(t.cursor or "{}")["deferred"] for t in ticks] == [3, 1, 0, 0]
     assert sorted(instance.get_dynamic_partitions(PARTITIONS)) == [f"img{i:02d}.png" for i in range(5)]
     # A changed image beyond the batch is found again at the next tick, not forgotten.
@@ -502,7 +552,11 @@ def test_a_large_drop_is_recorded_a_batch_per_tick_and_finished_without_loss(
         (tmp_path / "images" / name).write_bytes(png_bytes(320, 200, (1, 2, i)))
     changed = [json.loads(daemon.tick("runway_discovery_sensor").cursor or "{}") for _ in range(3)]
     # "deferred" counts the images listed but not judged yet, changed or not (img02 to img04 here).
-    assert [(c["changed"], c["deferred"], c["pass_done"]) for c in changed] == [(2, 3, False), (1, 0, True), (0, 0, True)]
+    assert [(c["changed"], c["deferred"], c["pass_done"]) for c in changed] == [
+        (2, 3, False),
+        (1, 0, True),
+        (0, 0, True),
+    ]
     assert run_until_idle(daemon) == [] and emulator.ledger().billed_submissions == 5
 
 
@@ -523,7 +577,10 @@ def test_a_run_that_ends_during_a_status_tick_is_not_launched_again_by_that_tick
     daemon.tick("runway_discovery_sensor")
     (key,) = instance.get_dynamic_partitions(PARTITIONS)
     run = create_run_for_test(
-        instance, job_name="runway_submit_job", status=DagsterRunStatus.STARTED, tags={_compat.PARTITION_NAME_TAG: key}
+        instance,
+        job_name="runway_submit_job",
+        status=DagsterRunStatus.STARTED,
+        tags={_compat.PARTITION_NAME_TAG: key},
     )
     assert daemon.tick("runway_status_sensor").run_ids == []  # the run in progress covers the partition
 

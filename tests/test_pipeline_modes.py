@@ -138,7 +138,9 @@ def test_s3_source_and_output_through_moto(tmp_path: Path, emulator, s3, instanc
     made = [k for k in instance.get_dynamic_partitions(PARTITIONS) if video_metadata(instance, k)]
     assert len(made) == 2
     for key in made:
-        link = video_metadata(instance, key)["runway/video_uri"]  # opens from the UI: the object on the endpoint
+        link = video_metadata(instance, key)[
+            "runway/video_uri"
+        ]  # opens from the UI: the object on the endpoint
         assert link.startswith(f"{s3.endpoint_url}/{s3.bucket}/videos/")
         head = s3.client.head_object(Bucket=s3.bucket, Key=link.split(s3.bucket + "/", 1)[1])
         assert head["ContentType"] == "video/mp4" and head["ContentLength"] > 1000
@@ -160,12 +162,16 @@ def test_discovery_of_20000_images_records_one_batch_per_tick(tmp_path: Path, em
     with storage_connections_held(instance):
         started = time.monotonic()
         found = discover(pipeline, instance, "memory", deadline=math.inf)
-    print(f"discovery over 20,000 images: {time.monotonic() - started:.2f}s")  # the figure is bench/scale.py's
+    print(
+        f"discovery over 20,000 images: {time.monotonic() - started:.2f}s"
+    )  # the figure is bench/scale.py's
     # It lists a bounded part (discovery_list_per_tick objects at most, stopping once discovery_batch_size
     # is recorded) and records the first 1,000: the rest at the next ticks.
     assert (found.recorded, len(set(found.new))) == (1_000, 1_000)
     assert found.images < 20_000 and found.read <= pipeline.discovery_list_per_tick and not found.pass_done
-    assert image_records(instance) == (1_000, 1_000), "a materialization and an observation per recorded image"
+    assert image_records(instance) == (1_000, 1_000), (
+        "a materialization and an observation per recorded image"
+    )
 
 
 def test_a_tick_past_its_deadline_still_records_one_image(tmp_path: Path, instance):
@@ -179,11 +185,15 @@ def test_a_tick_past_its_deadline_still_records_one_image(tmp_path: Path, instan
         (folder / f"frame {j:03d}.png").write_bytes(b"\x89PNG")
     pipeline = RunwayPipelineConfig(source=str(folder), output=str(tmp_path / "videos"))
     with storage_connections_held(instance):
-        late = discover(pipeline, instance, "memory", deadline=time.monotonic() - 1)  # every tick makes progress
+        late = discover(
+            pipeline, instance, "memory", deadline=time.monotonic() - 1
+        )  # every tick makes progress
     assert (late.images, late.recorded, late.deferred) == (30, 1, 29)
 
 
-def test_the_discovery_sensor_adds_the_partitions_it_recorded_and_keeps_a_small_cursor(tmp_path: Path, emulator, instance):
+def test_the_discovery_sensor_adds_the_partitions_it_recorded_and_keeps_a_small_cursor(
+    tmp_path: Path, emulator, instance
+):
     folder = tmp_path / "some"
     folder.mkdir()
     for j in range(30):
@@ -201,7 +211,11 @@ def test_the_discovery_sensor_adds_the_partitions_it_recorded_and_keeps_a_small_
     cursor = json.loads(result.cursor)
     added = result.dynamic_partitions_requests[0].partition_keys
     assert len(added) == cursor["new"] == image_records(instance)[0] >= 1  # at least one, whatever the speed
-    assert cursor["images"] == 30 and cursor["new"] + cursor["deferred"] == 30 and cursor["manifest_unmatched"] == 0
+    assert (
+        cursor["images"] == 30
+        and cursor["new"] + cursor["deferred"] == 30
+        and cursor["manifest_unmatched"] == 0
+    )
     assert result.run_requests == []  # the status sensor submits what is owed
     assert len(result.cursor) < 200  # a summary: the sensor's memory is in the instance's key-value store
 

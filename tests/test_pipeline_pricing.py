@@ -44,7 +44,9 @@ def _requests(instance: DagsterInstance) -> dict[str, rec.RequestRecord]:
     return rec.latest_requests(instance, REQUESTS, keys)
 
 
-def test_the_catalog_price_prices_the_cap_and_the_estimate(tmp_path: Path, emulator_factory, instance) -> None:
+def test_the_catalog_price_prices_the_cap_and_the_estimate(
+    tmp_path: Path, emulator_factory, instance
+) -> None:
     emulator = emulator_factory(price_usd=0.08)  # 0.40 USD a 5 s video; the configured estimate says 0.25
     write_images(tmp_path / "images", valid=4, invalid=False)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), max_spend_usd=0.9)
@@ -52,7 +54,9 @@ def test_the_catalog_price_prices_the_cap_and_the_estimate(tmp_path: Path, emula
     # At 0.25 USD a claim three would fit under 0.90 USD and the third would overspend; at 0.40 two do.
     assert emulator.ledger().billed_submissions == 2
     requests = _requests(instance)
-    assert sorted((r.metadata["estimated_cost_usd"], r.metadata["price_source"]) for r in requests.values()) == [
+    assert sorted(
+        (r.metadata["estimated_cost_usd"], r.metadata["price_source"]) for r in requests.values()
+    ) == [
         (0.4, "catalog"),
         (0.4, "catalog"),
     ]
@@ -68,7 +72,9 @@ def test_a_price_change_between_two_runs_is_followed_by_the_cap_and_the_estimate
 ) -> None:
     emulator = emulator_factory(price_usd=0.08)
     write_images(tmp_path / "images", valid=2, invalid=False)
-    daemon = LocalDaemon(make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), max_spend_usd=1.0), instance)
+    daemon = LocalDaemon(
+        make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), max_spend_usd=1.0), instance
+    )
     assert _settle(daemon) == [] and emulator.ledger().total_cost_usd == 0.8
     first = set(_requests(instance))
 
@@ -79,7 +85,9 @@ def test_a_price_change_between_two_runs_is_followed_by_the_cap_and_the_estimate
     # At the old price neither would fit in the 0.20 USD left; at the new one both do, and say so.
     later = {k: r for k, r in _requests(instance).items() if k not in first}
     assert len(later) == 2 and emulator.ledger().billed_submissions == 4
-    assert {(r.metadata["estimated_cost_usd"], r.metadata["price_source"]) for r in later.values()} == {(0.1, "catalog")}
+    assert {(r.metadata["estimated_cost_usd"], r.metadata["price_source"]) for r in later.values()} == {
+        (0.1, "catalog")
+    }
     assert round(emulator.ledger().total_cost_usd, 6) == 1.0
 
 
@@ -89,13 +97,18 @@ def test_an_unreadable_catalog_prices_with_the_configured_estimate(
     emulator = emulator_factory(price_usd=0.08)
     emulator.add_fault(FaultRule(kind="server_error", endpoint="models"))
     write_images(tmp_path / "images", valid=2, invalid=False)
-    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), estimated_usd_per_second=0.06)
+    defs = make_defs(
+        emulator, str(tmp_path / "images"), str(tmp_path / "videos"), estimated_usd_per_second=0.06
+    )
     assert _settle(LocalDaemon(defs, instance)) == []
     assert emulator.ledger().billed_submissions == 2  # a price is not worth a lost video
-    assert {(r.metadata["estimated_cost_usd"], r.metadata["price_source"]) for r in _requests(instance).values()} == {
-        (0.3, "estimate")
-    }
-    assert "the catalog could not be read" in caplog.text and "pricing with estimated_usd_per_second" in caplog.text
+    assert {
+        (r.metadata["estimated_cost_usd"], r.metadata["price_source"]) for r in _requests(instance).values()
+    } == {(0.3, "estimate")}
+    assert (
+        "the catalog could not be read" in caplog.text
+        and "pricing with estimated_usd_per_second" in caplog.text
+    )
 
 
 def _rename(live: dict) -> None:
@@ -105,18 +118,30 @@ def _rename(live: dict) -> None:
 @pytest.mark.parametrize(
     ("edit", "change"),
     [
-        (lambda s: (s["properties"].update(motion={"type": "string"}), s["required"].append("motion")), "motion.required"),
+        (
+            lambda s: (s["properties"].update(motion={"type": "string"}), s["required"].append("motion")),
+            "motion.required",
+        ),
         (lambda s: s["properties"]["seed"].update(maximum=2**31 - 1), "seed.maximum"),
         (_rename, "promptText.removed"),
     ],
     ids=["new-required-field", "changed-bound", "renamed-field"],
 )
-def test_each_kind_of_breaking_change_fails_before_paying(tmp_path: Path, emulator_factory, instance, edit, change) -> None:
+def test_each_kind_of_breaking_change_fails_before_paying(
+    tmp_path: Path, emulator_factory, instance, edit, change
+) -> None:
     live = copy.deepcopy(INPUT_SCHEMA)
     edit(live)
     emulator = emulator_factory(input_schema=live)
     write_images(tmp_path / "images", valid=2, invalid=False)
-    assert len(_settle(LocalDaemon(make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos")), instance))) == 1
+    assert (
+        len(
+            _settle(
+                LocalDaemon(make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos")), instance)
+            )
+        )
+        == 1
+    )
     assert emulator.ledger().submissions == 0
     for key in instance.get_dynamic_partitions(PARTITIONS):
         failure = latest_failure(instance, key)
@@ -131,7 +156,9 @@ def test_a_breaking_schema_change_stops_the_run_before_paying_until_it_is_accept
     emulator = emulator_factory(input_schema=live)
     write_images(tmp_path / "images", valid=3, invalid=False)
     images, videos = str(tmp_path / "images"), str(tmp_path / "videos")
-    assert len(_settle(LocalDaemon(make_defs(emulator, images, videos), instance))) == 1  # the submit run fails
+    assert (
+        len(_settle(LocalDaemon(make_defs(emulator, images, videos), instance))) == 1
+    )  # the submit run fails
     assert emulator.ledger().submissions == 0
     keys = instance.get_dynamic_partitions(PARTITIONS)
     for key in keys:
@@ -162,7 +189,9 @@ def test_an_output_of_another_source_is_refused_before_paying(tmp_path: Path, em
     journal = Journal(str(videos / ".runway"))
     journal.bind_output(str(videos), str(tmp_path / "other-images"))
     images = str(tmp_path / "images")
-    assert len(_settle(LocalDaemon(make_defs(emulator, images, str(videos)), instance))) == 1  # the submit run fails
+    assert (
+        len(_settle(LocalDaemon(make_defs(emulator, images, str(videos)), instance))) == 1
+    )  # the submit run fails
     assert emulator.ledger().submissions == 0
     for key in instance.get_dynamic_partitions(PARTITIONS):
         failure = latest_failure(instance, key)
@@ -178,7 +207,11 @@ def test_an_output_of_another_source_is_refused_before_paying(tmp_path: Path, em
 @pytest.mark.parametrize(
     ("price", "unit", "why"),
     [
-        (0.0, "second", "the catalog's price 0.0 is not a positive number"),  # would reserve nothing under the cap
+        (
+            0.0,
+            "second",
+            "the catalog's price 0.0 is not a positive number",
+        ),  # would reserve nothing under the cap
         (None, "second", "the catalog gives no price"),
         (0.1, "minute", "the catalog's price_unit 'minute' is not 'second' or 'output'"),
     ],
@@ -190,4 +223,9 @@ def test_a_price_the_cap_cannot_use_falls_back_to_the_estimate(price, unit, why)
     info = ModelInfo(model_id="m", base_price_usd=price, price_unit=unit, input_schema=INPUT_SCHEMA)
     seen = catalog.view("m", info, 0.05).price
     assert (seen.source, seen.estimate_usd(5), seen.why_estimate) == ("estimate", 0.25, why)
-    assert catalog.view("m", ModelInfo(model_id="m", base_price_usd=0.2, price_unit="output"), 0.05).price.estimate_usd(10) == 0.2
+    assert (
+        catalog.view(
+            "m", ModelInfo(model_id="m", base_price_usd=0.2, price_unit="output"), 0.05
+        ).price.estimate_usd(10)
+        == 0.2
+    )

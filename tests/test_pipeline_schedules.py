@@ -35,7 +35,9 @@ def test_with_a_submit_schedule_images_are_submitted_at_its_ticks_only(
     tmp_path: Path, emulator, instance: DagsterInstance
 ):
     write_images(tmp_path / "images", valid=3, invalid=False)
-    defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), submit_schedule="0 22 * * *")
+    defs = make_defs(
+        emulator, str(tmp_path / "images"), str(tmp_path / "videos"), submit_schedule="0 22 * * *"
+    )
     assert {s.name for s in defs.sensors} == {"runway_status_sensor"}  # no discovery sensor
     assert {s.name for s in defs.schedules} == {"runway_submit_schedule", "runway_verify_schedule"}
     daemon = LocalDaemon(defs, instance)
@@ -54,7 +56,9 @@ def test_with_a_submit_schedule_images_are_submitted_at_its_ticks_only(
     assert run_until_idle(daemon) == []  # the status sensor collects as soon as they are done
     assert all(video_metadata(instance, k) for k in instance.get_dynamic_partitions(PARTITIONS))
 
-    (tmp_path / "images" / "late.png").write_bytes((tmp_path / "images" / "img00.png").read_bytes()[:-1] + b"\x00")
+    (tmp_path / "images" / "late.png").write_bytes(
+        (tmp_path / "images" / "img00.png").read_bytes()[:-1] + b"\x00"
+    )
     assert run_until_idle(daemon) == [] and emulator.ledger().submissions == 3  # nothing before the tick
     assert daemon.tick_schedule("runway_submit_schedule").run_ids == []  # a broken copy: fails, pays nothing
     assert emulator.ledger().billed_submissions == 3
@@ -100,7 +104,9 @@ def test_the_source_check_says_whether_an_image_changed_or_was_deleted(
 
     (run_id,) = daemon.tick_schedule("runway_verify_schedule").run_ids
     why = {}
-    for record in instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records:
+    for record in instance.get_records_for_run(
+        run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION
+    ).records:
         evaluation = record.event_log_entry.dagster_event.event_specific_data  # type: ignore[union-attr]
         if evaluation.check_name == "source_unchanged":
             why[evaluation.partition] = (evaluation.passed, evaluation.metadata.get("why"))

@@ -39,7 +39,9 @@ def instance() -> Iterator[DagsterInstance]:
 class Sensor:
     """Ticks of the status sensor at an injected clock, counting the requests each poll asks about."""
 
-    def __init__(self, tmp_path: Path, defs: Any, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self, tmp_path: Path, defs: Any, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         self.defs, self.instance = defs, instance
         self.pipeline = _pipeline(tmp_path)
         self.now = max(record.timestamp for record in _records(instance, self.pipeline))  # the last submit
@@ -108,7 +110,9 @@ def _wait_for_any(emulator: Emulator, request_ids: list[str], state: str) -> Non
         time.sleep(0.01)
 
 
-def _submitted(tmp_path: Path, emulator: Emulator, instance: DagsterInstance, count: int) -> tuple[Any, dict[str, str]]:
+def _submitted(
+    tmp_path: Path, emulator: Emulator, instance: DagsterInstance, count: int
+) -> tuple[Any, dict[str, str]]:
     """``count`` images submitted by the pipeline; returns the definitions and each partition's request id."""
     write_images(tmp_path / "images", valid=count, invalid=False)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"))
@@ -147,7 +151,9 @@ def test_requests_are_polled_when_they_may_be_done_queued_ones_by_their_position
     defs, ids = _submitted(tmp_path, emulator, instance, 4)
     order = sorted(ids)
     emulator.resume()
-    _wait_for_any(emulator, list(ids.values()), "in_progress")  # the first submitted (the run sends them at once)
+    _wait_for_any(
+        emulator, list(ids.values()), "in_progress"
+    )  # the first submitted (the run sends them at once)
     emulator.pause()  # it renders; the three others wait in the queue at positions 1 to 3
     sensor = Sensor(tmp_path, defs, instance, monkeypatch)
     sensor.teach()

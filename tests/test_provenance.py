@@ -44,7 +44,9 @@ def _collected(tmp_path: Path, emulator, instance: DagsterInstance) -> list[str]
     return sorted(instance.get_dynamic_partitions(PARTITIONS))
 
 
-def test_a_video_carries_its_lineage_in_its_metadata_and_a_sidecar(tmp_path: Path, emulator, instance) -> None:
+def test_a_video_carries_its_lineage_in_its_metadata_and_a_sidecar(
+    tmp_path: Path, emulator, instance
+) -> None:
     keys = _collected(tmp_path, emulator, instance)
     requests = rec.latest_requests(instance, REQUESTS, keys)
     for key in keys:
@@ -61,10 +63,15 @@ def test_a_video_carries_its_lineage_in_its_metadata_and_a_sidecar(tmp_path: Pat
         stored = hashlib.sha256(video.read_bytes()).hexdigest()
         assert sidecar == {**tags, "video_sha256": stored, "video_size_bytes": video.stat().st_size}
         meta = video_metadata(instance, key)
-        assert meta["runway/video_sha256"] == stored and meta["runway/video_size_bytes"] == video.stat().st_size
+        assert (
+            meta["runway/video_sha256"] == stored and meta["runway/video_size_bytes"] == video.stat().st_size
+        )
         assert check_statuses(instance, key)["checksum_at_rest"] == "SUCCEEDED"
         assert probe_video(str(video)).decodable
-    assert read_tags(str(tmp_path / "videos" / "img00.png.mp4"))["prompt_text"] == "a lighthouse at dusk, waves — «calm»"
+    assert (
+        read_tags(str(tmp_path / "videos" / "img00.png.mp4"))["prompt_text"]
+        == "a lighthouse at dusk, waves — «calm»"
+    )
     assert read_tags(str(tmp_path / "videos" / "img00.png.mp4"))["prompt_source"].startswith("sidecar ")
     assert emulator.token not in (tmp_path / "videos" / "img00.png.mp4.json").read_text()
 
@@ -90,7 +97,12 @@ def test_tagging_copies_the_streams_and_replaces_earlier_tags(tmp_path: Path, em
     tag_video(str(copy), {"request_id": "other"})
     assert read_tags(str(copy)) == {"request_id": "other"}  # the old runway_* tags do not linger
     after = probe_video(str(copy))
-    assert (after.frames, after.width, after.height, after.codec) == (before.frames, before.width, before.height, before.codec)
+    assert (after.frames, after.width, after.height, after.codec) == (
+        before.frames,
+        before.width,
+        before.height,
+        before.codec,
+    )
 
 
 def test_a_file_that_is_no_video_is_refused_and_left_as_it_was(tmp_path: Path) -> None:

@@ -29,7 +29,8 @@ def test_the_failure_table_is_generated_from_the_failure_catalog() -> None:
 
 
 def test_the_failure_catalog_names_every_class_once() -> None:
-    classes = {v for k, v in vars(fl).items() if k.isupper() and isinstance(v, str) and re.fullmatch(r"[a-z_]+", v)}
+    classes = {
+        v for k, v in vars(fl).items() if k.isupper() and isinstance(v, str) and re.fullmatch(r"[a-z_]+", v)
+    }
     listed = [c for names, _, _ in fl.CATALOG for c in names]
     assert sorted(listed) == sorted(classes), "each failure class needs exactly one row in failures.CATALOG"
-

@@ -76,7 +76,10 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 TRAILERS: dict[str, Callable[[], tuple[bytes, bytes]]] = {
     "motion.jpg": lambda: (jpeg(), mp4_bytes(160, 96, seconds=1.0)),  # a phone's motion photo
     "padded.jpg": lambda: (jpeg(), b"\0" * 70_000),
-    "after-iend.png": lambda: (png(), b"tEXt from a tool that appends after IEND" + _png_chunk(b"tEXt", b"x")),
+    "after-iend.png": lambda: (
+        png(),
+        b"tEXt from a tool that appends after IEND" + _png_chunk(b"tEXt", b"x"),
+    ),
     "trailer.webp": lambda: (webp(), b"\0" * 4096),
     # The trailer holds an EOI marker and an IEND; only the walk says where the image ends.
     "tricky.jpg": lambda: (jpeg(), b"\xff\xd9" + b"\0" * 2000 + b"IEND\xaeB`\x82\xff\xd9"),
@@ -88,12 +91,17 @@ REFUSED: dict[str, tuple[Callable[[], bytes], str]] = {
     "scan.tiff": (lambda: _encode(Image.new("RGB", (64, 48)), "TIFF"), "TIFF"),
     "anim.gif": (lambda: _encode(Image.new("RGB", (64, 48)), "GIF"), "GIF is not accepted"),
     "art.jp2": (lambda: _encode(Image.new("RGB", (64, 48)), "JPEG2000"), "JPEG 2000 is not accepted"),
-    "layers.psd": (lambda: b"8BPS\x00\x01" + b"\0" * 6 + struct.pack(">HIIHH", 3, 48, 64, 8, 3) + b"\0" * 64,
-                   "PSD (Photoshop) is not accepted"),
+    "layers.psd": (
+        lambda: b"8BPS\x00\x01" + b"\0" * 6 + struct.pack(">HIIHH", 3, 48, 64, 8, 3) + b"\0" * 64,
+        "PSD (Photoshop) is not accepted",
+    ),
     "phone.heic": (lambda: b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64, "HEIC is not accepted"),
     "phone.avif": (lambda: b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf" + b"\0" * 64, "AVIF is not accepted"),
     "texture.dds": (lambda: b"DDS |\0\0\0" + b"\0" * 120, "DDS is not accepted"),
-    "logo.eps": (lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 48\n", "EPS/PostScript is not accepted"),
+    "logo.eps": (
+        lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 48\n",
+        "EPS/PostScript is not accepted",
+    ),
     "camera.dng": (lambda: b"II*\x00\x08\x00\x00\x00" + b"\0" * 64, "TIFF (or a camera raw file"),
 }
 
@@ -148,7 +156,10 @@ def test_a_motion_photo_on_s3_is_walked_through_ranged_reads(s3: S3Bucket) -> No
 def test_a_refused_format_is_told_by_name(tmp_path: Path, name: str) -> None:
     make, expected = REFUSED[name]
     data = make()
-    for validate in (lambda: validate_bytes(data, name), lambda: validate_image(LOCAL, str(_save(tmp_path, name, data)))):
+    for validate in (
+        lambda: validate_bytes(data, name),
+        lambda: validate_image(LOCAL, str(_save(tmp_path, name, data))),
+    ):
         with pytest.raises(ImageValidationError) as error:
             validate()
         assert error.value.code == "format", str(error.value)
@@ -190,7 +201,9 @@ def test_a_detailed_photos_thumbnail_fits_inline() -> None:
 
 
 @pytest.mark.parametrize("size", [(320, 320), (320, 240), (180, 320), (320, 160)])
-def test_the_bound_holds_even_when_no_webp_fits(monkeypatch: pytest.MonkeyPatch, size: tuple[int, int]) -> None:
+def test_the_bound_holds_even_when_no_webp_fits(
+    monkeypatch: pytest.MonkeyPatch, size: tuple[int, int]
+) -> None:
     import dagster_runway.media.probe as probe
 
     monkeypatch.setattr(probe, "_THUMB_COARSENESS", ())  # straight to the last resort
@@ -233,7 +246,9 @@ def _materialize(emulator: Any, instance: DagsterInstance, folder: Path, key: st
 
 
 @pytest.mark.parametrize("name", ["motion.jpg", "padded.jpg", "after-iend.png", "trailer.webp"])
-def test_an_image_with_trailing_data_makes_a_video(tmp_path: Path, emulator: Any, instance: DagsterInstance, name: str) -> None:
+def test_an_image_with_trailing_data_makes_a_video(
+    tmp_path: Path, emulator: Any, instance: DagsterInstance, name: str
+) -> None:
     image, trailer = TRAILERS[name]()
     _save(tmp_path / "images", name, image + trailer)
     assert _materialize(emulator, instance, tmp_path / "images", name).success
@@ -251,7 +266,9 @@ def test_only_the_image_is_sent_and_hashed_and_the_lineage_says_so(
     sent = _input_lineage(instance, "motion.jpg")
     assert sent["source_sha256"] == hashlib.sha256(image).hexdigest()
     assert sent["source_size_bytes"] == len(image)
-    assert f"{len(trailer)} bytes after its end marker dropped (not sent, not hashed)" in sent["source_pixels"]
+    assert (
+        f"{len(trailer)} bytes after its end marker dropped (not sent, not hashed)" in sent["source_pixels"]
+    )
     video = video_metadata(instance, "motion.jpg")
     assert video is not None and video["runway/source_sha256"] == sent["source_sha256"]
 
@@ -270,7 +287,9 @@ def test_a_refused_format_bills_nothing_and_says_which_format(
     assert expected in failure.reason and "convert it to PNG or JPEG" in failure.reason
 
 
-def test_a_truncated_motion_photo_bills_nothing(tmp_path: Path, emulator: Any, instance: DagsterInstance) -> None:
+def test_a_truncated_motion_photo_bills_nothing(
+    tmp_path: Path, emulator: Any, instance: DagsterInstance
+) -> None:
     image, trailer = TRAILERS["motion.jpg"]()
     _save(tmp_path / "images", "cut.jpg", image[: len(image) // 2] + trailer)
     assert not _materialize(emulator, instance, tmp_path / "images", "cut.jpg").success
@@ -283,17 +302,24 @@ def test_ratio_auto_follows_exif_orientation_to_a_portrait_video(
     tmp_path: Path, emulator: Any, instance: DagsterInstance
 ) -> None:
     _save(tmp_path / "images", "portrait.jpg", exif_rotated_jpeg(6))
-    assert _materialize(emulator, instance, tmp_path / "images", "portrait.jpg").success  # ratio "auto" by default
+    assert _materialize(
+        emulator, instance, tmp_path / "images", "portrait.jpg"
+    ).success  # ratio "auto" by default
     meta = video_metadata(instance, "portrait.jpg")
     assert meta is not None
     width, height = (int(side) for side in meta["runway/ratio"].split(":"))
     assert height > width, meta["runway/ratio"]
     video = probe_video(meta["runway/video_uri"])
     assert video.height > video.width
-    assert _input_lineage(instance, "portrait.jpg")["source_pixels"] == "480x360 JPEG, displayed 360x480 (EXIF orientation 6)"
+    assert (
+        _input_lineage(instance, "portrait.jpg")["source_pixels"]
+        == "480x360 JPEG, displayed 360x480 (EXIF orientation 6)"
+    )
 
 
-def test_a_noisy_4000x3000_photo_gets_an_inline_poster(tmp_path: Path, emulator: Any, instance: DagsterInstance) -> None:
+def test_a_noisy_4000x3000_photo_gets_an_inline_poster(
+    tmp_path: Path, emulator: Any, instance: DagsterInstance
+) -> None:
     _save(tmp_path / "images", "detailed.jpg", _encode(_detailed(4000, 3000), "JPEG", quality=60))
     assert _materialize(emulator, instance, tmp_path / "images", "detailed.jpg").success
     meta = video_metadata(instance, "detailed.jpg")

@@ -106,7 +106,9 @@ def test_stage(state: PartitionState, policy: Policy, expected: str) -> None:
 
 
 def test_a_schema_drift_failure_is_owed_again_once_accepted_or_at_its_hourly_look() -> None:
-    drift = _state(failure=_failure(fl.SCHEMA_DRIFT, retry_at=1000.0, schema_changes=["duration.enum", "seed.maximum"]))
+    drift = _state(
+        failure=_failure(fl.SCHEMA_DRIFT, retry_at=1000.0, schema_changes=["duration.enum", "seed.maximum"])
+    )
     assert stage(drift, POLICY, now=999.0) == "failed"
     assert stage(drift, POLICY, now=1001.0) == "submit"  # the catalog may be back to what was built for
     some = Policy("mark_stale", 0, None, accept_schema_changes=frozenset({"duration.enum"}))
@@ -152,11 +154,15 @@ def test_a_request_past_the_render_deadline_is_overdue_from_its_submit_time() ->
     assert stage(_submitted(status="in_progress"), DEADLINE, now=1e9) == "overdue"
     assert stage(queued, POLICY, now=1e9) == "in_flight"  # no deadline configured
     assert stage(_submitted(at=0.0), DEADLINE, now=1e9) == "in_flight"  # submit time unknown: never early
-    assert stage(_submitted(status="completed"), DEADLINE, now=1e9) == "collect"  # finished: collect, late or not
+    assert (
+        stage(_submitted(status="completed"), DEADLINE, now=1e9) == "collect"
+    )  # finished: collect, late or not
     # Cancelled past the deadline with no failure recorded (a tick that ran out of time): the deadline
     # pass records it (refunded, not resubmitted), rather than a collect that would resubmit it.
     assert stage(_submitted(status="cancelled"), DEADLINE, now=1e9) == "overdue"
-    assert stage(_submitted(status="cancelled"), DEADLINE, now=2000.0) == "collect"  # before it: a plain cancel
+    assert (
+        stage(_submitted(status="cancelled"), DEADLINE, now=2000.0) == "collect"
+    )  # before it: a plain cancel
     # The submit time is the request's, kept from its record, and reset by a new request only.
     state = _state()
     state.saw_request("r", 1, "v1", storage_id=5, submitted_at=1234.5)
@@ -177,7 +183,10 @@ def test_a_render_timeout_is_final_unless_the_request_finishes_after_all() -> No
     assert late_poll(rendering, DEADLINE, now)  # checked again, at a low rate
     rendering.late_poll_at = now + late_poll_interval(DEADLINE)
     assert not late_poll(rendering, DEADLINE, now) and late_poll(rendering, DEADLINE, rendering.late_poll_at)
-    assert late_poll_interval(DEADLINE) == 600.0 and late_poll_interval(Policy("mark_stale", 0, None, 5.0)) == 5.0
+    assert (
+        late_poll_interval(DEADLINE) == 600.0
+        and late_poll_interval(Policy("mark_stale", 0, None, 5.0)) == 5.0
+    )
     for status in ("completed", "succeeded", "failed"):  # it ended: collect what it made (it was billed)
         assert stage(_submitted(status=status, failure=timeout), DEADLINE, now) == "collect"
     assert stage(_submitted(status="expired", failure=timeout), DEADLINE, now) == "failed"
@@ -196,16 +205,29 @@ def test_memory_round_trips_through_json() -> None:
     memory.state("a").failure = _failure(fl.DOWNLOAD, request_id="r")
     memory.state("b").request_id = "x"
     memory.state("b").submitted_at, memory.state("b").late_poll_at = 1234.5, 2000.0
-    memory.state("b").poll_at, memory.state("b").polled_at, memory.state("b").started_at = 1300.0, 1250.0, 1240.0
+    memory.state("b").poll_at, memory.state("b").polled_at, memory.state("b").started_at = (
+        1300.0,
+        1250.0,
+        1240.0,
+    )
     again = SensorMemory.from_json(memory.to_json())
     assert again == memory
     assert SensorMemory.from_json({"v": 99}) == SensorMemory()  # an unknown version starts afresh
 
 
-def _run(job: str, tags: dict[str, str], *, config: dict | None = None, selection: set | None = None, age: float = 0):
+def _run(
+    job: str,
+    tags: dict[str, str],
+    *,
+    config: dict | None = None,
+    selection: set | None = None,
+    age: float = 0,
+):
     started = datetime.now(UTC).timestamp() - age
     run = SimpleNamespace(job_name=job, tags=tags, run_config=config or {}, asset_selection=selection)
-    return SimpleNamespace(dagster_run=run, start_time=started, create_timestamp=datetime.fromtimestamp(started, UTC))
+    return SimpleNamespace(
+        dagster_run=run, start_time=started, create_timestamp=datetime.fromtimestamp(started, UTC)
+    )
 
 
 def test_runs_in_progress_cover_their_partitions_per_stage() -> None:
@@ -214,7 +236,9 @@ def test_runs_in_progress_cover_their_partitions_per_stage() -> None:
     runs = [
         _run("submit", range_tags, config={"ops": {"op": {"config": {"partitions": ["p1", "p3"]}}}}),
         _run("collect", {_compat.PARTITION_NAME_TAG: "p5"}),
-        _run("__ASSET_JOB", {_compat.PARTITION_NAME_TAG: "p0"}, selection={requests, videos}),  # a backfill run
+        _run(
+            "__ASSET_JOB", {_compat.PARTITION_NAME_TAG: "p0"}, selection={requests, videos}
+        ),  # a backfill run
         _run("collect", {_compat.PARTITION_NAME_TAG: "p4"}, age=7200),  # lost: stale
     ]
     coverage = covered(
@@ -236,14 +260,18 @@ def test_owed_partitions_are_batched_in_gapless_ranges_with_a_key_per_attempt() 
     assert [request_partitions(r, ORDER) for r in first] == [["p0", "p1"], ["p3", "p4"], ["p5"]]
     assert first[2].partition_key == "p5" and first[0].partition_key is None  # a range goes by its tags
     assert all(r.job_name == "submit_job" for r in first)
-    assert [r.run_key for r in make(1)] == [r.run_key for r in first]  # a repeated tick asks for the same runs
+    assert [r.run_key for r in make(1)] == [
+        r.run_key for r in first
+    ]  # a repeated tick asks for the same runs
     assert not {r.run_key for r in make(2)} & {r.run_key for r in first}  # a retry gets keys of its own
 
 
 def test_a_part_batch_of_finished_requests_waits_for_the_collect_run_in_progress_then_goes() -> None:
     ready = [PartitionState(request_id=f"r{i}", status="completed", ready_at=1000.0 + i) for i in range(3)]
     wait = {"batch_size": 10, "now": 1030.0, "max_wait_s": 60.0}
-    assert hold_collects(ready, collect_running=True, **wait)  # a run is going: the next tick sends more at once
+    assert hold_collects(
+        ready, collect_running=True, **wait
+    )  # a run is going: the next tick sends more at once
     assert not hold_collects(ready, collect_running=False, **wait)  # nothing going: send now
     assert not hold_collects(ready, collect_running=True, **{**wait, "now": 1061.0})  # waited long enough
     assert not hold_collects(ready * 4, collect_running=True, **wait)  # a full batch goes at once
@@ -265,7 +293,9 @@ def _learnt(drains: tuple[float, ...] = (10.0, 10.0, 10.0)) -> Learnt:
 
 
 def _flight(**values: object) -> PartitionState:
-    return _state(**{"request_id": "r", "request_version": "v1", "request_storage_id": 5, "submitted_at": T0, **values})
+    return _state(
+        **{"request_id": "r", "request_version": "v1", "request_storage_id": 5, "submitted_at": T0, **values}
+    )
 
 
 def test_a_new_request_is_first_due_when_the_quickest_renders_seen_would_end() -> None:

@@ -79,8 +79,16 @@ def test_a_queued_request_past_the_deadline_is_cancelled_refunded_and_not_resubm
     assert ledger.entries[0].state == "cancelled"
     assert _journal(tmp_path).spent_usd() == 0  # the claim is settled at 0: the cap counts nothing for it
     failure = latest_failure(instance, KEY)
-    assert failure is not None and failure.failure_class == fl.RENDER_TIMEOUT and failure.request_id == request_id
-    assert "still queued" in failure.reason and "max_render_s=0.001" in failure.reason and "refunded" in failure.reason
+    assert (
+        failure is not None
+        and failure.failure_class == fl.RENDER_TIMEOUT
+        and failure.request_id == request_id
+    )
+    assert (
+        "still queued" in failure.reason
+        and "max_render_s=0.001" in failure.reason
+        and "refunded" in failure.reason
+    )
     assert "not submitted again by itself" in failure.next_step
     assert "materialize runway/requests for this partition" in failure.next_step
     assert status_summary(daemon)["failed"] == 1 and video_metadata(instance, KEY) is None
@@ -99,7 +107,10 @@ def test_a_queued_request_past_the_deadline_is_cancelled_refunded_and_not_resubm
     # The next step works: a new submit by hand, collected by the sensor.
     submit = defs.resolve_job_def("runway_submit_job")
     assert submit.execute_in_process(instance=instance, partition_key=KEY).success
-    _until(lambda: bool(daemon.tick("runway_status_sensor")) and video_metadata(instance, KEY) is not None, "the video")
+    _until(
+        lambda: bool(daemon.tick("runway_status_sensor")) and video_metadata(instance, KEY) is not None,
+        "the video",
+    )
     ledger = emulator.ledger()
     assert ledger.submissions == 2 and ledger.billed_submissions == 1
     assert video_metadata(instance, KEY)["runway/request_id"] == ledger.entries[1].request_id
@@ -108,7 +119,9 @@ def test_a_queued_request_past_the_deadline_is_cancelled_refunded_and_not_resubm
 def test_a_rendering_request_past_the_deadline_is_reported_with_its_cost_and_collected_if_it_finishes(
     tmp_path: Path, emulator_factory: Callable[..., Emulator], instance: DagsterInstance
 ) -> None:
-    emulator = emulator_factory(paused=True, time_scale=1.0, queue_seconds=(0.0, 0.0), render_seconds=(3.0, 3.0))
+    emulator = emulator_factory(
+        paused=True, time_scale=1.0, queue_seconds=(0.0, 0.0), render_seconds=(3.0, 3.0)
+    )
     write_images(tmp_path / "images", valid=1, invalid=False)
     defs = make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos"), max_render_s=0.001)
     daemon = LocalDaemon(defs, instance)
@@ -121,10 +134,19 @@ def test_a_rendering_request_past_the_deadline_is_reported_with_its_cost_and_col
 
     assert run_until_idle(daemon) == []
     failure = latest_failure(instance, KEY)
-    assert failure is not None and failure.failure_class == fl.RENDER_TIMEOUT and failure.request_id == request_id
+    assert (
+        failure is not None
+        and failure.failure_class == fl.RENDER_TIMEOUT
+        and failure.request_id == request_id
+    )
     assert "still rendering" in failure.reason and "cannot be cancelled" in failure.reason
-    assert f"about {estimate:.2f} USD" in failure.reason and failure.metadata["estimated_cost_usd"] == estimate
-    assert "collects the video if it finishes" in failure.next_step and "not submitted again" in failure.next_step
+    assert (
+        f"about {estimate:.2f} USD" in failure.reason and failure.metadata["estimated_cost_usd"] == estimate
+    )
+    assert (
+        "collects the video if it finishes" in failure.next_step
+        and "not submitted again" in failure.next_step
+    )
     assert emulator.ledger().billed_submissions == 1 and emulator.request_state(request_id) == "in_progress"
     assert _journal(tmp_path).spent_usd() == estimate  # it may be billed: the estimate stays counted
     for _ in range(3):
@@ -162,7 +184,10 @@ def test_a_cancel_that_fails_is_made_again_while_the_request_is_still_queued(
     assert emulator.ledger().billed_submissions == 1
 
     # A late poll finds it still queued: the cancel is made again, and this time it is refunded.
-    _until(lambda: bool(daemon.tick("runway_status_sensor")) and emulator.ledger().billed_submissions == 0, "the refund")
+    _until(
+        lambda: bool(daemon.tick("runway_status_sensor")) and emulator.ledger().billed_submissions == 0,
+        "the refund",
+    )
     failure = latest_failure(instance, KEY)
     assert failure is not None and "cancelled, and a cancelled request is refunded" in failure.reason
     assert emulator.request_state(request_id) == "cancelled" and _journal(tmp_path).spent_usd() == 0

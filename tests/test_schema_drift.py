@@ -24,7 +24,10 @@ def _rename(live: dict[str, Any]) -> None:
 
 BREAKING = {
     "new-required-field": (
-        lambda s: (s["properties"].update(negativePrompt={"type": "string"}), s["required"].append("negativePrompt")),
+        lambda s: (
+            s["properties"].update(negativePrompt={"type": "string"}),
+            s["required"].append("negativePrompt"),
+        ),
         "negativePrompt.required",
     ),
     "narrowed-enum": (lambda s: s["properties"]["duration"].update(enum=[5]), "duration.enum"),

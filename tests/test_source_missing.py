@@ -21,7 +21,9 @@ def instance() -> Iterator[DagsterInstance]:
         yield instance
 
 
-def test_a_deleted_image_fails_its_source_check_when_the_pass_ends(tmp_path: Path, emulator, instance) -> None:
+def test_a_deleted_image_fails_its_source_check_when_the_pass_ends(
+    tmp_path: Path, emulator, instance
+) -> None:
     write_images(tmp_path / "images", valid=3, invalid=False)
     daemon = LocalDaemon(make_defs(emulator, str(tmp_path / "images"), str(tmp_path / "videos")), instance)
     daemon.tick("runway_discovery_sensor")
@@ -37,7 +39,9 @@ def test_a_deleted_image_fails_its_source_check_when_the_pass_ends(tmp_path: Pat
         [AssetCheckKey(VIDEOS, "source_unchanged")], partition_filter=PartitionKeyFilter(key="img01.png")
     ).values()
     evaluation = latest.event.dagster_event.asset_check_evaluation_data
-    assert evaluation.metadata["why"].value == "deleted: the source image is gone; the video shows what it was"
+    assert (
+        evaluation.metadata["why"].value == "deleted: the source image is gone; the video shows what it was"
+    )
     assert evaluation.metadata["change_token_now"].value == "(image missing)"
     assert {k: check_statuses(instance, k)["source_unchanged"] for k in ("img00.png", "img02.png")} == {
         "img00.png": "SUCCEEDED",

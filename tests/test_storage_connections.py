@@ -43,7 +43,8 @@ def _open_connections(db: PostgresParams) -> int:
     try:
         with connection.cursor() as cursor:
             cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (db.db_name,)
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (db.db_name,),
             )
             return int(cursor.fetchone()[0])
     finally:

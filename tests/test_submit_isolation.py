@@ -48,14 +48,19 @@ def instance() -> Iterator[DagsterInstance]:
 class Pipeline:
     """Three images, their pipeline against the emulator, and what the event log and journal say."""
 
-    def __init__(self, tmp_path: Path, emulator: Emulator, instance: DagsterInstance, **resource: Any) -> None:
+    def __init__(
+        self, tmp_path: Path, emulator: Emulator, instance: DagsterInstance, **resource: Any
+    ) -> None:
         write_images(tmp_path / "images", valid=3, invalid=False)
         self.output = tmp_path / "videos"
         self.defs: Definitions = make_defs(emulator, str(tmp_path / "images"), str(self.output))
         if resource:  # the same pipeline on a resource with other settings
             runcomfy = RunComfyResource(api_token=emulator.token, base_url=emulator.base_url, **resource)
             self.defs = build_runway_pipeline(
-                str(tmp_path / "images"), str(self.output), resource=runcomfy, missing_prompt="service_default"
+                str(tmp_path / "images"),
+                str(self.output),
+                resource=runcomfy,
+                missing_prompt="service_default",
             )
         self.emulator, self.instance = emulator, instance
         self.daemon = LocalDaemon(self.defs, instance)
@@ -251,7 +256,9 @@ def test_submits_stopped_by_an_account_error_each_get_their_own_failure(
     tmp_path: Path, emulator_factory: Any, instance: DagsterInstance
 ) -> None:
     emulator = emulator_factory(balance_usd=0.0)
-    pipeline = Pipeline(tmp_path, emulator, instance, max_concurrency=1)  # one at a time: the first stops the rest
+    pipeline = Pipeline(
+        tmp_path, emulator, instance, max_concurrency=1
+    )  # one at a time: the first stops the rest
     pipeline.discover()
     result = pipeline.submit_job()
     assert not result.success

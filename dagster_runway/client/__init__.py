@@ -286,7 +286,9 @@ class AsyncRunComfyClient(_ClientBase):
         category: str | None = None,
     ) -> ModelPage:
         """As ``RunComfyClient.models``."""
-        return await self._run(self._core.models(limit=limit, offset=offset, search=search, category=category))
+        return await self._run(
+            self._core.models(limit=limit, offset=offset, search=search, category=category)
+        )
 
     async def status(self, request_id: str) -> RequestStatus:
         return await self._run(self._core.status(request_id))
@@ -306,7 +308,9 @@ class AsyncRunComfyClient(_ClientBase):
         on_update: Callable[[RequestStatus], None] | None = None,
         cancel_on_timeout: bool = False,
     ) -> RequestResult:
-        return await self._run(self._wait_call(request_id, timeout, poll_interval, on_update, cancel_on_timeout))
+        return await self._run(
+            self._wait_call(request_id, timeout, poll_interval, on_update, cancel_on_timeout)
+        )
 
     async def status_many(
         self, request_ids: Iterable[str], *, deadline: float | None = None

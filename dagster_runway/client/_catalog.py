@@ -33,7 +33,12 @@ class ModelInfo(BaseModel):
     def _price(cls, value: Any) -> Any:
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
             raise ValueError(f"base_price_usd must be a finite JSON number of 0 or more, got {value!r:.40}")
         return float(value)
 

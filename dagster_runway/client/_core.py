@@ -210,7 +210,9 @@ class RequestCore:
                 detail=[{"loc": [field], "msg": message, "type": kind} for field, message, kind in errors],
             )
         if spec.input_model is not None:
-            return spec.input_model.model_validate(input).model_dump(by_alias=True, exclude_unset=True, mode="json")
+            return spec.input_model.model_validate(input).model_dump(
+                by_alias=True, exclude_unset=True, mode="json"
+            )
         return dict(input)
 
     def _model_url(self, model_id: str) -> str:
@@ -253,7 +255,11 @@ class RequestCore:
             retry_after: float | None = None
             if isinstance(outcome, httpx.HTTPError):
                 error = self._http_error(
-                    outcome, idempotent=idempotent, what=what, target=target, request_id=request_id,
+                    outcome,
+                    idempotent=idempotent,
+                    what=what,
+                    target=target,
+                    request_id=request_id,
                     fingerprint=fingerprint,
                 )
             else:
@@ -381,7 +387,13 @@ class RequestCore:
                     request_id=request_id,
                 ) from None
         raise error_for(
-            response, body, what=what, target=target, request_id=request_id, model_id=model_id, redact=self.redact
+            response,
+            body,
+            what=what,
+            target=target,
+            request_id=request_id,
+            model_id=model_id,
+            redact=self.redact,
         )
 
 

@@ -128,8 +128,10 @@ class EmulatorApp:
             other = CatalogModel.of(entry) if entry is not None else None
             if other is None:
                 raise ApiError(
-                    404, 400001, f"Unknown model {model_id!r}; this emulator serves {self._config.model_id}"
-                    + (" and the catalog models it can render" if self._config.catalog else "")
+                    404,
+                    400001,
+                    f"Unknown model {model_id!r}; this emulator serves {self._config.model_id}"
+                    + (" and the catalog models it can render" if self._config.catalog else ""),
                 )
         # Faults come before validation, as a gateway's would; an unparsable body is reported after them.
         body: Any = None
@@ -176,7 +178,9 @@ class EmulatorApp:
         model_id = request.path_params["model_id"]
         entry = self.catalog().get(model_id)
         if entry is None:
-            raise ApiError(404, 400001, f"Unknown model {model_id!r}; see GET /v1/models for the models listed")
+            raise ApiError(
+                404, 400001, f"Unknown model {model_id!r}; see GET /v1/models for the models listed"
+            )
         return JSONResponse(entry.model_dump(mode="json"))
 
     async def _models(self, request: Request) -> Response:
@@ -383,7 +387,12 @@ class EmulatorApp:
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return error_response(exc.status_code, exc.status_code * 1000 + 1, exc.detail, headers=dict(exc.headers) if exc.headers else None)
+        return error_response(
+            exc.status_code,
+            exc.status_code * 1000 + 1,
+            exc.detail,
+            headers=dict(exc.headers) if exc.headers else None,
+        )
 
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
         logger.error("emulator: internal error on %s", request.url.path, exc_info=exc)

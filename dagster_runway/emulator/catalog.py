@@ -30,11 +30,15 @@ class CatalogEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_id: str = Field(min_length=1, pattern=r"^[^/\s]+(/[^/\s]+)*$", description="e.g. owner/model/variant.")
+    model_id: str = Field(
+        min_length=1, pattern=r"^[^/\s]+(/[^/\s]+)*$", description="e.g. owner/model/variant."
+    )
     display_name: str = Field(min_length=1, description="The model's name for people.")
     categories: list[str] = Field(default_factory=list, description="e.g. image-to-video.")
     base_price_usd: float = Field(ge=0.0, allow_inf_nan=False, description="USD per price_unit.")
-    price_unit: PriceUnit = Field(description="What base_price_usd is per: a second of output, or one output.")
+    price_unit: PriceUnit = Field(
+        description="What base_price_usd is per: a second of output, or one output."
+    )
     pricing_note: str = Field(default="", description="Free text about the price.")
     input_schema: dict[str, Any] = Field(default_factory=dict, description="The JSON schema of the input.")
     model_url: str = Field(default="", description="The model's page.")
@@ -56,7 +60,9 @@ def load_catalog_file(path: str | Path) -> list[CatalogEntry]:
     except OSError as exc:
         raise CatalogFileError(f"catalog file {shown}: cannot be read ({exc.strerror or exc})") from None
     except ValueError as exc:
-        raise CatalogFileError(f"catalog file {shown}: not JSON ({exc}); give a JSON list of entries") from None
+        raise CatalogFileError(
+            f"catalog file {shown}: not JSON ({exc}); give a JSON list of entries"
+        ) from None
     if isinstance(data, dict) and "models" in data:
         data = data["models"]
     if not isinstance(data, list):

@@ -115,10 +115,14 @@ def _check(name: str, prop: dict[str, Any], value: Any) -> list[dict[str, Any]]:
         return [_error(name, f"Input should be a valid {kind}", f"{kind}_type")]
     found = []
     if "enum" in prop and value not in prop["enum"]:
-        found.append(_error(name, f"Input should be one of {', '.join(map(str, prop['enum']))}", "literal_error"))
+        found.append(
+            _error(name, f"Input should be one of {', '.join(map(str, prop['enum']))}", "literal_error")
+        )
     low, high = prop.get("minimum"), prop.get("maximum")
     if (low is not None and value < low) or (high is not None and value > high):
         found.append(_error(name, f"Input should be between {low} and {high}", "range_error"))
     if isinstance(value, str) and "maxLength" in prop and len(value) > prop["maxLength"]:
-        found.append(_error(name, f"String should have at most {prop['maxLength']} characters", "string_too_long"))
+        found.append(
+            _error(name, f"String should have at most {prop['maxLength']} characters", "string_too_long")
+        )
     return found

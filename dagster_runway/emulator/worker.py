@@ -86,7 +86,9 @@ class Worker:
             if job.injected is not None:
                 outcome = job.injected
             elif self._config.reuse_renders and self._clip_for(job) is not None:
-                outcome = await loop.run_in_executor(self._pool, self._copy, self._clips[(job.ratio, job.duration)], job.request_id)
+                outcome = await loop.run_in_executor(
+                    self._pool, self._copy, self._clips[(job.ratio, job.duration)], job.request_id
+                )
             else:
                 outcome = await loop.run_in_executor(
                     self._pool,
@@ -101,10 +103,16 @@ class Worker:
                         durable=self._store.durable,
                     ),
                 )
-            if self._config.reuse_renders and isinstance(outcome, Video) and (job.ratio, job.duration) not in self._clips:
+            if (
+                self._config.reuse_renders
+                and isinstance(outcome, Video)
+                and (job.ratio, job.duration) not in self._clips
+            ):
                 # A file of its own: the request's video may expire and be deleted.
                 kept = self._files_dir / f"clip-{job.ratio.replace(':', 'x')}-{job.duration}s.mp4"
-                self._clips[(job.ratio, job.duration)] = await loop.run_in_executor(self._pool, copy_video, outcome, kept)
+                self._clips[(job.ratio, job.duration)] = await loop.run_in_executor(
+                    self._pool, copy_video, outcome, kept
+                )
         except ImageRejected as exc:
             outcome = GenerationFailure(exc.code, exc.message)
         except Exception as exc:

@@ -43,8 +43,18 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"PK\x03\x04", "a ZIP archive"),
 )
 # Brands of ISO base media files (an ``ftyp`` box) that hold still images; any other brand is a video.
-_HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"hevc": "HEIC",
-                b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF", b"crx ": "CR3 (Canon raw)"}
+_HEIF_BRANDS = {
+    b"heic": "HEIC",
+    b"heix": "HEIC",
+    b"heim": "HEIC",
+    b"heis": "HEIC",
+    b"hevc": "HEIC",
+    b"mif1": "HEIF",
+    b"msf1": "HEIF",
+    b"avif": "AVIF",
+    b"avis": "AVIF",
+    b"crx ": "CR3 (Canon raw)",
+}
 
 
 def refused_format(head: bytes) -> str | None:
@@ -57,7 +67,9 @@ def refused_format(head: bytes) -> str | None:
         return "BMP"
     if head[4:8] == b"ftyp":
         brand = head[8:12]
-        return _HEIF_BRANDS.get(brand, f"an ISO media file (brand {brand.decode('ascii', 'replace')!r}: MP4/MOV/3GP)")
+        return _HEIF_BRANDS.get(
+            brand, f"an ISO media file (brand {brand.decode('ascii', 'replace')!r}: MP4/MOV/3GP)"
+        )
     if head[:4] == b"RIFF" and head[8:12] != b"WEBP":
         return f"a RIFF {head[8:12].decode('ascii', 'replace')!r} file (AVI/WAV), not WebP"
     stripped = head.lstrip()

@@ -59,7 +59,9 @@ def group_of(relpath: str) -> str:
 
 def _open_groups(last: str, groups: set[str]) -> set[str]:
     """The groups among ``groups`` that may have members after the key ``last`` (see the module doc)."""
-    return {last[:p] for p in range(len(last) + 1) if (p == len(last) or last[p] < "/") and last[:p] in groups}
+    return {
+        last[:p] for p in range(len(last) + 1) if (p == len(last) or last[p] < "/") and last[:p] in groups
+    }
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,9 @@ class Listing:
         held: list[_Item] = []  # read, in groups that may go on in the next page
         end = False
         while not end:
-            if self.parts and (self.read >= self.max_read or (self.deadline is not None and time.monotonic() > self.deadline)):
+            if self.parts and (
+                self.read >= self.max_read or (self.deadline is not None and time.monotonic() > self.deadline)
+            ):
                 return
             page, end, last = next(pages, ([], True, ""))
             held.extend(page)
@@ -118,7 +122,11 @@ class Listing:
         self.skipped_outputs += skipped
         self.linked_folders += linked
         mine = {e.relpath for e in entries}
-        entries = [e for e in source._match_manifest([*entries, *self._neighbours(entries)], self.manifest) if e.relpath in mine]
+        entries = [
+            e
+            for e in source._match_manifest([*entries, *self._neighbours(entries)], self.manifest)
+            if e.relpath in mine
+        ]
         rows = {e.relpath: source._manifest_keys.get(e.relpath) for e in entries}
         source.manifest_unmatched = []  # known from a whole pass only
         by_rel = {e.relpath: e for e in entries}
@@ -180,7 +188,12 @@ class Listing:
         prefix = key.strip("/") + "/" if key.strip("/") else ""
         after = prefix + self.start_after if self.start_after is not None else None
         while True:
-            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self._page_size(), **source.fs.req_kw}
+            kwargs: dict[str, Any] = {
+                "Bucket": bucket,
+                "Prefix": prefix,
+                "MaxKeys": self._page_size(),
+                **source.fs.req_kw,
+            }
             if after is not None:
                 kwargs["StartAfter"] = after
             try:
@@ -202,7 +215,13 @@ class Listing:
                 rel = source._relpath(name)
                 if rel and not rel.endswith("/"):  # not a folder marker
                     # As s3fs's own listing gives it (``_iterdir``, ``_fill_info``).
-                    page.append((rel, name, {**listed, "type": "file", "size": listed["Size"], "name": name, "Key": name}))
+                    page.append(
+                        (
+                            rel,
+                            name,
+                            {**listed, "type": "file", "size": listed["Size"], "name": name, "Key": name},
+                        )
+                    )
             more = bool(out.get("IsTruncated"))
             yield page, not more, (after or "")[len(prefix) :]
             if not more:
@@ -237,7 +256,9 @@ class Listing:
         for name, entry in keyed:
             rel = prefix + name
             if name.endswith("/"):
-                if after is None or after < rel[:-1] + "0":  # "0" follows "/": the folder's keys end before it
+                if (
+                    after is None or after < rel[:-1] + "0"
+                ):  # "0" follows "/": the folder's keys end before it
                     yield rel
                     yield from self._walk(entry.path, rel)
             elif after is None or rel > after:

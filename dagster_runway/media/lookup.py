@@ -95,7 +95,9 @@ def _info(source: ImageSource, path: str) -> Mapping[str, Any] | None:
                 size = os.stat(path).st_size
             except OSError:
                 size = 0  # a broken link, as the walk records it
-        kind = "directory" if stat.S_ISDIR(found.st_mode) else "file" if stat.S_ISREG(found.st_mode) else "other"
+        kind = (
+            "directory" if stat.S_ISDIR(found.st_mode) else "file" if stat.S_ISREG(found.st_mode) else "other"
+        )
         return {"name": path, "size": size, "type": kind, "islink": link, "mtime": found.st_mtime}
     source.fs.invalidate_cache(path)  # a cached listing could be stale, or name a missing file a folder
     try:

@@ -76,7 +76,11 @@ def read_manifest(
     try:
         fs.invalidate_cache(path)
         raw = read_source_file(
-            fs, path, root=root, max_bytes=MANIFEST_MAX_BYTES, what="manifest",
+            fs,
+            path,
+            root=root,
+            max_bytes=MANIFEST_MAX_BYTES,
+            what="manifest",
             fix_size="split the source, or keep only the settings in the manifest",
         ).data
     except UntrustedFileError as exc:
@@ -97,7 +101,9 @@ def read_manifest(
         return parse_csv(text, shown, root_prefixes)
     if path.lower().endswith(".json"):
         return parse_json(text, shown, root_prefixes)
-    raise SettingsError(shown, "manifest must be a .csv or .json file; rename it, or convert it to CSV or JSON")
+    raise SettingsError(
+        shown, "manifest must be a .csv or .json file; rename it, or convert it to CSV or JSON"
+    )
 
 
 def _relpath(value: Any, where: str, root_prefixes: Sequence[str]) -> str:
@@ -133,11 +139,15 @@ def parse_csv(text: str, shown: str, root_prefixes: Sequence[str] = ()) -> Manif
         except StopIteration:
             break
         except csv.Error as exc:
-            raise SettingsError(f"{shown} (line {reader.line_num})", f"manifest is not valid CSV ({exc}); fix that line") from None
+            raise SettingsError(
+                f"{shown} (line {reader.line_num})", f"manifest is not valid CSV ({exc}); fix that line"
+            ) from None
         where = f"{shown} (line {reader.line_num})"
         cleaned = {(k or "").strip(): v for k, v in row.items()}
         if None in row:
-            raise SettingsError(where, "row has more cells than the header has columns; quote cells that contain commas")
+            raise SettingsError(
+                where, "row has more cells than the header has columns; quote cells that contain commas"
+            )
         relpath = _relpath(cleaned.pop(path_column), where, root_prefixes)
         manifest._add(relpath, where, normalise_fields(cleaned, source=where))
     return manifest
@@ -164,7 +174,8 @@ def parse_json(text: str, shown: str, root_prefixes: Sequence[str] = ()) -> Mani
             where = f"{shown} ({key!r})"
             if not isinstance(value, dict):
                 raise SettingsError(
-                    where, 'each image\'s settings must be an object, e.g. {"promptText": "...", "ratio": "auto"}'
+                    where,
+                    'each image\'s settings must be an object, e.g. {"promptText": "...", "ratio": "auto"}',
                 )
             relpath = _relpath(key, where, root_prefixes)
             manifest._add(relpath, where, normalise_fields(value, source=where))

@@ -13,9 +13,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 
-def _store_and_segments(url: str, options: Mapping[str, Any] | None) -> tuple[tuple[str, str], tuple[str, ...]]:
+def _store_and_segments(
+    url: str, options: Mapping[str, Any] | None
+) -> tuple[tuple[str, str], tuple[str, ...]]:
     parts = urlsplit(url)
-    if len(parts.scheme) <= 1 or parts.scheme in ("file", "local"):  # a plain path (or a Windows drive letter)
+    if len(parts.scheme) <= 1 or parts.scheme in (
+        "file",
+        "local",
+    ):  # a plain path (or a Windows drive letter)
         path = parts.path if parts.scheme in ("file", "local") else url
         resolved = os.path.realpath(os.path.expanduser(path))
         return ("file", ""), tuple(s for s in resolved.split(os.sep) if s)

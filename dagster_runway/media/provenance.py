@@ -28,11 +28,16 @@ def tag_video(path: str, tags: Mapping[str, str], check: Callable[[str], Any] | 
     once it is complete and ``check(tagged_path)`` passes: on any failure the file is as it was."""
     tagged = f"{path}.tagged"
     try:
-        with av.open(path) as source, av.open(
-            tagged, "w", format="mp4", options={"movflags": "use_metadata_tags+faststart"}
-        ) as target:
+        with (
+            av.open(path) as source,
+            av.open(tagged, "w", format="mp4", options={"movflags": "use_metadata_tags+faststart"}) as target,
+        ):
             for key, value in source.metadata.items():
-                if not key.startswith(TAG_PREFIX) and key not in ("major_brand", "minor_version", "compatible_brands"):
+                if not key.startswith(TAG_PREFIX) and key not in (
+                    "major_brand",
+                    "minor_version",
+                    "compatible_brands",
+                ):
                     target.metadata[key] = value
             for key, value in tags.items():
                 target.metadata[f"{TAG_PREFIX}{key}"] = "".join(c for c in value if c >= " " or c in "\n\t")

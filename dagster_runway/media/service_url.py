@@ -145,7 +145,9 @@ def source_matches(
     )
 
 
-def _too_large_for_data_uri(fs: fsspec.AbstractFileSystem, shown: str, size: int, mime: str, limit: int) -> ServiceUrlError:
+def _too_large_for_data_uri(
+    fs: fsspec.AbstractFileSystem, shown: str, size: int, mime: str, limit: int
+) -> ServiceUrlError:
     needed = data_uri_length(size, mime)
     where = "local file" if is_local(fs) else f"{type(fs).__name__} file"
     return ServiceUrlError(

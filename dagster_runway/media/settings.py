@@ -133,7 +133,9 @@ class GenerationSettings(BaseModel):
         value = _coerce_int(value, "duration")
         durations = _model(info).durations
         if value not in durations:
-            raise ValueError(f"duration {shown_value(value)} is not one of {', '.join(map(str, durations))} (seconds)")
+            raise ValueError(
+                f"duration {shown_value(value)} is not one of {', '.join(map(str, durations))} (seconds)"
+            )
         return value
 
     @field_validator("seed", mode="before")
@@ -177,8 +179,9 @@ class ResolvedSettings(BaseModel):
 
     def request_fields(self, model: ModelSpec = DEFAULT_MODEL) -> dict[str, Any]:
         """The input fields under the model's names (the prompt only when set)."""
-        return model.request_fields(prompt=self.prompt_text, ratio=self.ratio, duration=self.duration, seed=self.seed)
-
+        return model.request_fields(
+            prompt=self.prompt_text, ratio=self.ratio, duration=self.duration, seed=self.seed
+        )
 
 
 def resolve_auto_ratio(width: int, height: int, ratios: tuple[str, ...] = RATIOS) -> str:
@@ -217,7 +220,9 @@ def normalise_fields(raw: Mapping[str, Any], *, source: str) -> dict[str, Any]:
         name = FIELD_ALIASES.get(str(key).strip())
         if name is None:
             allowed = "promptText (or prompt), ratio, duration, seed"
-            raise SettingsError(source, f"unknown field {shown_value(str(key))}; use {allowed}", field=str(key))
+            raise SettingsError(
+                source, f"unknown field {shown_value(str(key))}; use {allowed}", field=str(key)
+            )
         if value is None or (isinstance(value, str) and not value.strip()):
             continue
         if name in out:

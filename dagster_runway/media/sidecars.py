@@ -38,7 +38,11 @@ def read_sidecar(fs: fsspec.AbstractFileSystem, path: str, *, root: str | None =
     shown = shown_name(full_url(fs, path))
     try:
         raw = read_source_file(
-            fs, path, root=root, max_bytes=SIDECAR_MAX_BYTES, what="sidecar",
+            fs,
+            path,
+            root=root,
+            max_bytes=SIDECAR_MAX_BYTES,
+            what="sidecar",
             fix_size="keep only the prompt and settings in it",
         ).data
         try:
@@ -54,5 +58,7 @@ def read_sidecar(fs: fsspec.AbstractFileSystem, path: str, *, root: str | None =
     except UntrustedFileError as exc:
         raise SettingsError(shown, f"{exc.rule}; {exc.fix}") from None
     except OSError as exc:
-        raise SettingsError(shown, f"cannot read the sidecar ({type(exc).__name__}); check access to the storage") from None
+        raise SettingsError(
+            shown, f"cannot read the sidecar ({type(exc).__name__}); check access to the storage"
+        ) from None
     return normalise_fields(data, source=shown)

@@ -87,7 +87,9 @@ class ImageEntry:
     sidecars: tuple[str, ...] = ()  # sidecar paths (fs paths), lowest precedence first
     sidecar_token: str = ""  # change tokens of the sidecars, so an edited prompt can be noticed
     settings_token: str = ""  # a hash of the image's manifest entries, so an edited manifest row is noticed
-    problem: str = ""  # "<file>: <rule>; <fix>" when it cannot be sent as it is (its partition fails so), or ""
+    problem: str = (
+        ""  # "<file>: <rule>; <fix>" when it cannot be sent as it is (its partition fails so), or ""
+    )
 
 
 def compile_patterns(patterns: Iterable[str]) -> re.Pattern[str]:
@@ -123,7 +125,9 @@ def _own_output(relpath: str, found_relpaths: Mapping[str, object]) -> bool:
         stem = relpath[: -len(".poster.jpg")]
         return any(stem + ext in found_relpaths for ext in _VIDEO_EXTENSIONS)
     if lower.endswith(".json"):
-        return lower[: -len(".json")].endswith(_VIDEO_EXTENSIONS) and relpath[: -len(".json")] in found_relpaths
+        return (
+            lower[: -len(".json")].endswith(_VIDEO_EXTENSIONS) and relpath[: -len(".json")] in found_relpaths
+        )
     return False
 
 
@@ -316,17 +320,23 @@ class ImageSource:
             logger.warning(
                 "%s: %d linked folder(s) are not followed, so no image in them is listed, e.g. %s; copy or move "
                 "the images into the source",
-                shown_name(self.root_url), len(linked_folders), shown_name(linked_folders[0]),
+                shown_name(self.root_url),
+                len(linked_folders),
+                shown_name(linked_folders[0]),
             )
         if skipped:
             logger.warning(
                 "%s: %d file(s) that this project writes (posters, video sidecars, gallery.html, the .runway "
                 "journal) are inside the image source and are not listed as images, e.g. %s; keep the output and "
                 "the journal outside the source",
-                shown_name(self.root_url), len(skipped), shown_name(skipped[0]),
+                shown_name(self.root_url),
+                len(skipped),
+                shown_name(skipped[0]),
             )
 
-    def _match_manifest(self, entries: builtins.list[ImageEntry], manifest: Manifest | None) -> builtins.list[ImageEntry]:
+    def _match_manifest(
+        self, entries: builtins.list[ImageEntry], manifest: Manifest | None
+    ) -> builtins.list[ImageEntry]:
         """Tie each image to its manifest rows (NFC on both sides; case must match exactly), note the
         refusals, and the rows that match no image."""
         self._manifest_keys, self._manifest_refusals, self.manifest_unmatched = {}, {}, []
@@ -518,7 +528,9 @@ class ImageSource:
             layers.extend(rows)
             kinds.extend("manifest" for _ in rows)
         for sidecar in entry.sidecars:
-            layers.append((shown_name(full_url(self.fs, sidecar)), read_sidecar(self.fs, sidecar, root=self.root)))
+            layers.append(
+                (shown_name(full_url(self.fs, sidecar)), read_sidecar(self.fs, sidecar, root=self.root))
+            )
             kinds.append("sidecar")
         merged = merge_settings(self.defaults, layers, self.model)
         prompt_source = "defaults" if self.defaults.prompt_text is not None else "service default"
@@ -529,7 +541,9 @@ class ImageSource:
         ratio, ratio_auto = merged.ratio, False
         if ratio == AUTO_RATIO:
             if image_size is None:
-                info = validate_image(self.fs, entry.path, size=entry.size or None, rules=self.model.image_rules)
+                info = validate_image(
+                    self.fs, entry.path, size=entry.size or None, rules=self.model.image_rules
+                )
                 image_size = info.displayed_size  # as viewers show it (EXIF orientation)
             ratio, ratio_auto = resolve_auto_ratio(*image_size, ratios=self.model.ratios), True
         seed, seed_derived = merged.seed, False
@@ -558,7 +572,13 @@ class ImageSource:
             target = os.stat(path)
         except OSError:
             return {**info, "type": "other"}  # a broken link
-        kind = "file" if stat.S_ISREG(target.st_mode) else "directory" if stat.S_ISDIR(target.st_mode) else "other"
+        kind = (
+            "file"
+            if stat.S_ISREG(target.st_mode)
+            else "directory"
+            if stat.S_ISDIR(target.st_mode)
+            else "other"
+        )
         return {**info, "type": kind, "size": target.st_size, "mtime": target.st_mtime}
 
     def _problem(self, path: str, relpath: str, info: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -574,7 +594,9 @@ class ImageSource:
             )
         if problem is None and info.get("type", "file") != "file":
             problem = (
-                "the image is a broken symbolic link" if info.get("islink") else "the image is not a regular file",
+                "the image is a broken symbolic link"
+                if info.get("islink")
+                else "the image is not a regular file",
                 "replace it with a regular image file, or remove it",
             )
         return problem
@@ -588,12 +610,17 @@ class ImageSource:
                 info = self._followed(entry.path, self.fs.info(entry.path))
             except FileNotFoundError:
                 raise ImageValidationError(
-                    shown_name(entry.url), "file does not exist", "check the path, or re-list the source", code="unreadable"
+                    shown_name(entry.url),
+                    "file does not exist",
+                    "check the path, or re-list the source",
+                    code="unreadable",
                 ) from None
             except Exception as exc:  # noqa: BLE001 - a storage error fails this image only
                 raise ImageValidationError(
-                    shown_name(entry.url), f"cannot read the file's details ({type(exc).__name__})",
-                    "check access to the storage", code="unreadable",
+                    shown_name(entry.url),
+                    f"cannot read the file's details ({type(exc).__name__})",
+                    "check access to the storage",
+                    code="unreadable",
                 ) from None
             problem = self._problem(entry.path, entry.relpath, info)
         if problem is None and is_local(self.fs) and not inside(self.root, entry.path):
@@ -610,18 +637,27 @@ class ImageSource:
         refused), with the version that was read: what is hashed, validated and sent."""
         try:
             return read_source_file(
-                self.fs, entry.path, root=self.root, max_bytes=IMAGE_MAX_BYTES, what="image",
+                self.fs,
+                entry.path,
+                root=self.root,
+                max_bytes=IMAGE_MAX_BYTES,
+                what="image",
                 fix_size="compress it (JPEG quality ~90) or scale it down",
             )
         except FileNotFoundError:
             raise ImageValidationError(
-                shown_name(entry.url), "file does not exist", "check the path, or re-list the source", code="unreadable"
+                shown_name(entry.url),
+                "file does not exist",
+                "check the path, or re-list the source",
+                code="unreadable",
             ) from None
         except UntrustedFileError as exc:
             raise ImageValidationError(exc.path, exc.rule, exc.fix, code=exc.code) from None
         except Exception as exc:  # noqa: BLE001 - a storage error fails this image only, with the file named
             raise ImageValidationError(
-                shown_name(entry.url), f"cannot read the file ({type(exc).__name__})", "check access to the storage",
+                shown_name(entry.url),
+                f"cannot read the file ({type(exc).__name__})",
+                "check access to the storage",
                 code="unreadable",
             ) from None
 
@@ -631,4 +667,6 @@ class ImageSource:
 
     def validate(self, entry: ImageEntry, *, deep: bool = False) -> ImageInfo:
         """:func:`validate_image` for ``entry``, using the listed size (no metadata request)."""
-        return validate_image(self.fs, entry.path, size=entry.size or None, deep=deep, rules=self.model.image_rules)
+        return validate_image(
+            self.fs, entry.path, size=entry.size or None, deep=deep, rules=self.model.image_rules
+        )

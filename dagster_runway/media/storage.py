@@ -197,7 +197,9 @@ class _Download:
             for hop in range(self.max_redirects + 1):
                 self.check_url(url, hop, came_from)
                 timeout = self._timeout(http)
-                with http.stream("GET", url, headers=headers, follow_redirects=False, timeout=timeout) as response:
+                with http.stream(
+                    "GET", url, headers=headers, follow_redirects=False, timeout=timeout
+                ) as response:
                     if response.status_code in _REDIRECT_STATUSES:
                         location = response.headers.get("location")
                         if not location:
@@ -257,7 +259,9 @@ class _Download:
         def cap(value: float | None) -> float:
             return left if value is None else min(value, left)
 
-        return httpx.Timeout(connect=cap(base.connect), read=cap(base.read), write=cap(base.write), pool=cap(base.pool))
+        return httpx.Timeout(
+            connect=cap(base.connect), read=cap(base.read), write=cap(base.write), pool=cap(base.pool)
+        )
 
     def left(self) -> float:
         """Seconds left before the deadline; raises DownloadTimeoutError once it has passed."""
@@ -311,7 +315,9 @@ class _Download:
                 if delay > 0:
                     time.sleep(delay)
 
-    def publish(self, verify: Callable[[str], Any] | None, rewrite: Callable[[str], Any] | None = None) -> None:
+    def publish(
+        self, verify: Callable[[str], Any] | None, rewrite: Callable[[str], Any] | None = None
+    ) -> None:
         """Check the complete body is a video (signature, then ``verify``), ``rewrite`` it in place if
         that works (a failed rewrite leaves the body as it was: a paid video is never lost to it), then
         make it visible; the size and sha256 are of the bytes stored."""
@@ -370,7 +376,9 @@ class _Download:
         chunks = response.iter_bytes(chunk_size) if encoded else response.iter_raw()
         for chunk in chunks:
             if limit is not None and self.received + len(chunk) > limit:
-                announced = f"{length} bytes were announced" if length is not None else "no size was announced"
+                announced = (
+                    f"{length} bytes were announced" if length is not None else "no size was announced"
+                )
                 raise self._too_large(f"at least {self.received + len(chunk)} bytes ({announced})")
             self.sink.write(chunk)
             self.digest.update(chunk)
@@ -442,7 +450,9 @@ def store_video(
         max_redirects=max_redirects,
     )
     own_client = client is None
-    http = client or httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)), follow_redirects=False)
+    http = client or httpx.Client(
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)), follow_redirects=False
+    )
     try:
         attempts = state.fetch(http, retry, chunk_size)
         state.publish(verify, rewrite)

@@ -241,7 +241,10 @@ def _identify(reader: _RangeReader | io.BytesIO, shown: str) -> tuple[str, int, 
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a decoder raises on a header it cannot parse
         raise _fail(
-            shown, f"image header is corrupt or truncated ({type(exc).__name__}: {exc})", _FIX_REEXPORT, "corrupt"
+            shown,
+            f"image header is corrupt or truncated ({type(exc).__name__}: {exc})",
+            _FIX_REEXPORT,
+            "corrupt",
         ) from None
 
 
@@ -293,7 +296,9 @@ def _end_of(shown: str, fmt: str, data: bytes, size: int) -> int:
         raise _truncated(shown, fmt, data, size)
     chunk = png_bad_crc(data, end) if fmt == "PNG" else None
     if chunk is not None:
-        raise _fail(shown, f"file is corrupt: the PNG's {chunk} chunk fails its CRC check", _FIX_REEXPORT, "corrupt")
+        raise _fail(
+            shown, f"file is corrupt: the PNG's {chunk} chunk fails its CRC check", _FIX_REEXPORT, "corrupt"
+        )
     return end
 
 
@@ -348,8 +353,14 @@ def validate_image(
     if deep:
         bytes_read += _deep_decode(fs, path, shown)
     return ImageInfo(
-        path=path, format=fmt, width=width, height=height, size=size, bytes_read=bytes_read,
-        image_end=end, orientation=orientation,
+        path=path,
+        format=fmt,
+        width=width,
+        height=height,
+        size=size,
+        bytes_read=bytes_read,
+        image_end=end,
+        orientation=orientation,
     )
 
 
@@ -364,8 +375,14 @@ def validate_bytes(data: bytes, shown: str, rules: ImageRules = DEFAULT_MODEL.im
     _check_header(shown, fmt, width, height, rules)
     end = _end_of(shown, fmt, data, size)
     return ImageInfo(
-        path=shown, format=fmt, width=width, height=height, size=size, bytes_read=size,
-        image_end=end, orientation=orientation,
+        path=shown,
+        format=fmt,
+        width=width,
+        height=height,
+        size=size,
+        bytes_read=size,
+        image_end=end,
+        orientation=orientation,
     )
 
 

@@ -71,12 +71,20 @@ class ModelSpec:
     input_model: type[BaseModel] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        for name in (self.image_field, self.ratio_field, self.duration_field, self.prompt_field, self.seed_field):
+        for name in (
+            self.image_field,
+            self.ratio_field,
+            self.duration_field,
+            self.prompt_field,
+            self.seed_field,
+        ):
             if name is not None and name not in self._properties:
                 raise ModelSpecError(f"{self.model_id}: the input schema has no field {name!r}")
         bad = [r for r in self.ratios if not _RATIO.match(r)]
         if not self.ratios or bad:
-            raise ModelSpecError(f"{self.model_id}: {self.ratio_field} needs an enum of W:H ratios, got {bad or 'none'}")
+            raise ModelSpecError(
+                f"{self.model_id}: {self.ratio_field} needs an enum of W:H ratios, got {bad or 'none'}"
+            )
         if not self.durations:
             raise ModelSpecError(f"{self.model_id}: {self.duration_field} needs an enum of whole seconds")
         self.image_rules  # noqa: B018 - read now, so that a spec without image rules fails where it is written
@@ -135,11 +143,16 @@ class ModelSpec:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def request_fields(self, *, prompt: str | None, ratio: str, duration: int, seed: int | None) -> dict[str, Any]:
+    def request_fields(
+        self, *, prompt: str | None, ratio: str, duration: int, seed: int | None
+    ) -> dict[str, Any]:
         """The input fields (every one but the image) under the model's names and JSON types; the prompt
         only when set (else the service's default), the seed only when the model takes one."""
         as_string = self._prop(self.duration_field).get("type") == "string"
-        fields: dict[str, Any] = {self.ratio_field: ratio, self.duration_field: str(duration) if as_string else duration}
+        fields: dict[str, Any] = {
+            self.ratio_field: ratio,
+            self.duration_field: str(duration) if as_string else duration,
+        }
         if self.seed_field is not None and seed is not None:
             fields[self.seed_field] = seed
         if self.prompt_field is not None and prompt is not None:
@@ -191,7 +204,12 @@ class ModelSpec:
         return body
 
 
-_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,)}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+}
 
 
 def schema_problems(schema: Mapping[str, Any], body: Mapping[str, Any]) -> list[tuple[str | None, str, str]]:
@@ -212,10 +230,14 @@ def schema_problems(schema: Mapping[str, Any], body: Mapping[str, Any]) -> list[
             found.append((name, f"Input should be a valid {kind}", f"{kind}_type"))
             continue
         if "enum" in prop and value not in prop["enum"]:
-            found.append((name, f"Input should be one of {', '.join(map(str, prop['enum']))}", "literal_error"))
+            found.append(
+                (name, f"Input should be one of {', '.join(map(str, prop['enum']))}", "literal_error")
+            )
         if "minimum" in prop and value < prop["minimum"] or "maximum" in prop and value > prop["maximum"]:
             low, high = prop.get("minimum", "-inf"), prop.get("maximum", "inf")
             found.append((name, f"Input should be between {low} and {high}", "range_error"))
         if "maxLength" in prop and isinstance(value, str) and len(value) > prop["maxLength"]:
-            found.append((name, f"String should have at most {prop['maxLength']} characters", "string_too_long"))
+            found.append(
+                (name, f"String should have at most {prop['maxLength']} characters", "string_too_long")
+            )
     return found

@@ -1,7 +1,5 @@
 """The pipeline's assets: source images (external), requests (submit) and videos (collect), with checks."""
 
-
-
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -88,7 +86,9 @@ def _resource(context: AssetExecutionContext, pipeline: RunwayPipelineConfig) ->
     return resource
 
 
-def _cancel_on_interrupt(batch: SubmitBatch, pipeline: RunwayPipelineConfig, context: AssetExecutionContext) -> None:
+def _cancel_on_interrupt(
+    batch: SubmitBatch, pipeline: RunwayPipelineConfig, context: AssetExecutionContext
+) -> None:
     if pipeline.cancel_on_termination and batch.answered:
         cancelled = batch.cancel_submitted()
         context.log.warning(
@@ -150,7 +150,10 @@ def _request_record(ready: Ready) -> rec.RequestRecord:
         source_version=prepared.source_version,
         storage_id=0,
         timestamp=time.time(),
-        metadata={**md.read_metadata(prepared.metadata()), "submitted_at": claim.answered_at or claim.claimed_at},
+        metadata={
+            **md.read_metadata(prepared.metadata()),
+            "submitted_at": claim.answered_at or claim.claimed_at,
+        },
     )
 
 

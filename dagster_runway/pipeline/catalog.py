@@ -65,7 +65,9 @@ class CatalogView:
         return refusal(self.model_id, self.breaking) if self.breaking else None
 
 
-def read(resource: RunComfyResource, estimated_usd_per_second: float, accepted: tuple[str, ...] = ()) -> CatalogView:
+def read(
+    resource: RunComfyResource, estimated_usd_per_second: float, accepted: tuple[str, ...] = ()
+) -> CatalogView:
     """The catalog's entry of the resource's model, read once: the price and the schema drift."""
     return read_with(resource.get_client(), resource.model_id, estimated_usd_per_second, accepted)
 
@@ -85,12 +87,20 @@ def read_with(
     except RunComfyError as exc:
         why = f"the catalog could not be read ({type(exc).__name__}: {exc})"
         if warn:
-            logger.warning("%s: %s; pricing with estimated_usd_per_second and not checking the input schema", model_id, why)
-        return CatalogView(model_id, Price(ESTIMATE, usd_per_second=estimated_usd_per_second, why_estimate=why))
+            logger.warning(
+                "%s: %s; pricing with estimated_usd_per_second and not checking the input schema",
+                model_id,
+                why,
+            )
+        return CatalogView(
+            model_id, Price(ESTIMATE, usd_per_second=estimated_usd_per_second, why_estimate=why)
+        )
     return view(model_id, info, estimated_usd_per_second, accepted)
 
 
-def view(model_id: str, info: ModelInfo, estimated_usd_per_second: float, accepted: tuple[str, ...] = ()) -> CatalogView:
+def view(
+    model_id: str, info: ModelInfo, estimated_usd_per_second: float, accepted: tuple[str, ...] = ()
+) -> CatalogView:
     price = _price(info, estimated_usd_per_second)
     if info.input_schema is None:
         logger.warning("%s: the catalog gives no input_schema; the input schema is not checked", model_id)

@@ -114,22 +114,36 @@ def _source_unchanged(inputs: CheckInputs) -> CheckOutcome:
         else "changed after it was hashed for this video: the video shows the earlier image (on an "
         "unversioned bucket the service may have fetched the new bytes; turn on versioning to pin them)"
     )
-    return False, {"change_token_at_submit": before or "(unknown)", "change_token_now": now or "(image missing)", "why": why}
+    return False, {
+        "change_token_at_submit": before or "(unknown)",
+        "change_token_now": now or "(image missing)",
+        "why": why,
+    }
 
 
 CHECKS: tuple[VideoCheck, ...] = (
     VideoCheck("video_playable", True, "The video decodes, is H.264, and has frames.", _playable),
     VideoCheck(
-        "duration_matches_request", True, "The video lasts as long as the request asked, within a tolerance.", _duration
+        "duration_matches_request",
+        True,
+        "The video lasts as long as the request asked, within a tolerance.",
+        _duration,
     ),
-    VideoCheck("aspect_matches_ratio", True, "The video's pixel aspect matches the requested ratio.", _aspect),
+    VideoCheck(
+        "aspect_matches_ratio", True, "The video's pixel aspect matches the requested ratio.", _aspect
+    ),
     VideoCheck(
         "checksum_at_rest",
         False,
         "The stored object's sha256 still matches the one recorded when it was written.",
         _checksum,
     ),
-    VideoCheck("source_unchanged", False, "The source image has not changed since the video was made.", _source_unchanged),
+    VideoCheck(
+        "source_unchanged",
+        False,
+        "The source image has not changed since the video was made.",
+        _source_unchanged,
+    ),
 )
 CHECK_NAMES = tuple(check.name for check in CHECKS)
 

@@ -112,7 +112,9 @@ class CollectBatch(Step):
         self.collected: list[str] = []
         self._tokens: dict[str, str | None] | None = None
         self._image_ids: dict[str, int] = {}
-        self._unjudged: list[tuple[str, ck.CheckInputs, bool]] = []  # recorded videos whose checks wait for _judge
+        self._unjudged: list[
+            tuple[str, ck.CheckInputs, bool]
+        ] = []  # recorded videos whose checks wait for _judge
 
     # The step
 
@@ -126,7 +128,9 @@ class CollectBatch(Step):
             requests = rec.latest_requests(self.instance, pipeline.requests_key, self.keys)
         videos = rec.latest_videos(self.instance, pipeline.videos_key, self.keys)
         self._image_ids = rec.latest_image_storage_ids(self.instance, pipeline.images_key, self.keys)
-        pool = ThreadPoolExecutor(max_workers=max(1, self.resource.max_concurrency), thread_name_prefix="collect")
+        pool = ThreadPoolExecutor(
+            max_workers=max(1, self.resource.max_concurrency), thread_name_prefix="collect"
+        )
         try:
             futures = []
             for key in self.keys:
@@ -148,7 +152,9 @@ class CollectBatch(Step):
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _wait_and_collect(self, pending: dict[str, rec.RequestRecord], pool: ThreadPoolExecutor) -> Iterator[Any]:
+    def _wait_and_collect(
+        self, pending: dict[str, rec.RequestRecord], pool: ThreadPoolExecutor
+    ) -> Iterator[Any]:
         """Wait (polling, all at once) for requests still queued or rendering, then collect each."""
         self.log.info(f"Waiting up to {self.wait_s:.0f}s for {len(pending)} request(s) still rendering")
         deadline = time.monotonic() + self.wait_s
@@ -172,7 +178,9 @@ class CollectBatch(Step):
             if waiting:
                 time.sleep(min(self.resource.poll_interval, max(0.0, deadline - time.monotonic())))
         for key, record in waiting.items():
-            yield from self._fail(fl.still_running(key, record.request_id, self.wait_s), record.source_version)
+            yield from self._fail(
+                fl.still_running(key, record.request_id, self.wait_s), record.source_version
+            )
 
     # Fetching (in the pool's threads: HTTP, storage and decoding only, no event log)
 
@@ -209,7 +217,9 @@ class CollectBatch(Step):
             return _Fetched(key, record, failure=fl.download_failed(key, record.request_id, exc, step))
         poster, preview = self._poster(key, stored.uri)
         inputs = self._check_inputs(key, record, stored.sha256, stored.probe, None)
-        return _Fetched(key, record, result=result, stored=stored, poster=poster, preview=preview, inputs=inputs)
+        return _Fetched(
+            key, record, result=result, stored=stored, poster=poster, preview=preview, inputs=inputs
+        )
 
     def _result_failure(self, key: str, record: rec.RequestRecord, exc: RunComfyError) -> fl.PartitionFailure:
         if exc.request_id is None:
@@ -244,9 +254,16 @@ class CollectBatch(Step):
         )
         sidecar = json.dumps({**tags, "video_sha256": video.sha256, "video_size_bytes": video.size}, indent=2)
         try:
-            write_bytes_atomic(f"{video_uri}.json", sidecar.encode(), storage_options=options, content_type="application/json")
+            write_bytes_atomic(
+                f"{video_uri}.json",
+                sidecar.encode(),
+                storage_options=options,
+                content_type="application/json",
+            )
         except Exception as exc:  # noqa: BLE001 - the video is stored and paid for: a missing sidecar must not lose it
-            self.log.warning(f"{video.uri}: the lineage sidecar could not be written ({type(exc).__name__}: {exc})")
+            self.log.warning(
+                f"{video.uri}: the lineage sidecar could not be written ({type(exc).__name__}: {exc})"
+            )
         return Stored(uri=video.uri, size=video.size, sha256=video.sha256, probe=probes[-1])
 
     def _poster(self, key: str, video_uri: str) -> tuple[bool, str | None]:
@@ -324,7 +341,9 @@ class CollectBatch(Step):
         """Record the stored video again, unchanged (same data version), and run its checks again."""
         key, record, video = fetched.key, fetched.record, fetched.verified
         assert video is not None and fetched.inputs is not None
-        self.log.info(f"{key}: the video of request {record.request_id} is stored and intact; re-recorded unchanged")
+        self.log.info(
+            f"{key}: the video of request {record.request_id} is stored and intact; re-recorded unchanged"
+        )
         yield AssetMaterialization(
             asset_key=self.pipeline.videos_key,
             partition=key,
@@ -344,7 +363,9 @@ class CollectBatch(Step):
         self._unjudged.append((key, self._stored_inputs(key, video, record), False))
         yield from self._judge()
 
-    def _stored_inputs(self, key: str, video: rec.VideoRecord, record: rec.RequestRecord | None) -> ck.CheckInputs:
+    def _stored_inputs(
+        self, key: str, video: rec.VideoRecord, record: rec.RequestRecord | None
+    ) -> ck.CheckInputs:
         probe, error = None, None
         try:
             probe = probe_video(self.pipeline.video_uri(key), dict(self.pipeline.output_storage_options))
@@ -409,11 +430,15 @@ class CollectBatch(Step):
         if not self._unjudged:
             return
         unjudged, self._unjudged = self._unjudged, []
-        latest = rec.latest_materializations(self.instance, self.pipeline.videos_key, [key for key, _, _ in unjudged])
+        latest = rec.latest_materializations(
+            self.instance, self.pipeline.videos_key, [key for key, _, _ in unjudged]
+        )
         for key, inputs, this_run in unjudged:
             record = latest.get(key)
             target = None
-            if record is not None and not (this_run and self.run_id is not None and record.run_id != self.run_id):
+            if record is not None and not (
+                this_run and self.run_id is not None and record.run_id != self.run_id
+            ):
                 target = _compat.AssetCheckEvaluationTargetMaterializationData(
                     storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
                 )
@@ -425,7 +450,8 @@ class CollectBatch(Step):
         inputs = {
             pipeline.images_key: (
                 str(record.source_version),
-                self._image_ids[key] if key in self._image_ids
+                self._image_ids[key]
+                if key in self._image_ids
                 else rec.latest_image_storage_id(self.instance, pipeline.images_key, key),
             )
         }
@@ -442,7 +468,9 @@ class CollectBatch(Step):
 
     def _intact(self, video: rec.VideoRecord) -> bool:
         try:
-            at_rest = sha256_of(self.pipeline.video_uri(video.partition), dict(self.pipeline.output_storage_options))
+            at_rest = sha256_of(
+                self.pipeline.video_uri(video.partition), dict(self.pipeline.output_storage_options)
+            )
         except (MediaError, OSError):
             return False
         return at_rest == video.video_sha256
@@ -461,8 +489,12 @@ class CollectBatch(Step):
         batch._load_change_tokens()
         videos = rec.latest_videos(batch.instance, pipeline.videos_key, keys)
         deferred = pipeline.mode == "deferred"
-        requests = rec.latest_requests(batch.instance, pipeline.requests_key, list(videos)) if deferred else {}
-        with ThreadPoolExecutor(max_workers=max(1, resource.max_concurrency), thread_name_prefix="verify") as pool:
+        requests = (
+            rec.latest_requests(batch.instance, pipeline.requests_key, list(videos)) if deferred else {}
+        )
+        with ThreadPoolExecutor(
+            max_workers=max(1, resource.max_concurrency), thread_name_prefix="verify"
+        ) as pool:
             futures = {}
             for key in keys:
                 video = videos.get(key)
@@ -540,7 +572,11 @@ def _timings(result: RequestResult) -> dict[str, Any]:
     def seconds(value: datetime | None) -> float | None:
         return value.timestamp() if value else None
 
-    created, started, finished = seconds(result.created_at), seconds(result.started_at), seconds(result.finished_at)
+    created, started, finished = (
+        seconds(result.created_at),
+        seconds(result.started_at),
+        seconds(result.finished_at),
+    )
     timings: dict[str, Any] = {}
     if started is not None:
         timings["started_at"] = MetadataValue.timestamp(started)
@@ -558,5 +594,3 @@ def _poster_markdown(poster_uri: str, storage_options: Mapping[str, Any]) -> str
     for the UI to show it inline (:func:`~dagster_runway.media.probe.poster_markdown`)."""
     with fsspec.open(poster_uri, "rb", **storage_options) as handle:
         return poster_markdown(handle.read())
-
-

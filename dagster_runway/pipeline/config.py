@@ -25,8 +25,12 @@ class RunwayPipelineConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    source: str = Field(description="Where the images are: a local folder, `s3://bucket/prefix`, or any fsspec URL.")
-    output: str = Field(description="Where videos, poster frames and the journal go (a local folder or `s3://`).")
+    source: str = Field(
+        description="Where the images are: a local folder, `s3://bucket/prefix`, or any fsspec URL."
+    )
+    output: str = Field(
+        description="Where videos, poster frames and the journal go (a local folder or `s3://`)."
+    )
     patterns: tuple[str, ...] = Field(
         default=DEFAULT_PATTERNS,
         description="Glob patterns of images, relative to `source`, matched case-insensitively.",
@@ -43,7 +47,8 @@ class RunwayPipelineConfig(BaseModel):
         "`ratio: auto`: each video takes the supported ratio closest to its image.",
     )
     manifest: str | None = Field(
-        default=None, description="A CSV or JSON file of per-image settings, relative to `source` or absolute."
+        default=None,
+        description="A CSV or JSON file of per-image settings, relative to `source` or absolute.",
     )
     missing_prompt: MissingPrompt = Field(
         default="fail",
@@ -57,7 +62,8 @@ class RunwayPipelineConfig(BaseModel):
         "one step submits, waits and collects.",
     )
     key_prefix: tuple[str, ...] = Field(
-        default=("runway",), description="Asset key prefix: `<prefix>/images`, `<prefix>/requests`, `<prefix>/videos`."
+        default=("runway",),
+        description="Asset key prefix: `<prefix>/images`, `<prefix>/requests`, `<prefix>/videos`.",
     )
     group_name: str = Field(default="runway", description="The asset group shown in the UI.")
     partitions_name: str | None = Field(
@@ -71,8 +77,12 @@ class RunwayPipelineConfig(BaseModel):
     pool: str | None = Field(
         default="runcomfy_api", description="Dagster concurrency pool of the steps that submit (paid calls)."
     )
-    submit_batch_size: int = Field(default=200, ge=1, description="Partitions per submit run (sensors, backfills).")
-    collect_batch_size: int = Field(default=100, ge=1, description="Partitions per collect run (sensors, backfills).")
+    submit_batch_size: int = Field(
+        default=200, ge=1, description="Partitions per submit run (sensors, backfills)."
+    )
+    collect_batch_size: int = Field(
+        default=100, ge=1, description="Partitions per collect run (sensors, backfills)."
+    )
     discovery_batch_size: int = Field(
         default=1000,
         ge=1,
@@ -146,10 +156,14 @@ class RunwayPipelineConfig(BaseModel):
         "which). By default a submit run refuses such an output (`output_mismatch`), so two sources never mix.",
     )
     max_spend_usd: float | None = Field(
-        default=None, gt=0, description="Spend cap in USD, checked atomically before each submit; none by default."
+        default=None,
+        gt=0,
+        description="Spend cap in USD, checked atomically before each submit; none by default.",
     )
     spend_window_h: float | None = Field(
-        default=None, gt=0, description="Make `max_spend_usd` a rolling cap over this many hours (else all-time)."
+        default=None,
+        gt=0,
+        description="Make `max_spend_usd` a rolling cap over this many hours (else all-time).",
     )
     estimated_usd_per_second: float = Field(
         default=0.05,
@@ -192,7 +206,9 @@ class RunwayPipelineConfig(BaseModel):
     @classmethod
     def _cron(cls, value: str | None) -> str | None:
         if value is not None and not _compat.is_valid_cron_string(value):
-            raise ValueError(f"{value!r} is not a cron string such as '0 22 * * *' (minute hour day month weekday)")
+            raise ValueError(
+                f"{value!r} is not a cron string such as '0 22 * * *' (minute hour day month weekday)"
+            )
         return value
 
     @field_validator("key_prefix", mode="before")
@@ -218,7 +234,10 @@ class RunwayPipelineConfig(BaseModel):
     def _check_layout(self) -> None:
         """Refuse an output, journal or review page that the source would list (and pay for) as input."""
         source, source_opts = self.source, self.source_storage_options
-        places = [("output", self.output, self.output_storage_options), ("journal", self.journal_url, self.journal_options)]
+        places = [
+            ("output", self.output, self.output_storage_options),
+            ("journal", self.journal_url, self.journal_options),
+        ]
         for name, url, options in places:
             if inside(url, source, inner_options=options, outer_options=source_opts):
                 raise ValueError(
@@ -271,7 +290,11 @@ class RunwayPipelineConfig(BaseModel):
 
     @property
     def journal_options(self) -> dict[str, Any]:
-        options = self.output_storage_options if self.journal_storage_options is None else self.journal_storage_options
+        options = (
+            self.output_storage_options
+            if self.journal_storage_options is None
+            else self.journal_storage_options
+        )
         return dict(options)
 
     def image_source(self, model: ModelSpec = DEFAULT_MODEL) -> ImageSource:
@@ -300,7 +323,11 @@ def options_table() -> str:
             default = "(required)"
         elif field.default_factory is not None:
             value = field.default_factory()  # type: ignore[call-arg]
-            default = f"`{value!r}`" if not isinstance(value, GenerationSettings) else "`GenerationSettings(ratio='auto')`"
+            default = (
+                f"`{value!r}`"
+                if not isinstance(value, GenerationSettings)
+                else "`GenerationSettings(ratio='auto')`"
+            )
         else:
             default = f"`{field.default!r}`"
         description = (field.description or "").replace("|", "\\|")

@@ -51,11 +51,18 @@ class Discovery:
     passes: int = 0  # passes over the whole source completed
     seen: int = 0  # images judged in the pass under way (or the one this tick ended)
     pass_done: bool = False  # this tick reached the end of the source (the next one starts a pass)
-    gone: list[str] = field(default_factory=list)  # partitions whose image the pass that just ended no longer saw
+    gone: list[str] = field(
+        default_factory=list
+    )  # partitions whose image the pass that just ended no longer saw
 
 
 def discover(
-    pipeline: RunwayPipelineConfig, instance: DagsterInstance, memory: str, deadline: float, *, max_read: int | None = None
+    pipeline: RunwayPipelineConfig,
+    instance: DagsterInstance,
+    memory: str,
+    deadline: float,
+    *,
+    max_read: int | None = None,
 ) -> Discovery:
     """Go on listing the source where the last call stopped; record each new or changed image.
 
@@ -81,20 +88,34 @@ def discover(
     cursor: str | None = remembered.get("cursor")
     passes: int = remembered.get("passes", 0)
     current: dict[str, str] = remembered.get("current", {})
-    previous: dict[str, str] = remembered.get("previous", remembered.get("versions", {}))  # or the memory of 0.x
+    previous: dict[str, str] = remembered.get(
+        "previous", remembered.get("versions", {})
+    )  # or the memory of 0.x
     matched: set[str] = set(remembered.get("matched", []))
     unmatched: list[str] = remembered.get("unmatched", [])
     existing = set(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
     source = pipeline.image_source()
-    listing = Listing(source, cursor, max_read=max_read or pipeline.discovery_list_per_tick, deadline=deadline)
+    listing = Listing(
+        source, cursor, max_read=max_read or pipeline.discovery_list_per_tick, deadline=deadline
+    )
     found = Discovery(0, {}, [], [], passes=passes)
     judged = 0
     stopped = False
     for unit in listing.units():
-        versions = {e.partition_key: rec.image_version(e.change_token, e.sidecar_token, e.settings_token) for e in unit.entries}
-        owed = [e for e in unit.entries if e.partition_key not in existing or _known(e.partition_key, current, previous) != versions[e.partition_key]]
-        if owed and found.recorded and (
-            found.recorded + len(owed) > pipeline.discovery_batch_size or time.monotonic() > deadline
+        versions = {
+            e.partition_key: rec.image_version(e.change_token, e.sidecar_token, e.settings_token)
+            for e in unit.entries
+        }
+        owed = [
+            e
+            for e in unit.entries
+            if e.partition_key not in existing
+            or _known(e.partition_key, current, previous) != versions[e.partition_key]
+        ]
+        if (
+            owed
+            and found.recorded
+            and (found.recorded + len(owed) > pipeline.discovery_batch_size or time.monotonic() > deadline)
         ):
             stopped = True
             break
@@ -118,7 +139,9 @@ def discover(
     found.seen = len(current)
     if listing.done and not stopped:
         found.pass_done, found.gone = True, sorted(previous)
-        rows = listing.manifest.rows if listing.manifest is not None and source._manifest_error is None else {}
+        rows = (
+            listing.manifest.rows if listing.manifest is not None and source._manifest_error is None else {}
+        )
         latest = sorted(row for row in rows if row not in matched)
         if latest != unmatched:
             # On the images asset, where the UI shows it, each time the set changes (the log says it every tick).
@@ -145,7 +168,9 @@ def _known(partition: str, current: dict[str, str], previous: dict[str, str]) ->
     return current.get(partition, previous.get(partition))
 
 
-def _record(pipeline: RunwayPipelineConfig, instance: DagsterInstance, entry: ImageEntry, version: str) -> None:
+def _record(
+    pipeline: RunwayPipelineConfig, instance: DagsterInstance, entry: ImageEntry, version: str
+) -> None:
     values = {
         **md.RunwayMetadata(
             source_path=md.uri_value(entry.url, pipeline.source_storage_options),
@@ -156,7 +181,9 @@ def _record(pipeline: RunwayPipelineConfig, instance: DagsterInstance, entry: Im
     }
     tags = {_compat.DATA_VERSION_TAG: version}
     partition = entry.partition_key
-    instance.report_runless_asset_event(AssetMaterialization(pipeline.images_key, partition=partition, metadata=values, tags=tags))
+    instance.report_runless_asset_event(
+        AssetMaterialization(pipeline.images_key, partition=partition, metadata=values, tags=tags)
+    )
     instance.report_runless_asset_event(AssetObservation(pipeline.images_key, partition=partition, tags=tags))
 
 
@@ -187,7 +214,9 @@ def build_discovery_sensor(
     def _discovery(context: SensorEvaluationContext) -> SensorResult:
         started = time.monotonic()
         with _compat.storage_connections_held(context.instance):
-            found = discover(pipeline, context.instance, memory_key(pipeline, name), started + pipeline.sensor_budget_s)
+            found = discover(
+                pipeline, context.instance, memory_key(pipeline, name), started + pipeline.sensor_budget_s
+            )
         run_requests: list[RunRequest] = []
         if pipeline.mode == "blocking":
             order = [*context.instance.get_dynamic_partitions(pipeline.dynamic_partitions_name), *found.new]
@@ -202,7 +231,9 @@ def build_discovery_sensor(
                 job_name=videos_job.name if videos_job is not None else None,
             )
         if found.unmatched:
-            shown = ", ".join(repr(row) for row in found.unmatched[:5]) + (", ..." if len(found.unmatched) > 5 else "")
+            shown = ", ".join(repr(row) for row in found.unmatched[:5]) + (
+                ", ..." if len(found.unmatched) > 5 else ""
+            )
             context.log.warning(
                 f"{len(found.unmatched)} row(s) of the manifest {pipeline.manifest} match no image in "
                 f"{redact_url(pipeline.source)}: {shown}. Their settings apply to nothing: correct the path (names "
@@ -210,7 +241,9 @@ def build_discovery_sensor(
             )
         if found.gone:
             shown = ", ".join(repr(key) for key in found.gone[:5]) + (", ..." if len(found.gone) > 5 else "")
-            with_video = sorted(rec.latest_materializations(context.instance, pipeline.videos_key, found.gone))
+            with_video = sorted(
+                rec.latest_materializations(context.instance, pipeline.videos_key, found.gone)
+            )
             context.log.info(
                 f"{len(found.gone)} image(s) of the last pass are no longer in the source: {shown}; the "
                 f"{len(with_video)} with a video are checked again (source_unchanged fails: deleted)."
@@ -222,16 +255,34 @@ def build_discovery_sensor(
         context.log.info(
             f"Read {found.read} objects, listed {found.images} images and recorded {found.recorded} in "
             f"{time.monotonic() - started:.2f}s: {len(found.new)} new, {len(found.changed)} changed"
-            + (f"; {found.deferred} more at the next tick (discovery_batch_size, time budget)" if found.deferred else "")
-            + (f"; pass {found.passes} done." if found.pass_done else f"; pass {found.passes + 1}: {found.seen} images so far.")
+            + (
+                f"; {found.deferred} more at the next tick (discovery_batch_size, time budget)"
+                if found.deferred
+                else ""
+            )
+            + (
+                f"; pass {found.passes} done."
+                if found.pass_done
+                else f"; pass {found.passes + 1}: {found.seen} images so far."
+            )
         )
         return SensorResult(
             run_requests=run_requests,
-            dynamic_partitions_requests=[pipeline.partitions_def.build_add_request(found.new)] if found.new else [],
+            dynamic_partitions_requests=[pipeline.partitions_def.build_add_request(found.new)]
+            if found.new
+            else [],
             cursor=json.dumps(
-                {"images": found.images, "new": len(found.new), "changed": len(found.changed), "deferred": found.deferred,
-                 "manifest_unmatched": len(found.unmatched), "read": found.read, "passes": found.passes,
-                 "seen": found.seen, "pass_done": found.pass_done}
+                {
+                    "images": found.images,
+                    "new": len(found.new),
+                    "changed": len(found.changed),
+                    "deferred": found.deferred,
+                    "manifest_unmatched": len(found.unmatched),
+                    "read": found.read,
+                    "passes": found.passes,
+                    "seen": found.seen,
+                    "pass_done": found.pass_done,
+                }
             ),  # fmt: skip
         )
 

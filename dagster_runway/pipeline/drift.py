@@ -42,7 +42,11 @@ def compare(built: Mapping[str, Any], live: Mapping[str, Any]) -> list[SchemaCha
     for name, field in ours.items():
         if name not in theirs:
             hint = f" (renamed to {' or '.join(repr(a) for a in added)}?)" if added else ""
-            changes.append(SchemaChange(f"{name}.removed", True, f"the field {name!r} is gone from the live schema{hint}"))
+            changes.append(
+                SchemaChange(
+                    f"{name}.removed", True, f"the field {name!r} is gone from the live schema{hint}"
+                )
+            )
             continue
         changes += _field_changes(name, field, theirs[name])
         if name in required_now and name not in required_before:
@@ -50,7 +54,9 @@ def compare(built: Mapping[str, Any], live: Mapping[str, Any]) -> list[SchemaCha
     for name in added:
         if name in required_now:
             changes.append(
-                SchemaChange(f"{name}.required", True, f"a new field {name!r} is required; this package never sends it")
+                SchemaChange(
+                    f"{name}.required", True, f"a new field {name!r} is required; this package never sends it"
+                )
             )
         else:
             changes.append(SchemaChange(f"{name}.added", False, f"a new optional field {name!r}"))

@@ -39,7 +39,9 @@ def build_runway_pipeline(
     return build_definitions(config, resource)
 
 
-def build_definitions(pipeline: RunwayPipelineConfig, resource: RunComfyResource | None = None) -> Definitions:
+def build_definitions(
+    pipeline: RunwayPipelineConfig, resource: RunComfyResource | None = None
+) -> Definitions:
     if resource is not None and (problem := resource.literal_token_warning()):
         warnings.warn(problem, LiteralTokenWarning, stacklevel=3)
     videos = build_videos_asset(pipeline)

@@ -39,7 +39,9 @@ IMAGE_MISSING = "image_missing"  # the partition's image was moved or deleted
 AMBIGUOUS = "ambiguous"  # a submit may have been billed but its answer was lost; check, then force
 SPEND_CAP = "spend_cap"  # the spend cap would be passed; retried when the window frees or the cap is raised
 ACCOUNT = "account"  # the token or the credits; fix the account
-CONFIGURATION = "configuration"  # base_url cannot be sent to (not a URL, a scheme httpx lacks, a redirect loop)
+CONFIGURATION = (
+    "configuration"  # base_url cannot be sent to (not a URL, a scheme httpx lacks, a redirect loop)
+)
 SERVICE_UNAVAILABLE = "service_unavailable"  # the submit provably did not reach the service; retried
 GENERATION_SAFETY = "generation_safety"  # a content-safety rejection; change the image or prompt
 GENERATION_INTERNAL = "generation_internal"  # the service's own failure; retried if retry_failed_generations
@@ -57,7 +59,9 @@ RENDER_TIMEOUT = "render_timeout"
 JOURNAL_UNSAFE = "journal_unsafe"  # the journal's store cannot create exclusively; nothing is submitted
 JOURNAL_DAMAGED = "journal_damaged"  # a journal file is unreadable; repair it as the message says, then run
 OUTPUT_MISMATCH = "output_mismatch"  # the output holds another source's videos; nothing is submitted
-SCHEMA_DRIFT = "schema_drift"  # the live input schema changed in a way this package cannot send; nothing is submitted
+SCHEMA_DRIFT = (
+    "schema_drift"  # the live input schema changed in a way this package cannot send; nothing is submitted
+)
 
 # Every class once: what happened, and what happens next. The README's failure table is generated
 # from this (``failure_table()``), and tests/test_readme.py keeps the two equal.
@@ -150,7 +154,9 @@ def run_failure(what: str, failures: list[PartitionFailure], total: int) -> Fail
 def from_submit_error(key: str, exc: RunComfyError, fingerprint: str) -> PartitionFailure:
     """A submit the service refused, or that never reached it: nothing was billed."""
     if isinstance(exc, AuthenticationError | InsufficientCreditsError):
-        return PartitionFailure(key, ACCOUNT, str(exc), "fix the account as the message says, then run again.")
+        return PartitionFailure(
+            key, ACCOUNT, str(exc), "fix the account as the message says, then run again."
+        )
     if isinstance(exc, ClientConfigurationError):
         return PartitionFailure(
             key, CONFIGURATION, str(exc), "fix the resource's base_url as the message says, then run again."
@@ -171,10 +177,14 @@ def from_submit_error(key: str, exc: RunComfyError, fingerprint: str) -> Partiti
             "nothing to do: the status sensor submits it again in a later run.",
             retryable=True,
         )
-    return PartitionFailure(key, SERVICE_UNAVAILABLE, str(exc), "run the partition again later.", retryable=True)
+    return PartitionFailure(
+        key, SERVICE_UNAVAILABLE, str(exc), "run the partition again later.", retryable=True
+    )
 
 
-def from_result_error(key: str, exc: RunComfyError, *, attempt: int, retries_allowed: int) -> PartitionFailure:
+def from_result_error(
+    key: str, exc: RunComfyError, *, attempt: int, retries_allowed: int
+) -> PartitionFailure:
     """A request that ended without a video: failed, cancelled or expired."""
     request_id = exc.request_id
     if isinstance(exc, GenerationFailedError):
@@ -199,7 +209,13 @@ def from_result_error(key: str, exc: RunComfyError, *, attempt: int, retries_all
                 "retry_failed_generations to let the status sensor retry such failures."
             )
             return PartitionFailure(
-                key, GENERATION_INTERNAL, str(exc), step, retryable=True, failure_code=code, request_id=request_id
+                key,
+                GENERATION_INTERNAL,
+                str(exc),
+                step,
+                retryable=True,
+                failure_code=code,
+                request_id=request_id,
             )
         return PartitionFailure(
             key,
@@ -338,7 +354,11 @@ def earlier_failed(key: str, request_id: str, code: str | None, message: str | N
 def ambiguous(key: str, claim: Claim, seed: int | None) -> PartitionFailure:
     """A submit of this input may have been accepted and billed, and its answer is not known."""
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(claim.claimed_at))
-    lost = "its answer was lost" if claim.state == CLAIM_AMBIGUOUS else "its sender stopped before an answer arrived"
+    lost = (
+        "its answer was lost"
+        if claim.state == CLAIM_AMBIGUOUS
+        else "its sender stopped before an answer arrived"
+    )
     made = f"a request made around {when}" + (f" with seed {seed}" if seed is not None else "")
     return PartitionFailure(
         key,
@@ -357,7 +377,9 @@ def output_mismatch(key: str, reason: str, fix: str) -> PartitionFailure:
 
 
 def journal_unsafe(key: str, exc: Exception) -> PartitionFailure:
-    return PartitionFailure(key, JOURNAL_UNSAFE, str(exc), "move the journal as the message says, then run again.")
+    return PartitionFailure(
+        key, JOURNAL_UNSAFE, str(exc), "move the journal as the message says, then run again."
+    )
 
 
 def journal_damaged(key: str, exc: Exception, path: str) -> PartitionFailure:
@@ -496,7 +518,9 @@ def bad_output(key: str, request_id: str, exc: Exception) -> PartitionFailure:
 
 
 def download_failed(key: str, request_id: str, exc: Exception, next_step: str) -> PartitionFailure:
-    return PartitionFailure(key, DOWNLOAD, f"request {request_id}: {exc}", next_step, retryable=True, request_id=request_id)
+    return PartitionFailure(
+        key, DOWNLOAD, f"request {request_id}: {exc}", next_step, retryable=True, request_id=request_id
+    )
 
 
 # The status sensor.

@@ -99,7 +99,9 @@ class Card:
         if self.cost_usd is not None:
             row["c"] = round(self.cost_usd, 6)
         if self.checks:
-            row["ck"] = "".join(CHECK_CODES.get(self.checks.get(name, "MISSING"), "M") for name in CHECK_NAMES)
+            row["ck"] = "".join(
+                CHECK_CODES.get(self.checks.get(name, "MISSING"), "M") for name in CHECK_NAMES
+            )
         if self.reason:
             row["w"] = self.reason
         return row
@@ -123,7 +125,9 @@ def cards(
     if partitions is None:
         keys = list(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
     else:
-        existing = instance.get_existing_dynamic_partitions(pipeline.dynamic_partitions_name, list(partitions))
+        existing = instance.get_existing_dynamic_partitions(
+            pipeline.dynamic_partitions_name, list(partitions)
+        )
         keys = [key for key in dict.fromkeys(partitions) if key in existing]
     found: list[Card] = []
     for start in range(0, len(keys), CHUNK):
@@ -138,9 +142,15 @@ def _cards(pipeline: RunwayPipelineConfig, instance: DagsterInstance, keys: Sequ
     found = []
     for key in keys:
         image = images.get(key)
-        image_meta = md.read_metadata(image.asset_materialization.metadata) if image and image.asset_materialization else {}
+        image_meta = (
+            md.read_metadata(image.asset_materialization.metadata)
+            if image and image.asset_materialization
+            else {}
+        )
         video = videos.get(key)
-        path = str(image_meta.get("source_path") or (video.metadata.get("source_path") if video else "") or "")
+        path = str(
+            image_meta.get("source_path") or (video.metadata.get("source_path") if video else "") or ""
+        )
         missing = _local_file_missing(path)
         shown, image_href = shown_name(path), None if missing else _source_href(pipeline, path)
         if video is None:
@@ -148,7 +158,9 @@ def _cards(pipeline: RunwayPipelineConfig, instance: DagsterInstance, keys: Sequ
             if failure is not None:
                 reason = f"{failure.reason} Next step: {failure.next_step}"
             else:
-                reason = "The image was deleted or moved; nothing is paid for it." if missing else "No video yet."
+                reason = (
+                    "The image was deleted or moved; nothing is paid for it." if missing else "No video yet."
+                )
             state = "source missing" if missing else "failed" if failure else "pending"
             found.append(Card(key, state, source=shown, source_href=image_href, reason=shown_name(reason)))
             continue
@@ -346,7 +358,9 @@ class GalleryIndex:
     def _finish(self, digests: Mapping[str, str], emptied: Iterable[str], header: Mapping[str, Any]) -> None:
         """Write the manifest (after the shards it names), the page, and remove ``emptied`` shards."""
         manifest = {"format": FORMAT, **header, "checks": list(CHECK_NAMES), "shards": dict(digests)}
-        self._write(INDEX_NAME, f"{_INDEX_CALL}{_json(manifest)});\n".encode(), "text/javascript; charset=utf-8")
+        self._write(
+            INDEX_NAME, f"{_INDEX_CALL}{_json(manifest)});\n".encode(), "text/javascript; charset=utf-8"
+        )
         self._write_page()
         for shard in emptied:
             with contextlib.suppress(FileNotFoundError):

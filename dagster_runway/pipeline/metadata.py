@@ -41,7 +41,9 @@ class RunwayMetadata(NamespacedMetadataSet):
     input: JsonMetadataValue | None = None
     prompt_text: str | None = None
     prompt_source: str | None = None
-    prompt_warning: str | None = None  # missing_prompt="warn": no prompt was given, the service's default applied
+    prompt_warning: str | None = (
+        None  # missing_prompt="warn": no prompt was given, the service's default applied
+    )
     ratio: str | None = None
     duration_s: int | None = None
     seed: str | None = None  # text: GraphQL's Int is 32-bit and seeds go to 2^32 - 1
@@ -49,7 +51,9 @@ class RunwayMetadata(NamespacedMetadataSet):
     prompt_image: str | None = None
     submitted_at: TimestampMetadataValue | None = None
     estimated_cost_usd: float | None = None
-    price_source: str | None = None  # catalog, estimate (estimated_usd_per_second) or result (the result's cost)
+    price_source: str | None = (
+        None  # catalog, estimate (estimated_usd_per_second) or result (the result's cost)
+    )
     spend_usd: float | None = None
     spend_cap_usd: float | None = None
     journal_entry: str | None = None
@@ -128,7 +132,9 @@ def read_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return found
 
 
-def uri_value(uri: str, storage_options: Mapping[str, Any] | None = None) -> PathMetadataValue | UrlMetadataValue:
+def uri_value(
+    uri: str, storage_options: Mapping[str, Any] | None = None
+) -> PathMetadataValue | UrlMetadataValue:
     """Something the UI can open: an ``s3://`` object as a link to the AWS console (or to the object on a
     custom ``endpoint_url``), an ``http(s)`` URL as a link; a local file as a path to copy."""
     if uri.startswith(("http://", "https://")):

@@ -48,7 +48,9 @@ def generation_fingerprint(model_id: str, image_sha256: str, fields: dict[str, A
     about a possibly billed submit names it. ``fields`` exclude the image's field, whose URL changes.
     """
     canonical = json.dumps(
-        {"model": model_id, "image_sha256": image_sha256, "fields": fields}, sort_keys=True, separators=(",", ":")
+        {"model": model_id, "image_sha256": image_sha256, "fields": fields},
+        sort_keys=True,
+        separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -163,10 +165,16 @@ def recorded_relpath(pipeline: RunwayPipelineConfig, source: ImageSource, record
     image's URL as ``metadata.uri_value`` shows it), or None if that names no file of this source."""
 
     def shown(relpath: str) -> str:
-        return str(md.uri_value(full_url(source.fs, path_for(source, relpath)), pipeline.source_storage_options).value)
+        return str(
+            md.uri_value(
+                full_url(source.fs, path_for(source, relpath)), pipeline.source_storage_options
+            ).value
+        )
 
     prefix, _, suffix = shown(_MARKER).partition(_MARKER)
-    if len(recorded) <= len(prefix) + len(suffix) or not (recorded.startswith(prefix) and recorded.endswith(suffix)):
+    if len(recorded) <= len(prefix) + len(suffix) or not (
+        recorded.startswith(prefix) and recorded.endswith(suffix)
+    ):
         return None
     middle = recorded[len(prefix) : len(recorded) - len(suffix)]
     # A link to an object quotes its key; a local path is as it is: keep the reading that gives it back.
@@ -183,7 +191,9 @@ def recorded_relpaths(
     found = {}
     for key in keys:
         record = records.get(key)
-        relpath = recorded_relpath(pipeline, source, record.source_path) if record and record.source_path else None
+        relpath = (
+            recorded_relpath(pipeline, source, record.source_path) if record and record.source_path else None
+        )
         if relpath is None and "~" not in key:
             relpath = key
         if relpath is not None and partition_key_for(relpath) == key:

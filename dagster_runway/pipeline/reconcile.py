@@ -83,7 +83,12 @@ class PartitionState:
     # Updates from the event log
 
     def saw_request(
-        self, request_id: str, attempt: int, source_version: str | None, storage_id: int, submitted_at: float = 0.0
+        self,
+        request_id: str,
+        attempt: int,
+        source_version: str | None,
+        storage_id: int,
+        submitted_at: float = 0.0,
     ) -> None:
         if storage_id <= self.request_storage_id:
             return
@@ -155,7 +160,11 @@ def stage(state: PartitionState, policy: Policy, now: float | None = None) -> St
 
 def overdue(state: PartitionState, policy: Policy, now: float) -> bool:
     """Whether a request is past the render deadline (counted from its submit)."""
-    return policy.max_render_s is not None and state.submitted_at > 0 and now - state.submitted_at > policy.max_render_s
+    return (
+        policy.max_render_s is not None
+        and state.submitted_at > 0
+        and now - state.submitted_at > policy.max_render_s
+    )
 
 
 def late_poll_interval(policy: Policy) -> float:
@@ -183,23 +192,35 @@ def _after(failure: KnownFailure, state: PartitionState, policy: Policy, now: fl
     if cls in fl.RESUBMITTED_BY_SENSOR:
         return "submit"
     if cls == fl.SPEND_CAP:
-        raised = policy.spend_cap_usd is None or (failure.cap_usd is not None and policy.spend_cap_usd > failure.cap_usd)
+        raised = policy.spend_cap_usd is None or (
+            failure.cap_usd is not None and policy.spend_cap_usd > failure.cap_usd
+        )
         return "submit" if raised or (failure.retry_at is not None and now >= failure.retry_at) else "failed"
     if cls == fl.SCHEMA_DRIFT:  # once the changes are accepted, or at its hourly look at the catalog again
-        accepted = bool(failure.schema_changes) and set(failure.schema_changes or ()) <= policy.accept_schema_changes
-        return "submit" if accepted or (failure.retry_at is not None and now >= failure.retry_at) else "failed"
+        accepted = (
+            bool(failure.schema_changes) and set(failure.schema_changes or ()) <= policy.accept_schema_changes
+        )
+        return (
+            "submit" if accepted or (failure.retry_at is not None and now >= failure.retry_at) else "failed"
+        )
     if cls == fl.OUTPUT_MISMATCH:
         return "submit" if policy.adopt_output else "failed"
     if cls in fl.RECOLLECTED_BY_SENSOR and failure.request_id == state.request_id:
         return "collect"
-    if cls == fl.RENDER_TIMEOUT and failure.request_id == state.request_id and state.status in FINISHED_STATUSES:
+    if (
+        cls == fl.RENDER_TIMEOUT
+        and failure.request_id == state.request_id
+        and state.status in FINISHED_STATUSES
+    ):
         return "collect"  # it finished after all (late polls): the money is spent, collect what it made
     if cls == fl.GENERATION_INTERNAL and failure.request_id == state.request_id:
         return "submit" if state.attempt <= policy.retry_failed_generations else "failed"
     return "failed"
 
 
-def hold_collects(owed: Sequence[PartitionState], *, batch_size: int, collect_running: bool, now: float, max_wait_s: float) -> bool:
+def hold_collects(
+    owed: Sequence[PartitionState], *, batch_size: int, collect_running: bool, now: float, max_wait_s: float
+) -> bool:
     """Whether to keep a part batch of finished requests for the next tick rather than start a run for it.
 
     A run costs seconds to start whatever its size, so while a collect run is already going, requests

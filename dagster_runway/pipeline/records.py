@@ -201,7 +201,9 @@ def latest_materializations(
     return {partition: by_id[storage_id] for partition, storage_id in ids.items() if storage_id in by_id}
 
 
-def latest_requests(instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]) -> dict[str, RequestRecord]:
+def latest_requests(
+    instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]
+) -> dict[str, RequestRecord]:
     """``latest_request`` of many partitions, batched (one lookup each only where the latest has no id)."""
     found: dict[str, RequestRecord] = {}
     for partition, record in latest_materializations(instance, asset_key, partitions).items():
@@ -211,7 +213,9 @@ def latest_requests(instance: DagsterInstance, asset_key: AssetKey, partitions: 
     return found
 
 
-def latest_videos(instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]) -> dict[str, VideoRecord]:
+def latest_videos(
+    instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]
+) -> dict[str, VideoRecord]:
     """``latest_video`` of many partitions, batched."""
     found = {}
     for partition, record in latest_materializations(instance, asset_key, partitions).items():
@@ -221,7 +225,9 @@ def latest_videos(instance: DagsterInstance, asset_key: AssetKey, partitions: Se
     return found
 
 
-def latest_images(instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]) -> dict[str, ImageRecord]:
+def latest_images(
+    instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]
+) -> dict[str, ImageRecord]:
     """Each partition's latest image record (``asset_key`` is the images asset), batched."""
     found = {}
     for partition, record in latest_materializations(instance, asset_key, partitions).items():
@@ -236,7 +242,9 @@ def latest_images(instance: DagsterInstance, asset_key: AssetKey, partitions: Se
     return found
 
 
-def latest_image_storage_ids(instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]) -> dict[str, int]:
+def latest_image_storage_ids(
+    instance: DagsterInstance, asset_key: AssetKey, partitions: Sequence[str]
+) -> dict[str, int]:
     """``latest_image_storage_id`` of many partitions, in one query."""
     return dict(
         instance.event_log_storage.get_latest_storage_id_by_partition(
@@ -302,7 +310,9 @@ def page_after(
         (images_key, instance.fetch_materializations),
     ):
         result = fetch(
-            AssetRecordsFilter(asset_key=asset_key, after_storage_id=after or None), limit=limit, ascending=True
+            AssetRecordsFilter(asset_key=asset_key, after_storage_id=after or None),
+            limit=limit,
+            ascending=True,
         )
         page_more = len(result.records) == limit
         for record in result.records:
@@ -360,7 +370,9 @@ def provenance_tags(inputs: Mapping[AssetKey, tuple[str, int | None]], data_vers
     tags = {_compat.CODE_VERSION_TAG: __version__, _compat.DATA_VERSION_TAG: data_version}
     for key, (version, storage_id) in inputs.items():
         tags[_compat.get_input_data_version_tag(key)] = version
-        tags[_compat.get_input_event_pointer_tag(key)] = str(storage_id) if storage_id else _compat.NULL_EVENT_POINTER
+        tags[_compat.get_input_event_pointer_tag(key)] = (
+            str(storage_id) if storage_id else _compat.NULL_EVENT_POINTER
+        )
     return tags
 
 

@@ -39,7 +39,11 @@ from dagster_runway.pipeline.status import read_events
 
 
 def build_submit_schedule(
-    pipeline: RunwayPipelineConfig, submit_job: _compat.UnresolvedAssetJobDefinition, collect_job: str, submit_op: str, status_sensor: str
+    pipeline: RunwayPipelineConfig,
+    submit_job: _compat.UnresolvedAssetJobDefinition,
+    collect_job: str,
+    submit_op: str,
+    status_sensor: str,
 ) -> ScheduleDefinition:
     assert pipeline.submit_schedule is not None
     name = f"{pipeline.name}_submit_schedule"
@@ -57,13 +61,20 @@ def build_submit_schedule(
     def _submit(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
         instance = context.instance
         with _compat.storage_connections_held(instance):
-            found = discover(pipeline, instance, memory_key(pipeline, name), time.monotonic() + pipeline.sensor_budget_s / 2)
+            found = discover(
+                pipeline,
+                instance,
+                memory_key(pipeline, name),
+                time.monotonic() + pipeline.sensor_budget_s / 2,
+            )
             if found.new:
                 instance.add_dynamic_partitions(pipeline.dynamic_partitions_name, found.new)
             # As the status sensor: the runs in progress before the events, so that a run ending in between
             # still covers its partitions, and the sensor's memory brought up to date (it may be a tick old).
             runs = instance.get_run_records(RunsFilter(statuses=NOT_FINISHED))
-            memory = rc.SensorMemory.from_json(load_memory(instance, memory_key(pipeline, status_sensor)) or {})
+            memory = rc.SensorMemory.from_json(
+                load_memory(instance, memory_key(pipeline, status_sensor)) or {}
+            )
             if not memory.caught_up:
                 return SkipReason(
                     f"{len(found.new)} new image(s) recorded; nothing submitted: the status sensor ({status_sensor}) has "
@@ -72,7 +83,9 @@ def build_submit_schedule(
             read_events(instance, pipeline, memory, time.monotonic() + pipeline.sensor_budget_s / 3)
             order = list(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
             for key, version in found.versions.items():
-                memory.state(key).image_version = version  # what this listing saw, newer than the sensor's memory
+                memory.state(
+                    key
+                ).image_version = version  # what this listing saw, newer than the sensor's memory
             policy = rc.Policy.of(pipeline)
             coverage = rc.covered(
                 runs,
@@ -83,7 +96,9 @@ def build_submit_schedule(
                 collect_job=collect_job,
                 stale_after_s=STALE_RUN_S,
             )
-            owed = [k for k in order if rc.stage(memory.state(k), policy) == "submit" and k not in coverage.submit]
+            owed = [
+                k for k in order if rc.stage(memory.state(k), policy) == "submit" and k not in coverage.submit
+            ]
             tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
             requests = rc.batch_run_requests(
                 owed,
@@ -121,6 +136,3 @@ def build_verify_schedule(
         return requests or SkipReason("no partitions yet")
 
     return _verify
-
-
-

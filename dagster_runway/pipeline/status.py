@@ -51,7 +51,9 @@ from dagster_runway.schema import CancelResult, RequestStatus
 POLL_SLICE = 500
 
 
-def _cancel_many(resource: RunComfyResource, ids: list[str], budget: float) -> dict[str, CancelResult | RunComfyError]:
+def _cancel_many(
+    resource: RunComfyResource, ids: list[str], budget: float
+) -> dict[str, CancelResult | RunComfyError]:
     """Cancel requests concurrently (bounded by the client's ``max_concurrency``); each id's answer or
     error, leaving out those still unanswered after ``budget`` seconds."""
 
@@ -176,7 +178,9 @@ class StatusTick:
         if not self.memory.caught_up:
             size = save_memory(self.instance, self.memory_key, self.memory.to_json())
             summary = {"rebuilding": True, "high_water": self.memory.high_water, "memory_bytes": size}
-            self.context.log.info(f"Reading the event log to rebuild what is owed: up to storage id {self.memory.high_water}")
+            self.context.log.info(
+                f"Reading the event log to rebuild what is owed: up to storage id {self.memory.high_water}"
+            )
             return SensorResult(cursor=json.dumps(summary))
         order = list(self.instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
         for key in order:
@@ -221,7 +225,9 @@ class StatusTick:
             left = end - time.monotonic()
             if left <= 0:
                 break
-            by_id = {rid: k for k in keys[first : first + POLL_SLICE] if (rid := states[k].request_id) is not None}
+            by_id = {
+                rid: k for k in keys[first : first + POLL_SLICE] if (rid := states[k].request_id) is not None
+            }
             for request_id, answer in poll_statuses(self.resource, list(by_id), left).items():
                 polled += self._apply(by_id[request_id], request_id, answer)
         return polled
@@ -245,7 +251,12 @@ class StatusTick:
             status, position = answer.status.value, answer.queue_position
         changed = status != state.status
         rc.observe(
-            state, self.memory.learnt, status, position, self.clock(), step_cap_s=2.0 * self.pipeline.status_interval_s
+            state,
+            self.memory.learnt,
+            status,
+            position,
+            self.clock(),
+            step_cap_s=2.0 * self.pipeline.status_interval_s,
         )
         if state.failure is not None and state.failure.failure_class == fl.RENDER_TIMEOUT:
             state.late_poll_at = self.clock() + rc.late_poll_interval(self.policy)
@@ -257,7 +268,9 @@ class StatusTick:
                     partition=key,
                     description=f"Request {request_id} is {status}"
                     + (f" (queue position {position})" if position is not None else ""),
-                    metadata={**md.RunwayMetadata(request_id=request_id, status=status, queue_position=position)},
+                    metadata={
+                        **md.RunwayMetadata(request_id=request_id, status=status, queue_position=position)
+                    },
                 )
             )
             if status in rc.TERMINAL_STATUSES and not state.ready_at:
@@ -275,7 +288,11 @@ class StatusTick:
         states, now = self.memory.partitions, self.clock()
         for key in order:
             state = states[key]
-            if state.request_id and not state.submitted_at and rc.stage(state, self.policy, now) == "in_flight":
+            if (
+                state.request_id
+                and not state.submitted_at
+                and rc.stage(state, self.policy, now) == "in_flight"
+            ):
                 state.submitted_at = now  # remembered before submit times were: the deadline counts from now
         # At most a slice a tick (each is a cancel, an event-log read and a journal read); the rest wait.
         keys = [k for k in order if rc.stage(states[k], self.policy, now) == "overdue"][:POLL_SLICE]
@@ -312,13 +329,21 @@ class StatusTick:
             self._apply(key, request_id, answer)  # gone: the usual expired path decides
             return
         cancelled = isinstance(answer, CancelResult) and answer.cancelled
-        if isinstance(answer, CancelResult) and not cancelled and (answer.status or "") in rc.FINISHED_STATUSES:
+        if (
+            isinstance(answer, CancelResult)
+            and not cancelled
+            and (answer.status or "") in rc.FINISHED_STATUSES
+        ):
             self._apply_status(key, request_id, str(answer.status))  # it just finished: collect it
             return
         record = rec.latest_request(self.instance, pipeline.requests_key, key)
         record = record if record is not None and record.request_id == request_id else None
         claim = self._claim(record, request_id)
-        estimate = claim.estimate_usd if claim is not None else (record.metadata.get("estimated_cost_usd") if record else None)
+        estimate = (
+            claim.estimate_usd
+            if claim is not None
+            else (record.metadata.get("estimated_cost_usd") if record else None)
+        )
         waited = _duration(now - state.submitted_at)
         deadline = f"max_render_s={pipeline.max_render_s:g}"
         if cancelled:
@@ -327,7 +352,11 @@ class StatusTick:
             reason = (
                 f"request {request_id} was still queued {waited} after its submit, past the render deadline "
                 f"({deadline}): it was cancelled, and a cancelled request is refunded"
-                + ("" if refunded else " (the journal could not record the refund; its estimate stays counted)")
+                + (
+                    ""
+                    if refunded
+                    else " (the journal could not record the refund; its estimate stays counted)"
+                )
                 + "."
             )
             next_step = (
@@ -341,7 +370,11 @@ class StatusTick:
                 if isinstance(answer, RunComfyError)
                 else "has started, and a request that has started cannot be cancelled"
             )
-            cost = f"about {estimate:.2f} USD (its estimate)" if isinstance(estimate, int | float) else "its full price"
+            cost = (
+                f"about {estimate:.2f} USD (its estimate)"
+                if isinstance(estimate, int | float)
+                else "its full price"
+            )
             every = _duration(rc.late_poll_interval(self.policy))
             reason = (
                 f"request {request_id} was still {'rendering' if state.status == 'in_progress' else 'unfinished'} "
@@ -391,7 +424,9 @@ class StatusTick:
     def _refund(self, claim: jn.Claim | None, key: str, request_id: str) -> bool:
         """Settle a cancelled request's claim at 0 (its estimate no longer counts against the cap)."""
         if claim is None:
-            self.context.log.warning(f"{key}: no journal claim found for request {request_id}; its refund is not recorded")
+            self.context.log.warning(
+                f"{key}: no journal claim found for request {request_id}; its refund is not recorded"
+            )
             return False
         try:
             jn.Journal(self.pipeline.journal_url, self.pipeline.journal_options).settle(claim, 0.0)
@@ -425,7 +460,15 @@ class StatusTick:
             collect_job=self.collect_job,
             stale_after_s=STALE_RUN_S,
         )
-        counts = {"done": 0, "failed": 0, "in_flight": 0, "submit": 0, "collect": 0, "running": 0, "scheduled": 0}
+        counts = {
+            "done": 0,
+            "failed": 0,
+            "in_flight": 0,
+            "submit": 0,
+            "collect": 0,
+            "running": 0,
+            "scheduled": 0,
+        }
         now = time.time()
         grace = self.grace
         owed: dict[str, list[str]] = {"submit": [], "collect": []}
@@ -441,7 +484,9 @@ class StatusTick:
                 if key in (coverage.submit if where == "submit" else coverage.collect) or (
                     state.run_key in uncreated and now < state.launched_at + grace
                 ):
-                    counts["running"] += 1  # a run in progress covers it, or the one just requested is not created yet
+                    counts["running"] += (
+                        1  # a run in progress covers it, or the one just requested is not created yet
+                    )
                     continue
                 launched = state.submit_runs if where == "submit" else state.collect_runs
                 if launched >= pipeline.max_run_attempts:
@@ -468,7 +513,9 @@ class StatusTick:
                 order,
                 max_batch=pipeline.submit_batch_size,
                 prefix="submit",
-                identity=lambda k: f"{states[k].image_version}|{states[k].request_id}|{states[k].submit_runs}",
+                identity=lambda k: (
+                    f"{states[k].image_version}|{states[k].request_id}|{states[k].submit_runs}"
+                ),
                 config_for=lambda batch: op_config(self.submit_op, batch),
                 tags={LAUNCHED_BY: self.sensor_name},
                 job_name=self.submit_job,

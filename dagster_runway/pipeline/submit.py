@@ -61,7 +61,9 @@ from dagster_runway.pipeline.step import Step
 from dagster_runway.resource import RunComfyResource
 from dagster_runway.schema import RequestState, Submission
 
-SCHEMA_RECHECK_S = 3600.0  # after a schema_drift refusal, the status sensor submits (and reads the catalog) again
+SCHEMA_RECHECK_S = (
+    3600.0  # after a schema_drift refusal, the status sensor submits (and reads the catalog) again
+)
 
 
 @dataclass
@@ -123,7 +125,9 @@ class SubmitBatch(Step):
         self._progress: dict[str, Progress] = {}  # by partition key, written by the worker
         self._stopped_by: fl.PartitionFailure | None = None  # the failure every submit would meet
         self._worker_error: BaseException | None = None
-        self.price = catalog.Price(catalog.ESTIMATE, pipeline.estimated_usd_per_second, why_estimate="not read yet")
+        self.price = catalog.Price(
+            catalog.ESTIMATE, pipeline.estimated_usd_per_second, why_estimate="not read yet"
+        )
 
     @property
     def cap(self) -> jn.SpendCap | None:
@@ -216,7 +220,9 @@ class SubmitBatch(Step):
                 if isinstance(verdict, fl.PartitionFailure):
                     yield from self._fail(verdict, prepared.source_version)
                     return
-                self.log.info(f"{key}: earlier request {latest.request_id} {verdict}; submitting attempt {next_attempt}")
+                self.log.info(
+                    f"{key}: earlier request {latest.request_id} {verdict}; submitting attempt {next_attempt}"
+                )
             elif latest.state in (jn.AMBIGUOUS, jn.CLAIMED) and not self.force_after_ambiguous:
                 yield from self._fail(self._ambiguous(prepared, latest), prepared.source_version)
                 return
@@ -241,7 +247,9 @@ class SubmitBatch(Step):
         paid again). An entry for a partition with nothing ambiguous fails it before paying."""
         request_id = self.adopt_request_ids[prepared.key]
 
-        def refused(why: str, failure_class: str = fl.AMBIGUOUS, retryable: bool = False) -> fl.PartitionFailure:
+        def refused(
+            why: str, failure_class: str = fl.AMBIGUOUS, retryable: bool = False
+        ) -> fl.PartitionFailure:
             return fl.not_adopted(prepared.key, request_id, why, failure_class, retryable)
 
         if claim is not None and claim.state == jn.SUBMITTED and claim.request_id == request_id:
@@ -280,7 +288,9 @@ class SubmitBatch(Step):
         except jn.JournalError as exc:
             yield from self._fail(refused(f"{exc}."), prepared.source_version)
             return
-        self.log.info(f"{prepared.key}: adopted request {request_id} for attempt {claim.attempt}; nothing billed")
+        self.log.info(
+            f"{prepared.key}: adopted request {request_id} for attempt {claim.attempt}; nothing billed"
+        )
         yield from self._reuse_adopted(prepared, adopted)
 
     def _reuse_adopted(self, prepared: Prepared, adopted: jn.Claim) -> Iterator[Any]:
@@ -291,7 +301,9 @@ class SubmitBatch(Step):
         elif isinstance(verdict, fl.PartitionFailure):
             yield from self._fail(verdict, prepared.source_version)
         else:
-            yield from self._fail(fl.adopted_failed(prepared.key, request_id, verdict), prepared.source_version)
+            yield from self._fail(
+                fl.adopted_failed(prepared.key, request_id, verdict), prepared.source_version
+            )
 
     def _known_to_service(self, request_id: str) -> None:
         """Raises ``RequestNotFoundError`` if the service never issued ``request_id`` (or it expired)."""
@@ -302,7 +314,9 @@ class SubmitBatch(Step):
         event log if the answer was recorded there; else it stays open (ambiguous)."""
         remaining = max(0.0, self.claim_timeout_s - (time.time() - claim.claimed_at))
         if remaining > 0 and self._owner_alive(claim.owner):
-            self.log.info(f"{prepared.key}: {claim.owner.describe()} is submitting this input now; waiting for its answer")
+            self.log.info(
+                f"{prepared.key}: {claim.owner.describe()} is submitting this input now; waiting for its answer"
+            )
         claim = jn.wait_for_answer(self.journal, claim, owner_alive=self._owner_alive, timeout_s=remaining)
         if claim.state != jn.CLAIMED:
             return claim
@@ -395,7 +409,9 @@ class SubmitBatch(Step):
             reason, fix = refused
             changes = [change.id for change in view.breaking]
             for plan in plans:
-                failure = fl.schema_drift(plan.prepared.key, reason, fix, changes, time.time() + SCHEMA_RECHECK_S)
+                failure = fl.schema_drift(
+                    plan.prepared.key, reason, fix, changes, time.time() + SCHEMA_RECHECK_S
+                )
                 yield from self._fail(failure, plan.prepared.source_version)
             return
         self.price = view.price
@@ -433,7 +449,9 @@ class SubmitBatch(Step):
                 + f"; {len(undecided)} of {len(plans)} submits got no outcome from it and were failed on their "
                 "partitions (an answer that had arrived was recorded). Read the run's log; the next run "
                 "decides them from the journal and never pays twice for one.",
-                metadata={"undecided_partitions": MetadataValue.json([plan.prepared.key for plan in undecided])},
+                metadata={
+                    "undecided_partitions": MetadataValue.json([plan.prepared.key for plan in undecided])
+                },
             )
 
     def _undecided(self, plan: Plan) -> Iterator[Any]:
@@ -442,15 +460,21 @@ class SubmitBatch(Step):
         progress = self._progress.get(prepared.key, Progress())
         claim = progress.claim
         if claim is not None and progress.request_id is not None:
-            submitted = replace(claim, state=jn.SUBMITTED, request_id=progress.request_id, answered_at=time.time())
-            with contextlib.suppress(Exception):  # the event log gets it below; a later run repairs the journal
+            submitted = replace(
+                claim, state=jn.SUBMITTED, request_id=progress.request_id, answered_at=time.time()
+            )
+            with contextlib.suppress(
+                Exception
+            ):  # the event log gets it below; a later run repairs the journal
                 submitted = self.journal.record_submitted(claim, progress.request_id)
             yield self._record(Ready(prepared, submitted), md.SUBMITTED, plan.image_url)
         elif claim is not None and progress.sending:
             yield from self._fail(self._ambiguous(prepared, claim), prepared.source_version)
         else:
             if claim is not None:
-                with contextlib.suppress(Exception):  # left open, a later run reports it ambiguous: still safe
+                with contextlib.suppress(
+                    Exception
+                ):  # left open, a later run reports it ambiguous: still safe
                     self.journal.record_rejected(claim, "not sent: the submit worker stopped")
             yield from self._fail(fl.worker_stopped(prepared.key), prepared.source_version)
 
@@ -465,7 +489,9 @@ class SubmitBatch(Step):
             yield from self._fail(self._journal_error(prepared, exc), prepared.source_version)
             return
         if claim.state == jn.SUBMITTED:
-            self.log.info(f"{prepared.key}: {claim.owner.describe()} submitted this input first; reusing its request")
+            self.log.info(
+                f"{prepared.key}: {claim.owner.describe()} submitted this input first; reusing its request"
+            )
             yield self._record(Ready(prepared, claim), md.REUSED)
         elif claim.state == jn.REJECTED:
             yield from self._fail(fl.other_run_rejected(prepared.key, claim.reason), prepared.source_version)
@@ -509,8 +535,10 @@ class SubmitBatch(Step):
         if claim is None:
             return "failed", plan, fl.failed_before_claim(prepared.key, cause)
         if progress.request_id is not None:
-            return "submitted", plan, replace(
-                claim, state=jn.SUBMITTED, request_id=progress.request_id, answered_at=time.time()
+            return (
+                "submitted",
+                plan,
+                replace(claim, state=jn.SUBMITTED, request_id=progress.request_id, answered_at=time.time()),
             )
         if not progress.sending:
             reason = f"not sent: the submit failed before its POST ({cause})"
@@ -580,7 +608,9 @@ class SubmitBatch(Step):
         progress.claim = claim
         if stop.is_set():
             failure = self._not_sent(prepared)
-            await self._answer(prepared, journal.record_rejected, claim, jn.REJECTED, f"not sent: {failure.reason}")
+            await self._answer(
+                prepared, journal.record_rejected, claim, jn.REJECTED, f"not sent: {failure.reason}"
+            )
             return "failed", plan, failure
         progress.sending = True
         try:
@@ -606,18 +636,24 @@ class SubmitBatch(Step):
                 f"it ({type(exc).__name__}: {exc}); it is recorded in the event log, and the journal is repaired "
                 "from there."
             )
-            claim = replace(claim, state=jn.SUBMITTED, request_id=submission.request_id, answered_at=time.time())
+            claim = replace(
+                claim, state=jn.SUBMITTED, request_id=submission.request_id, answered_at=time.time()
+            )
         return "submitted", plan, claim
 
     # Records
 
-    def _record(self, ready: Ready, state: str, image_url: str | None = None) -> AssetMaterialization | AssetObservation:
+    def _record(
+        self, ready: Ready, state: str, image_url: str | None = None
+    ) -> AssetMaterialization | AssetObservation:
         """The request's record: a materialization of the requests asset (an observation of the videos
         asset in blocking mode) carrying the request id and the full input."""
         prepared, claim = ready.prepared, ready.claim
         self.ready[prepared.key] = ready
         if state == md.REUSED:
-            self.log.info(f"{prepared.key}: reusing request {ready.request_id} (same fingerprint); nothing billed")
+            self.log.info(
+                f"{prepared.key}: reusing request {ready.request_id} (same fingerprint); nothing billed"
+            )
         spend = None
         with contextlib.suppress(Exception):
             spend = self.journal.spent_usd(self.cap.window_s if self.cap else None)
@@ -628,7 +664,9 @@ class SubmitBatch(Step):
                 attempt=claim.attempt,
                 submitted_at=MetadataValue.timestamp(claim.answered_at or claim.claimed_at),
                 estimated_cost_usd=claim.estimate_usd,
-                price_source=self.price.source if state == md.SUBMITTED else None,  # a reused claim's run priced it
+                price_source=self.price.source
+                if state == md.SUBMITTED
+                else None,  # a reused claim's run priced it
                 spend_usd=spend,
                 spend_cap_usd=self.pipeline.max_spend_usd,
                 prompt_image=redact_url(image_url) if image_url else None,
@@ -643,7 +681,10 @@ class SubmitBatch(Step):
         )
         if self.pipeline.mode == "blocking":
             return AssetObservation(
-                asset_key=self.pipeline.videos_key, partition=prepared.key, description=description, metadata=metadata
+                asset_key=self.pipeline.videos_key,
+                partition=prepared.key,
+                description=description,
+                metadata=metadata,
             )
         images_key = self.pipeline.images_key
         return AssetMaterialization(

@@ -26,8 +26,16 @@ INPUT_SCHEMA: dict[str, Any] = {
             "title": "Start frame",
             "type": "string",
             "validations": [
-                {"validation_rule": "width_pixels<", "validation_value": 4096, "validation_error": "too wide"},
-                {"validation_rule": "height_pixels<", "validation_value": 4096, "validation_error": "too tall"},
+                {
+                    "validation_rule": "width_pixels<",
+                    "validation_value": 4096,
+                    "validation_error": "too wide",
+                },
+                {
+                    "validation_rule": "height_pixels<",
+                    "validation_value": 4096,
+                    "validation_error": "too tall",
+                },
                 {"validation_rule": "width/height>", "validation_value": 0.4, "validation_error": "aspect"},
                 {"validation_rule": "width/height<", "validation_value": 2.5, "validation_error": "aspect"},
                 {"validation_rule": "file_size_mb<", "validation_value": 10, "validation_error": "size"},
@@ -35,7 +43,12 @@ INPUT_SCHEMA: dict[str, Any] = {
         },
         "prompt": {"title": "Prompt", "type": "string", "maxLength": 500, "default": "a gentle camera move"},
         "negative_prompt": {"title": "Negative prompt", "type": "string", "maxLength": 500},
-        "aspect_ratio": {"title": "Aspect ratio", "type": "string", "enum": ["16:9", "9:16", "1:1"], "default": "16:9"},
+        "aspect_ratio": {
+            "title": "Aspect ratio",
+            "type": "string",
+            "enum": ["16:9", "9:16", "1:1"],
+            "default": "16:9",
+        },
         "duration": {"title": "Duration", "type": "string", "enum": ["5", "10"], "default": "5"},
         "seed": {"title": "Seed", "type": "integer", "minimum": 0, "maximum": SEED_MAX},
     },

@@ -249,3 +249,15 @@ def test_a_second_model_goes_through_the_whole_pipeline(
         big = latest_failure(instance, "big.png")
         assert big is not None and big.failure_class == "invalid_input" and "under 4096 px" in big.reason
         assert len(instance.fetch_materializations(VIDEOS, limit=10).records) == 2
+
+
+def test_schema_problems_judge_odd_values_without_crashing() -> None:
+    from dagster_runway.models import schema_problems
+
+    schema = {"required": ["a"], "properties": {"a": {"minimum": 0}, "b": {"type": "integer", "maximum": 3}}}
+    assert schema_problems(schema, {"a": "x"}) == []  # no type given: a bound judges numbers only
+    assert [kind for _, _, kind in schema_problems(schema, {"b": True})] == ["missing", "integer_type"]
+    assert [kind for _, _, kind in schema_problems(schema, {"a": -1, "b": 4})] == [
+        "range_error",
+        "range_error",
+    ]

@@ -119,7 +119,8 @@ def _check(name: str, prop: dict[str, Any], value: Any) -> list[dict[str, Any]]:
             _error(name, f"Input should be one of {', '.join(map(str, prop['enum']))}", "literal_error")
         )
     low, high = prop.get("minimum"), prop.get("maximum")
-    if (low is not None and value < low) or (high is not None and value > high):
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if number and ((low is not None and value < low) or (high is not None and value > high)):
         found.append(_error(name, f"Input should be between {low} and {high}", "range_error"))
     if isinstance(value, str) and "maxLength" in prop and len(value) > prop["maxLength"]:
         found.append(

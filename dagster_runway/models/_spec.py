@@ -233,7 +233,10 @@ def schema_problems(schema: Mapping[str, Any], body: Mapping[str, Any]) -> list[
             found.append(
                 (name, f"Input should be one of {', '.join(map(str, prop['enum']))}", "literal_error")
             )
-        if "minimum" in prop and value < prop["minimum"] or "maximum" in prop and value > prop["maximum"]:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and (
+            "minimum" in prop and value < prop["minimum"] or "maximum" in prop and value > prop["maximum"]
+        ):
             low, high = prop.get("minimum", "-inf"), prop.get("maximum", "inf")
             found.append((name, f"Input should be between {low} and {high}", "range_error"))
         if "maxLength" in prop and isinstance(value, str) and len(value) > prop["maxLength"]:

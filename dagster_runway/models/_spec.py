@@ -87,6 +87,10 @@ class ModelSpec:
             )
         if not self.durations:
             raise ModelSpecError(f"{self.model_id}: {self.duration_field} needs an enum of whole seconds")
+        if self.seed_field is not None and not isinstance(self._prop(self.seed_field).get("maximum"), int):
+            raise ModelSpecError(
+                f"{self.model_id}: {self.seed_field} needs an integer maximum (the seed range)"
+            )
         self.image_rules  # noqa: B018 - read now, so that a spec without image rules fails where it is written
 
     @property

@@ -117,6 +117,10 @@ def test_a_spec_whose_schema_lacks_what_it_names_is_refused_where_it_is_written(
     broken["properties"]["image_url"]["validations"] = []
     with pytest.raises(ModelSpecError, match="validations lack"):
         ModelSpec("x/y", "X", "", broken, "image_url", "aspect_ratio", "duration")
+    unbounded = json.loads(json.dumps(acme.INPUT_SCHEMA))
+    del unbounded["properties"]["seed"]["maximum"]
+    with pytest.raises(ModelSpecError, match="seed needs an integer maximum"):
+        ModelSpec("x/y", "X", "", unbounded, "image_url", "aspect_ratio", "duration", seed_field="seed")
 
 
 def test_the_test_models_rules_come_from_its_schema(acme_model: ModelSpec) -> None:

@@ -15,6 +15,7 @@ from .pipeline_helpers import (
     CHECK_NAMES,
     PARTITIONS,
     check_statuses,
+    latest_failure,
     make_defs,
     png_bytes,
     run_until_idle,
@@ -114,3 +115,65 @@ def test_the_source_check_says_whether_an_image_changed_or_was_deleted(
     assert why["img00.png"][0] is False and "changed after it was hashed" in why["img00.png"][1].value
     assert why["img02.png"][0] is False and why["img02.png"][1].value.startswith("deleted")
     assert emulator.ledger().billed_submissions == 3  # judged, never paid again
+
+
+@pytest.mark.parametrize("launcher", ["status sensor", "submit schedule"])
+def test_submit_runs_that_keep_dying_stop_at_max_run_attempts_whichever_launches_them(
+    tmp_path: Path, emulator, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch, launcher: str
+):
+    """The status sensor and the submit schedule share one decider of what is owed: both launch a dying
+    submit run at most ``max_run_attempts`` times, then fail the partition as runs_exhausted, and a new
+    version of the image is owed again."""
+    from dagster_runway.pipeline import assets
+
+    write_images(tmp_path / "images", valid=2, invalid=False)
+    scheduled = launcher == "submit schedule"
+    defs = make_defs(
+        emulator,
+        str(tmp_path / "images"),
+        str(tmp_path / "videos"),
+        max_run_attempts=2,
+        **({"submit_schedule": "0 22 * * *"} if scheduled else {}),
+    )
+    daemon = LocalDaemon(defs, instance)
+
+    def worker_dies(*args, **kwargs):
+        raise RuntimeError("the worker died before recording anything")
+
+    monkeypatch.setattr(assets, "SubmitBatch", worker_dies)
+
+    def tick() -> list[str]:
+        """One launcher tick; the failed runs it started."""
+        if scheduled:
+            return daemon.tick_schedule("runway_submit_schedule").failed_run_ids
+        return daemon.tick("runway_status_sensor").failed_run_ids
+
+    if scheduled:
+        daemon.tick_schedule("runway_submit_schedule")  # discovers; the sensor has not read the log yet
+    else:
+        daemon.tick("runway_discovery_sensor")
+    first = daemon.tick(
+        "runway_status_sensor"
+    ).failed_run_ids  # the sensor launches at once; the schedule waits
+    failed = [first if not scheduled else tick(), *(tick() for _ in range(3))]
+    assert [len(ids) for ids in failed] == [1, 1, 0, 0]  # one run for both partitions, twice, then none
+    keys = instance.get_dynamic_partitions(PARTITIONS)
+    for key in keys:
+        failure = latest_failure(instance, key)
+        assert failure is not None and failure.failure_class == "runs_exhausted", key
+        assert "2 submit runs launched" in failure.reason
+    daemon.tick("runway_status_sensor")
+    assert status_summary(daemon)["failed"] == 2 and emulator.ledger().submissions == 0
+
+    monkeypatch.undo()
+    changed = tmp_path / "images" / "img00.png"
+    changed.write_bytes(png_bytes(320, 180, (10, 200, 30)))
+    if scheduled:
+        daemon.tick("runway_status_sensor")
+        assert daemon.tick_schedule("runway_submit_schedule").run_ids  # a new version: owed again
+    else:
+        daemon.tick("runway_discovery_sensor")
+    assert run_until_idle(daemon) == []
+    assert emulator.ledger().billed_submissions == 1  # only the changed image; the other stays failed
+    assert video_metadata(instance, "img00.png") is not None
+    assert latest_failure(instance, "img01.png").failure_class == "runs_exhausted"

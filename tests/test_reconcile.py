@@ -12,6 +12,7 @@ from dagster_runway import _compat
 from dagster_runway.pipeline import failures as fl
 from dagster_runway.pipeline.reconcile import (
     POLL_CAP_S,
+    Coverage,
     KnownFailure,
     Learnt,
     PartitionState,
@@ -24,6 +25,7 @@ from dagster_runway.pipeline.reconcile import (
     late_poll,
     late_poll_interval,
     observe,
+    owed,
     poll_due,
     request_partitions,
     stage,
@@ -264,6 +266,30 @@ def test_owed_partitions_are_batched_in_gapless_ranges_with_a_key_per_attempt() 
         r.run_key for r in first
     ]  # a repeated tick asks for the same runs
     assert not {r.run_key for r in make(2)} & {r.run_key for r in first}  # a retry gets keys of its own
+
+
+def test_one_decider_says_what_is_owed_for_the_sensor_and_the_schedule() -> None:
+    states = {
+        "p0": _state(),  # owed a submit
+        "p1": _state(submit_runs=3),  # owed a submit, its runs spent
+        "p2": _state(run_key="submit:k", launched_at=100.0),  # its run just requested, not created yet
+        "p3": _state(run_key="submit:k", launched_at=0.0),  # requested long ago, never created: owed again
+        "p4": _state(request_id="r", request_version="v1", request_storage_id=5, status="completed"),
+        "p5": _state(request_id="r", request_version="v1", request_storage_id=5, video_request_id="r"),
+    }
+    coverage = Coverage(collect=frozenset({"p4"}))
+    decide = dict(
+        max_run_attempts=3, uncreated={"submit:k"}, grace_s=60.0, now=120.0, wall_now=120.0
+    )  # fmt: skip
+    sensor = owed(ORDER, states, POLICY, coverage, launches=frozenset({"submit", "collect"}), **decide)
+    assert (sensor.submit, sensor.collect, sensor.exhausted) == (["p0", "p3"], [], [("p1", "submit", 3)])
+    assert sensor.counts == {**sensor.counts, "submit": 2, "running": 2, "failed": 1, "done": 1}
+    # With a submit schedule, the sensor counts the submits as scheduled; the schedule decides them alike.
+    collects_only = owed(ORDER, states, POLICY, coverage, launches=frozenset({"collect"}), **decide)
+    assert collects_only.submit == [] and collects_only.counts["scheduled"] == 4
+    schedule = owed(ORDER, states, POLICY, Coverage(), launches=frozenset({"submit"}), **decide)
+    assert (schedule.submit, schedule.exhausted) == (sensor.submit, sensor.exhausted)
+    assert schedule.collect == [] and schedule.counts["collect"] == 1
 
 
 def test_a_part_batch_of_finished_requests_waits_for_the_collect_run_in_progress_then_goes() -> None:

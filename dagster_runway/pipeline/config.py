@@ -185,8 +185,8 @@ class RunwayPipelineConfig(BaseModel):
     max_run_attempts: int = Field(
         default=3,
         ge=1,
-        description="Runs the status sensor launches for one partition and stage (submit or collect) before it "
-        "records the partition as failed.",
+        description="Runs launched for one partition and stage (submit or collect), by the status sensor or the "
+        "submit schedule, that end without a result before the partition is recorded as failed (`runs_exhausted`).",
     )
 
     submit_schedule: str | None = Field(

@@ -1,15 +1,15 @@
-"""What each partition is owed, derived from durable records: the status sensor's decisions as plain
-functions, so that they can be tested without a sensor.
+"""What each partition is owed, derived from durable records: the decisions of the status sensor and
+the submit schedule as plain functions, so that they can be tested without a sensor and cannot drift.
 
 The sensor keeps a ``PartitionState`` per partition, built from the event log (requests, videos,
 failures, image versions) and from its own polls. From it and the runs in progress, ``stage`` says
 whether a partition is done, failed, in flight, overdue (in flight past ``max_render_s`` after its
 submit: the sensor cancels it if it can and fails it as ``render_timeout``), or owes a submit or a
-collect run; ``late_poll`` says when a timed-out request is checked again; ``due_polls`` and ``observe`` say
-which requests in flight to poll and when each is due next (by what this deployment has learnt of
-render times and of how fast the service's queue drains: ``Learnt``); ``covered``
-says which partitions a run in progress already works on, so that nothing is launched twice; and
-``batch_run_requests`` groups owed partitions into few runs, with a fresh run key per attempt
+collect run; ``owed`` turns that into what to launch, for either launcher; ``late_poll`` says when a
+timed-out request is checked again; ``due_polls`` and ``observe`` say which requests in flight to poll
+and when each is due next (by what this deployment has learnt of render times and of how fast the
+service's queue drains: ``Learnt``); ``covered`` says which partitions a run in progress already works
+on, so that nothing is launched twice; and ``batch_run_requests`` groups owed partitions into few runs, with a fresh run key per attempt
 (the daemon never launches a run key twice, whatever became of its run).
 """
 
@@ -422,6 +422,71 @@ def run_partitions(
     for op in (run_config.get("ops") or {}).values():
         chosen.update((op.get("config") or {}).get("partitions") or []) if isinstance(op, Mapping) else None
     return keys & chosen if chosen else keys
+
+
+# What is owed
+
+
+@dataclass
+class Owed:
+    """What one tick owes: the partitions to launch a run for, per stage, and those whose runs are spent."""
+
+    submit: list[str] = field(default_factory=list)
+    collect: list[str] = field(default_factory=list)
+    exhausted: list[tuple[str, Stage, int]] = field(default_factory=list)  # key, stage, runs launched
+    counts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("done", "failed", "in_flight", "submit", "collect", "running", "scheduled"), 0
+        )
+    )
+
+
+def owed(
+    order: Sequence[str],
+    states: Mapping[str, PartitionState],
+    policy: Policy,
+    coverage: Coverage,
+    *,
+    launches: frozenset[Stage],
+    max_run_attempts: int,
+    uncreated: set[str],
+    grace_s: float,
+    now: float,
+    wall_now: float,
+) -> Owed:
+    """The one decider of what each partition is owed, for the status sensor and the submit schedule.
+
+    A partition owed a stage in ``launches`` gets a run unless a run in progress covers it, the run
+    just requested for it is not created yet (its key in ``uncreated``, requested within ``grace_s`` of
+    ``wall_now``), or ``max_run_attempts`` runs launched for it ended without progress (``exhausted``:
+    the caller records the failure). One owed a stage another launcher sends is counted ``scheduled``.
+    ``now`` is the clock of the render deadline.
+    """
+    result = Owed()
+    counts = result.counts
+    for key in order:
+        state = states[key]
+        where = stage(state, policy, now)
+        if where == "overdue":
+            where = "in_flight"  # the deadline pass found no time for it this tick: the next one does
+        if where in ("submit", "collect"):
+            if where not in launches:
+                counts["scheduled" if where == "submit" else where] += 1
+                continue
+            in_progress = coverage.submit if where == "submit" else coverage.collect
+            if key in in_progress or (state.run_key in uncreated and wall_now < state.launched_at + grace_s):
+                counts["running"] += (
+                    1  # a run in progress covers it, or the one just requested is not created yet
+                )
+                continue
+            launched = state.submit_runs if where == "submit" else state.collect_runs
+            if launched >= max_run_attempts:
+                result.exhausted.append((key, where, launched))
+                counts["failed"] += 1
+                continue
+            (result.submit if where == "submit" else result.collect).append(key)
+        counts[where] += 1
+    return result
 
 
 # Launching

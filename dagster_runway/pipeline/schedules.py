@@ -10,6 +10,7 @@ reconciliation memory the schedule reads.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from dagster import (
     DefaultScheduleStatus,
@@ -22,6 +23,7 @@ from dagster import (
 )
 
 from dagster_runway import _compat
+from dagster_runway.pipeline import failures as fl
 from dagster_runway.pipeline import reconcile as rc
 from dagster_runway.pipeline.checks import CHECK_NAMES
 from dagster_runway.pipeline.config import RunwayPipelineConfig
@@ -33,6 +35,9 @@ from dagster_runway.pipeline.sensors import (
     load_memory,
     memory_key,
     op_config,
+    run_key_grace_s,
+    save_memory,
+    uncreated_run_keys,
     verify_run_requests,
 )
 from dagster_runway.pipeline.status import read_events
@@ -82,11 +87,17 @@ def build_submit_schedule(
                 )
             read_events(instance, pipeline, memory, time.monotonic() + pipeline.sensor_budget_s / 3)
             order = list(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
-            for key, version in found.versions.items():
-                memory.state(
-                    key
-                ).image_version = version  # what this listing saw, newer than the sensor's memory
+            for (
+                key,
+                version,
+            ) in found.versions.items():  # what this listing saw, newer than the sensor's memory
+                memory.state(key).image_version = version
+            states = {key: memory.state(key) for key in order}
             policy = rc.Policy.of(pipeline)
+            launches_key = memory_key(pipeline, f"{name}/launches")
+            launched = _overlay_launches(load_memory(instance, launches_key) or {}, memory)
+            wall = time.time()
+            grace = run_key_grace_s(pipeline)
             coverage = rc.covered(
                 runs,
                 order=order,
@@ -96,22 +107,78 @@ def build_submit_schedule(
                 collect_job=collect_job,
                 stale_after_s=STALE_RUN_S,
             )
-            owed = [
-                k for k in order if rc.stage(memory.state(k), policy) == "submit" and k not in coverage.submit
-            ]
+            decided = rc.owed(
+                order,
+                states,
+                policy,
+                coverage,
+                launches=frozenset({"submit"}),
+                max_run_attempts=pipeline.max_run_attempts,
+                uncreated=uncreated_run_keys(instance, (states[k] for k in launched), wall - grace),
+                grace_s=grace,
+                now=wall,
+                wall_now=wall,
+            )
+            for key, where, runs_launched in decided.exhausted:
+                state = states[key]
+                failure = fl.runs_exhausted(key, where, runs_launched, state.request_id)
+                instance.report_runless_asset_event(
+                    failure.observation(pipeline.videos_key, state.image_version)
+                )
+                launched.discard(key)
+            for key in decided.submit:
+                states[key].submit_runs += 1
             tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
             requests = rc.batch_run_requests(
-                owed,
+                decided.submit,
                 order,
                 max_batch=pipeline.submit_batch_size,
                 prefix=f"scheduled:{tick}",
-                identity=lambda k: str(memory.state(k).image_version),
+                identity=lambda k: f"{states[k].image_version}|{states[k].submit_runs}",
                 config_for=lambda batch: op_config(submit_op, batch),
                 tags={LAUNCHED_BY: name},
             )
+            for request in requests:
+                for key in rc.request_partitions(request, order):
+                    states[key].run_key, states[key].launched_at = request.run_key, wall
+                    launched.add(key)
+            # What it launched, for the next tick; a partition that made progress (or left the submit
+            # stage) is dropped, as the status sensor resets its own count.
+            owing = {k for k in launched if rc.stage(states[k], policy, wall) == "submit"}
+            save_memory(instance, launches_key, {k: _launch_entry(states[k]) for k in sorted(owing)})
+            if decided.exhausted:
+                context.log.warning(
+                    f"{len(decided.exhausted)} partition(s) failed as {fl.RUNS_EXHAUSTED}: "
+                    f"{pipeline.max_run_attempts} submit runs each ended without recording a result."
+                )
             return requests or SkipReason(f"{len(found.new)} new image(s); nothing is owed a submit.")
 
     return _submit
+
+
+def _launch_entry(state: rc.PartitionState) -> dict[str, Any]:
+    return {
+        "of": f"{state.image_version}|{state.request_id}",
+        "runs": state.submit_runs,
+        "key": state.run_key,
+        "at": state.launched_at,
+    }
+
+
+def _overlay_launches(entries: dict[str, Any], memory: rc.SensorMemory) -> set[str]:
+    """Put the schedule's own launches (runs, run key, when) on the status sensor's memory, for the
+    partitions that made no progress since: the sensor counts the runs it launches itself, not these."""
+    kept = set()
+    for key, entry in entries.items():
+        state = memory.partitions.get(key)
+        if state is None or not isinstance(entry, dict):
+            continue
+        if entry.get("of") != f"{state.image_version}|{state.request_id}":
+            continue  # a new request or a new image since: its count starts again
+        state.submit_runs = int(entry.get("runs", 0))
+        state.run_key, state.launched_at = entry.get("key"), float(entry.get("at", 0.0))
+        kept.add(key)
+    return kept
 
 
 def build_verify_schedule(

@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import json
 import zlib
+from collections.abc import Iterable
 from typing import Any
 
 from dagster import (
     DagsterRunStatus,
     RunRequest,
+    RunsFilter,
 )
 
 from dagster_runway import _compat
@@ -81,3 +83,18 @@ def verify_run_requests(
     )
     # A job of checks alone resolves its partitions from the run's tags only, not from a partition key.
     return [request.with_replaced_attrs(partition_key=None) for request in requests]
+
+
+def run_key_grace_s(pipeline: RunwayPipelineConfig) -> float:
+    """How long a requested run key may stay without its run before it is requested again."""
+    return max(60.0, 4.0 * pipeline.status_interval_s)
+
+
+def uncreated_run_keys(instance: Any, states: Iterable[rc.PartitionState], since: float) -> set[str]:
+    """The run keys requested since ``since`` (``PartitionState.run_key``) whose runs the daemon has not
+    created yet: it creates them after the tick that asks."""
+    recent = {run_key for state in states if (run_key := state.run_key) and state.launched_at >= since}
+    if not recent:
+        return set()
+    created = instance.get_run_records(RunsFilter(tags={RUN_KEY_TAG: sorted(recent)}))
+    return recent - {record.dagster_run.tags.get(RUN_KEY_TAG, "") for record in created}

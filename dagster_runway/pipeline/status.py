@@ -35,12 +35,13 @@ from dagster_runway.pipeline.gallery import write_gallery
 from dagster_runway.pipeline.sensors import (
     LAUNCHED_BY,
     NOT_FINISHED,
-    RUN_KEY_TAG,
     STALE_RUN_S,
     load_memory,
     memory_key,
     op_config,
+    run_key_grace_s,
     save_memory,
+    uncreated_run_keys,
 )
 from dagster_runway.pipeline.step import poll_statuses
 from dagster_runway.resource import RunComfyResource
@@ -439,11 +440,13 @@ class StatusTick:
         """The runs not finished, and the run keys this sensor requested recently whose runs the daemon
         has not created yet (the daemon creates them after the tick that asks)."""
         runs = list(self.instance.get_run_records(RunsFilter(statuses=NOT_FINISHED)))
-        return runs, self._uncreated_run_keys(time.time() - self.grace)
+        return runs, uncreated_run_keys(
+            self.instance, self.memory.partitions.values(), time.time() - self.grace
+        )
 
     @property
     def grace(self) -> float:
-        return max(60.0, 4.0 * self.pipeline.status_interval_s)
+        return run_key_grace_s(self.pipeline)
 
     def owed(
         self, order: list[str], in_progress: tuple[list[RunRecord], set[str]]
@@ -460,41 +463,23 @@ class StatusTick:
             collect_job=self.collect_job,
             stale_after_s=STALE_RUN_S,
         )
-        counts = {
-            "done": 0,
-            "failed": 0,
-            "in_flight": 0,
-            "submit": 0,
-            "collect": 0,
-            "running": 0,
-            "scheduled": 0,
-        }
         now = time.time()
         grace = self.grace
-        owed: dict[str, list[str]] = {"submit": [], "collect": []}
-        for key in order:
-            state = states[key]
-            where = rc.stage(state, self.policy, self.clock())
-            if where == "overdue":
-                where = "in_flight"  # the deadline pass found no time for it this tick: the next one does
-            if where == "submit" and pipeline.submit_schedule is not None:
-                counts["scheduled"] += 1  # the submit schedule sends it at its next tick
-                continue
-            if where in ("submit", "collect"):
-                if key in (coverage.submit if where == "submit" else coverage.collect) or (
-                    state.run_key in uncreated and now < state.launched_at + grace
-                ):
-                    counts["running"] += (
-                        1  # a run in progress covers it, or the one just requested is not created yet
-                    )
-                    continue
-                launched = state.submit_runs if where == "submit" else state.collect_runs
-                if launched >= pipeline.max_run_attempts:
-                    self._exhausted(key, state, where, launched)
-                    counts["failed"] += 1
-                    continue
-                owed[where].append(key)
-            counts[where] += 1
+        decided = rc.owed(
+            order,
+            states,
+            self.policy,
+            coverage,
+            launches=frozenset({"collect"} if pipeline.submit_schedule else {"submit", "collect"}),
+            max_run_attempts=pipeline.max_run_attempts,
+            uncreated=uncreated,
+            grace_s=grace,
+            now=self.clock(),
+            wall_now=now,
+        )
+        for key, where, launched in decided.exhausted:
+            self._exhausted(key, states[key], where, launched)
+        owed = {"submit": decided.submit, "collect": decided.collect}
         if rc.hold_collects(
             [states[k] for k in owed["collect"]],
             batch_size=pipeline.collect_batch_size,
@@ -534,16 +519,7 @@ class StatusTick:
         for request in requests:
             for key in rc.request_partitions(request, order):
                 states[key].run_key, states[key].launched_at = request.run_key, now
-        return requests, counts
-
-    def _uncreated_run_keys(self, since: float) -> set[str]:
-        """Run keys this sensor requested since ``since`` whose runs the daemon has not created yet."""
-        states = self.memory.partitions.values()
-        recent = {run_key for state in states if (run_key := state.run_key) and state.launched_at >= since}
-        if not recent:
-            return set()
-        created = self.instance.get_run_records(RunsFilter(tags={RUN_KEY_TAG: sorted(recent)}))
-        return recent - {record.dagster_run.tags.get(RUN_KEY_TAG, "") for record in created}
+        return requests, decided.counts
 
     def _exhausted(self, key: str, state: rc.PartitionState, where: str, launched: int) -> None:
         """Record that the runs launched for a partition kept ending without a result."""

@@ -18,7 +18,7 @@ first one at or after its render's end (the emulator's ``finished_at``) to the o
 collect, counting both (1 = the first tick after it ended). Per tick: wall seconds and polls.
 
     .venv/bin/python bench/poll_expectation.py [--requests 1000] [--max-concurrency 100]
-        [--time-scale 0.02] [--out poll_expectation.txt]
+        [--time-scale 0.02] [--out FILE]
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-ticks", type=int, default=400, help="Most ticks per policy (default: %(default)s)."
     )
-    parser.add_argument("--out", default="poll_expectation.txt", help="Where to write the table too.")
+    parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     os.environ["DAGSTER_DISABLE_TELEMETRY"] = "1"
     import logging
@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             outcomes.append(measure(args, policy, Path(tmp) / policy))
     text = table(outcomes, args)
     print(text)
-    Path(args.out).write_text(text + "\n")
+    if args.out:
+        args.out.write_text(text + "\n")
     return 0
 
 

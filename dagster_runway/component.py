@@ -3,7 +3,8 @@
 Its attributes are ``RunwayPipelineConfig``'s fields (the one model of the pipeline's options; nested
 models such as ``defaults`` are given as mappings and validated by it), plus how to reach the service:
 ``api_token_env`` names the environment variable that holds the token (it is read inside each run, never
-stored), and ``base_url`` overrides the API's address (an emulator, for example).
+stored), ``base_url`` overrides the API's address (an emulator, for example), and ``model_id`` selects the
+model whose rules ``defaults`` and every image are checked against.
 
 .. code-block:: yaml
 
@@ -28,6 +29,7 @@ import dagster as dg
 from pydantic import BaseModel, Field, create_model
 
 from dagster_runway.client import DEFAULT_BASE_URL
+from dagster_runway.models import DEFAULT_MODEL, model_spec
 from dagster_runway.pipeline.config import RunwayPipelineConfig
 from dagster_runway.pipeline.factory import build_definitions
 from dagster_runway.resource import RunComfyResource
@@ -42,16 +44,18 @@ class _RunwayPipelineComponentBase(dg.Component, dg.Resolvable, dg.Model):
         }
         api_token_env: str = getattr(self, "api_token_env")  # noqa: B009 - a generated field
         base_url: str = getattr(self, "base_url")  # noqa: B009
-        if "resource_key" not in options and (api_token_env, base_url) != _DEFAULT_SERVICE:
-            # Another service or token: its own resource key, so that it loads beside the others.
-            prefix = RunwayPipelineConfig.model_validate(options).key_prefix
+        model_id: str = getattr(self, "model_id")  # noqa: B009
+        validation = {"model": model_spec(model_id)}  # the defaults are checked against its rules
+        if "resource_key" not in options and (api_token_env, base_url, model_id) != _DEFAULT_SERVICE:
+            # Another service, token or model: its own resource key, so that it loads beside the others.
+            prefix = RunwayPipelineConfig.model_validate(options, context=validation).key_prefix
             options["resource_key"] = "runcomfy_" + re.sub(r"\W+", "_", "_".join(prefix)).strip("_")
-        pipeline = RunwayPipelineConfig.model_validate(options)
+        pipeline = RunwayPipelineConfig.model_validate(options, context=validation)
         _check_local_source(pipeline, getattr(context, "path", None))
-        return build_definitions(pipeline, _resource(api_token_env, base_url))
+        return build_definitions(pipeline, _resource(api_token_env, base_url, model_id))
 
 
-_DEFAULT_SERVICE = ("RUNCOMFY_API_TOKEN", DEFAULT_BASE_URL)
+_DEFAULT_SERVICE = ("RUNCOMFY_API_TOKEN", DEFAULT_BASE_URL, DEFAULT_MODEL.model_id)
 
 
 def _check_local_source(pipeline: RunwayPipelineConfig, where: Path | None) -> None:
@@ -70,11 +74,11 @@ def _check_local_source(pipeline: RunwayPipelineConfig, where: Path | None) -> N
 
 
 @functools.cache
-def _resource(api_token_env: str, base_url: str) -> RunComfyResource:
-    """One resource object per (token variable, base URL): Dagster merges the definitions of several
-    components only when a shared resource key holds the very same object. A component with another
-    token variable or base URL gets a resource key of its own (``runcomfy_<key prefix>``)."""
-    return RunComfyResource(api_token=dg.EnvVar(api_token_env), base_url=base_url)
+def _resource(api_token_env: str, base_url: str, model_id: str) -> RunComfyResource:
+    """One resource object per (token variable, base URL, model): Dagster merges the definitions of
+    several components only when a shared resource key holds the very same object. A component with
+    another token variable, base URL or model gets a resource key of its own (``runcomfy_<key prefix>``)."""
+    return RunComfyResource(api_token=dg.EnvVar(api_token_env), base_url=base_url, model_id=model_id)
 
 
 def _attribute(annotation: Any, field: Any) -> tuple[Any, Any]:
@@ -106,6 +110,14 @@ RunwayPipelineComponent = create_model(
         ),
     ),
     base_url=(str, Field(DEFAULT_BASE_URL, description="The API's base URL, e.g. a local emulator's.")),
+    model_id=(
+        str,
+        Field(
+            DEFAULT_MODEL.model_id,
+            description="The model (dagster_runway.models.known_models()); `defaults` and every image are "
+            "checked against its rules.",
+        ),
+    ),
 )
 del _RunwayPipelineComponentBase  # only the generated class is a component to list and scaffold
 

@@ -31,7 +31,11 @@ def test_every_pipeline_option_is_a_component_attribute_with_its_description() -
     for name, field in RunwayPipelineConfig.model_fields.items():
         assert name in attributes, name
         assert attributes[name].description == field.description, name
-    assert set(attributes) - set(RunwayPipelineConfig.model_fields) == {"api_token_env", "base_url"}
+    assert set(attributes) - set(RunwayPipelineConfig.model_fields) == {
+        "api_token_env",
+        "base_url",
+        "model_id",
+    }
 
 
 def test_the_component_builds_what_the_factory_builds_with_the_token_by_name(tmp_path: Path) -> None:

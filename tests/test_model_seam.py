@@ -27,6 +27,7 @@ from dagster_runway.models import (
     unregister_model,
 )
 from dagster_runway.pipeline.config import RunwayPipelineConfig
+from dagster_runway.pipeline.factory import build_definitions
 from dagster_runway.pipeline.prepare import prepare
 from dagster_runway.schema import (
     DEFAULT_DURATION,
@@ -153,6 +154,44 @@ def test_the_test_models_rules_come_from_its_schema(acme_model: ModelSpec) -> No
     assert GenerationSettings(ratio="1280:720").ratio == "1280:720"
     with pytest.raises(ValueError, match="is not one of 1584:672"):
         GenerationSettings(ratio="16:9")
+
+
+def test_pipeline_defaults_are_checked_against_the_models_rules_however_they_are_given(
+    tmp_path: Path, acme_model: ModelSpec
+) -> None:
+    """As a mapping, as YAML in a Component, or as a config built elsewhere: the defaults are judged by
+    the model the pipeline runs, not by Gen-4 Turbo's rules."""
+    from dagster_runway.component import RunwayPipelineComponent
+
+    (tmp_path / "images").mkdir()
+    where = {"source": str(tmp_path / "images"), "output": str(tmp_path / "videos")}
+    acme_resource = RunComfyResource(
+        api_token="t" * 24, base_url="http://127.0.0.1:9", model_id=acme.MODEL_ID
+    )
+    build_runway_pipeline(**where, resource=acme_resource, defaults={"ratio": "16:9", "duration": 10})
+    built_elsewhere = RunwayPipelineConfig(
+        **where, defaults=GenerationSettings.for_model(acme_model, ratio="9:16")
+    )
+    build_runway_pipeline(
+        built_elsewhere, resource=acme_resource
+    )  # re-validated for this model, not Gen-4 Turbo
+    with pytest.raises(ValueError, match=r"(?s)defaults.ratio.*'1280:720' is not one of 16:9, 9:16, 1:1"):
+        build_runway_pipeline(**where, resource=acme_resource, defaults={"ratio": "1280:720"})
+    gen4_config = RunwayPipelineConfig(**where, defaults={"ratio": "1280:720"})  # right for Gen-4 Turbo only
+    with pytest.raises(ValueError, match=rf"defaults: ratio '1280:720' is not one of .*{acme.MODEL_ID}"):
+        build_definitions(gen4_config, acme_resource)
+
+    def component(attributes: str) -> dg.Definitions:
+        yaml = f"source: {where['source']}\noutput: {where['output']}\n{attributes}"
+        return dg.build_defs_for_component(RunwayPipelineComponent.resolve_from_yaml(yaml))
+
+    defs = component(f"model_id: {acme.MODEL_ID}\ndefaults: {{ratio: '16:9', prompt_text: a slow pan}}\n")
+    resource = defs.resources["runcomfy_runway"]  # another model: a resource key of its own
+    assert resource.model_id == acme.MODEL_ID
+    with pytest.raises(Exception, match=r"ratio '16:9' is not one of 1584:672"):
+        component("defaults: {ratio: '16:9'}\n")  # the default model: Gen-4 Turbo's rules
+    with pytest.raises(Exception, match="is not a model this package knows"):
+        component("model_id: nobody/no-model\n")
 
 
 def _prepared(tmp_path: Path, spec: ModelSpec, name: str, size: tuple[int, int], sidecar: dict | None = None):

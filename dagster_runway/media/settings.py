@@ -251,3 +251,18 @@ def merge_settings(
             ) from None
         current = current.model_copy(update={name: getattr(layer, name) for name in fields})
     return current
+
+
+def defaults_for_model(
+    defaults: GenerationSettings | Mapping[str, Any] | None, model: ModelSpec = DEFAULT_MODEL
+) -> GenerationSettings:
+    """A source's defaults checked against ``model``'s rules, with the model's own ratio and duration
+    where none is set; a broken one raises :class:`SettingsError` naming ``defaults`` and the field."""
+    if defaults is None:
+        return GenerationSettings.for_model(model)
+    given = (
+        defaults.model_dump(exclude_unset=True)
+        if isinstance(defaults, GenerationSettings)
+        else normalise_fields(defaults, source="defaults")
+    )
+    return merge_settings(GenerationSettings.for_model(model), [("defaults", given)], model)

@@ -53,9 +53,9 @@ from .settings import (
     AUTO_RATIO,
     GenerationSettings,
     ResolvedSettings,
+    defaults_for_model,
     derive_seed,
     merge_settings,
-    normalise_fields,
     resolve_auto_ratio,
 )
 from .sidecars import read_sidecar, sidecar_candidates
@@ -180,16 +180,7 @@ class ImageSource:
         self.patterns: tuple[str, ...] = tuple(patterns)
         self.storage_options: dict[str, Any] = dict(storage_options or {})
         self.model = model
-        if defaults is None:
-            defaults = GenerationSettings.for_model(model)
-        else:  # checked against this model's rules, its defaults where none is set
-            given = (
-                defaults.model_dump(exclude_unset=True)
-                if isinstance(defaults, GenerationSettings)
-                else normalise_fields(defaults, source="defaults")
-            )
-            defaults = merge_settings(GenerationSettings.for_model(model), [("defaults", given)], model)
-        self.defaults: GenerationSettings = defaults
+        self.defaults: GenerationSettings = defaults_for_model(defaults, model)
         self.manifest = manifest
         self._matcher = compile_patterns(self.patterns)
         self.fs: fsspec.AbstractFileSystem

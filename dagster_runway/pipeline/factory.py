@@ -7,6 +7,8 @@ from typing import Any
 
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
+from dagster_runway.media.errors import SettingsError
+from dagster_runway.media.settings import defaults_for_model
 from dagster_runway.pipeline.assets import build_requests_asset, build_videos_asset, images_spec
 from dagster_runway.pipeline.checks import CHECK_NAMES
 from dagster_runway.pipeline.config import RunwayPipelineConfig
@@ -29,13 +31,17 @@ def build_runway_pipeline(
     (they are validated, and a bad one is named), or a ``RunwayPipelineConfig`` itself. ``resource``
     is a ``RunComfyResource`` to include under ``resource_key``; leave it out to supply your own.
     """
+    # The defaults are checked against the resource's model (Gen-4 Turbo's rules without a resource).
+    context = {"model": resource.model} if resource is not None else None
     if isinstance(source, RunwayPipelineConfig):
         config = source.model_copy(update=options) if options else source
         if output is not None:
             config = config.model_copy(update={"output": output})
-        config = RunwayPipelineConfig.model_validate(config.model_dump())
+        config = RunwayPipelineConfig.model_validate(config.model_dump(), context=context)
     else:
-        config = RunwayPipelineConfig(source=source, output=output, **options)  # type: ignore[arg-type]
+        config = RunwayPipelineConfig.model_validate(
+            {"source": source, "output": output, **options}, context=context
+        )
     return build_definitions(config, resource)
 
 
@@ -44,6 +50,11 @@ def build_definitions(
 ) -> Definitions:
     if resource is not None and (problem := resource.literal_token_warning()):
         warnings.warn(problem, LiteralTokenWarning, stacklevel=3)
+    if resource is not None:  # as each run will (``ImageSource``): one error now instead of one per run
+        try:
+            defaults_for_model(pipeline.defaults, resource.model)
+        except SettingsError as exc:
+            raise ValueError(f"{exc.message} (for model_id {resource.model_id!r})") from None
     videos = build_videos_asset(pipeline)
     deferred = pipeline.mode == "deferred"
     videos_job = define_asset_job(

@@ -87,10 +87,8 @@ def build_submit_schedule(
                 )
             read_events(instance, pipeline, memory, time.monotonic() + pipeline.sensor_budget_s / 3)
             order = list(instance.get_dynamic_partitions(pipeline.dynamic_partitions_name))
-            for (
-                key,
-                version,
-            ) in found.versions.items():  # what this listing saw, newer than the sensor's memory
+            # What this listing saw is newer than the sensor's memory.
+            for key, version in found.versions.items():
                 memory.state(key).image_version = version
             states = {key: memory.state(key) for key in order}
             policy = rc.Policy.of(pipeline)

@@ -177,3 +177,28 @@ def test_submit_runs_that_keep_dying_stop_at_max_run_attempts_whichever_launches
     assert emulator.ledger().billed_submissions == 1  # only the changed image; the other stays failed
     assert video_metadata(instance, "img00.png") is not None
     assert latest_failure(instance, "img01.png").failure_class == "runs_exhausted"
+
+
+def test_the_schedules_launch_memory_applies_only_to_partitions_without_progress_and_survives_garbage() -> (
+    None
+):
+    from dagster_runway.pipeline import reconcile as rc
+    from dagster_runway.pipeline.schedules import _overlay_launches
+
+    memory = rc.SensorMemory()
+    for key in ("same", "new-request", "garbage", "odd-key"):
+        memory.state(key).image_version = "v1"
+    memory.state("new-request").request_id = "r2"
+    entries = {
+        "same": {"of": "v1|None", "runs": 2, "key": "scheduled:x", "at": 50.0},
+        "new-request": {"of": "v1|None", "runs": 2, "key": "scheduled:x", "at": 50.0},  # a request since
+        "garbage": {"of": "v1|None", "runs": "many", "at": None},
+        "odd-key": {"of": "v1|None", "runs": 1, "key": ["not", "a", "key"], "at": 1},
+        "gone": {"of": "v1|None", "runs": 2},  # no longer a partition
+        "not-a-dict": [1, 2],
+    }
+    kept = _overlay_launches(entries, memory)
+    assert kept == {"same", "odd-key"}
+    assert (memory.state("same").submit_runs, memory.state("same").run_key) == (2, "scheduled:x")
+    assert memory.state("new-request").submit_runs == 0 and memory.state("garbage").submit_runs == 0
+    assert memory.state("odd-key").run_key is None and memory.state("odd-key").submit_runs == 1

@@ -173,8 +173,13 @@ def _overlay_launches(entries: dict[str, Any], memory: rc.SensorMemory) -> set[s
             continue
         if entry.get("of") != f"{state.image_version}|{state.request_id}":
             continue  # a new request or a new image since: its count starts again
-        state.submit_runs = int(entry.get("runs", 0))
-        state.run_key, state.launched_at = entry.get("key"), float(entry.get("at", 0.0))
+        try:
+            runs, at = int(entry.get("runs", 0)), float(entry.get("at", 0.0))
+        except (TypeError, ValueError):
+            continue  # not what this version writes: counted from 0 again, as after a lost memory
+        run_key = entry.get("key")
+        state.submit_runs, state.launched_at = runs, at
+        state.run_key = run_key if isinstance(run_key, str) else None
         kept.add(key)
     return kept
 

@@ -9,8 +9,8 @@ collect run; ``owed`` turns that into what to launch, for either launcher; ``lat
 timed-out request is checked again; ``due_polls`` and ``observe`` say which requests in flight to poll
 and when each is due next (by what this deployment has learnt of render times and of how fast the
 service's queue drains: ``Learnt``); ``covered`` says which partitions a run in progress already works
-on, so that nothing is launched twice; and ``batch_run_requests`` groups owed partitions into few runs, with a fresh run key per attempt
-(the daemon never launches a run key twice, whatever became of its run).
+on, so that nothing is launched twice; and ``batch_run_requests`` groups owed partitions into few runs,
+with a fresh run key per attempt (the daemon never launches a run key twice, whatever became of its run).
 """
 
 from __future__ import annotations
@@ -459,7 +459,7 @@ def owed(
     A partition owed a stage in ``launches`` gets a run unless a run in progress covers it, the run
     just requested for it is not created yet (its key in ``uncreated``, requested within ``grace_s`` of
     ``wall_now``), or ``max_run_attempts`` runs launched for it ended without progress (``exhausted``:
-    the caller records the failure). One owed a stage another launcher sends is counted ``scheduled``.
+    the caller records the failure). A submit left to another launcher is counted ``scheduled``.
     ``now`` is the clock of the render deadline.
     """
     result = Owed()
@@ -475,9 +475,7 @@ def owed(
                 continue
             in_progress = coverage.submit if where == "submit" else coverage.collect
             if key in in_progress or (state.run_key in uncreated and wall_now < state.launched_at + grace_s):
-                counts["running"] += (
-                    1  # a run in progress covers it, or the one just requested is not created yet
-                )
+                counts["running"] += 1  # covered by a run, or the one just requested is not created yet
                 continue
             launched = state.submit_runs if where == "submit" else state.collect_runs
             if launched >= max_run_attempts:

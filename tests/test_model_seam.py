@@ -168,13 +168,12 @@ def test_pipeline_defaults_are_checked_against_the_models_rules_however_they_are
     acme_resource = RunComfyResource(
         api_token="t" * 24, base_url="http://127.0.0.1:9", model_id=acme.MODEL_ID
     )
+    # Both built (each raised before: judged by Gen-4 Turbo's ratios), the second re-validated for this model.
     build_runway_pipeline(**where, resource=acme_resource, defaults={"ratio": "16:9", "duration": 10})
     built_elsewhere = RunwayPipelineConfig(
         **where, defaults=GenerationSettings.for_model(acme_model, ratio="9:16")
     )
-    build_runway_pipeline(
-        built_elsewhere, resource=acme_resource
-    )  # re-validated for this model, not Gen-4 Turbo
+    build_runway_pipeline(built_elsewhere, resource=acme_resource)
     with pytest.raises(ValueError, match=r"(?s)defaults.ratio.*'1280:720' is not one of 16:9, 9:16, 1:1"):
         build_runway_pipeline(**where, resource=acme_resource, defaults={"ratio": "1280:720"})
     gen4_config = RunwayPipelineConfig(**where, defaults={"ratio": "1280:720"})  # right for Gen-4 Turbo only
